@@ -1,0 +1,169 @@
+"""preprocess/compress_video.py on tiny generated videos: size, rate, audio, skipping, collisions, failures."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from preprocess import compress_video as cv
+
+FFMPEG = cv.find_ffmpeg()
+
+
+def make_clip(path: Path, width: int, height: int, seconds: float = 1.0, fps: int = 10) -> Path:
+    """A test-pattern video with a sine audio track (yuv444p, so odd sizes encode too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+         "-f", "lavfi", "-i", f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+         "-shortest", "-pix_fmt", "yuv444p", str(path)],
+        check=True,
+    )
+    return path
+
+
+def stream_lines(path: Path) -> list:
+    """The 'Stream #...' lines ffmpeg prints for ``path`` (ffprobe is not shipped with imageio-ffmpeg)."""
+    proc = subprocess.run([FFMPEG, "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    return [line for line in proc.stderr.splitlines() if "Stream #" in line]
+
+
+def video_props(path: Path):
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), path
+    props = (cap.get(cv2.CAP_PROP_FPS), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    ok, _ = cap.read()
+    cap.release()
+    assert ok, f"cannot decode {path}"
+    return props
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """Three clips (landscape, portrait, odd-sized) and a corrupt file, compressed once for the module."""
+    root = tmp_path_factory.mktemp("compress")
+    src = root / "in"
+    make_clip(src / "landscape.mp4", 80, 48)
+    make_clip(src / "deeper" / "portrait.mp4", 48, 80)
+    make_clip(src / "deeper" / "more" / "odd.mp4", 71, 53)
+    (src / "corrupt.mp4").write_bytes(b"this is not a video")
+    out = root / "out"
+    code = cv.main(["--input_root", str(src), "--output_root", str(out), "--num_workers", "2"])
+    return src, out, code
+
+
+def test_every_file_lands_flat_in_the_output(compressed):
+    _, out, _ = compressed
+    assert sorted(p.name for p in out.iterdir()) == ["corrupt.mp4", "landscape.mp4", "odd.mp4", "portrait.mp4"]
+
+
+@pytest.mark.parametrize("name, width, height", [
+    # landscape: height 224, width = even number at or below 224*a
+    ("landscape.mp4", 372, 224),  # 224 * 80/48 = 373.3
+    ("odd.mp4", 300, 224),        # 224 * 71/53 = 300.08
+    # portrait: width 224, height = even number at or below 224/a (the original squashed it to 224*a = 134)
+    ("portrait.mp4", 224, 372),   # 224 * 80/48 = 373.3
+])
+def test_size_rate_and_no_audio(compressed, name, width, height):
+    src_root, out, _ = compressed
+    fps, w, h = video_props(out / name)
+    assert (w, h) == (width, height)
+    assert fps == pytest.approx(3.0)
+    assert min(w, h) == 224 and w % 2 == 0 and h % 2 == 0
+    (src,) = src_root.rglob(name)
+    assert any("Audio:" in line for line in stream_lines(src)), "the input should carry audio"
+    streams = stream_lines(out / name)
+    assert len(streams) == 1 and "Video:" in streams[0]
+
+
+def test_corrupt_input_is_counted_and_copied(compressed):
+    src, out, code = compressed
+    assert code == 1
+    assert (out / "corrupt.mp4").read_bytes() == (src / "corrupt.mp4").read_bytes()
+
+
+def test_summary_counts_and_names_the_failure(tmp_path, capsys):
+    src = tmp_path / "in"
+    make_clip(src / "good.mp4", 32, 32, seconds=0.5)
+    (src / "bad.mp4").write_bytes(b"junk")
+    code = cv.main(["--input_root", str(src), "--output_root", str(tmp_path / "out"), "--num_workers", "1"])
+    text = capsys.readouterr()
+    assert code == 1
+    assert "2 files: 1 compressed, 0 skipped (output existed), 1 failed and copied unchanged" in text.out
+    failed = [line for line in text.out.splitlines() if line.startswith("  failed:")]
+    assert len(failed) == 1 and str(src / "bad.mp4") in failed[0] and "Invalid data" in failed[0]
+    assert f"ffmpeg failed on {src / 'bad.mp4'}" in text.out + text.err
+
+
+def test_existing_outputs_are_skipped(tmp_path):
+    src = tmp_path / "in"
+    make_clip(src / "a.mp4", 32, 32, seconds=0.5)
+    make_clip(src / "b.mp4", 32, 32, seconds=0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.mp4").write_bytes(b"already here")
+    (out / "b.mp4").write_bytes(b"")  # empty: redone
+    mtime = (out / "a.mp4").stat().st_mtime_ns
+    outcomes = cv.compress_all(src, out, num_workers=2)
+    assert {o.dst.name: o.status for o in outcomes} == {"a.mp4": "skipped", "b.mp4": "compressed"}
+    assert (out / "a.mp4").read_bytes() == b"already here"
+    assert (out / "a.mp4").stat().st_mtime_ns == mtime
+    assert video_props(out / "b.mp4")[1:] == (224, 224)
+    # A second run has nothing left to do.
+    assert {o.status for o in cv.compress_all(src, out, num_workers=2)} == {"skipped"}
+    assert sorted(p.name for p in out.iterdir()) == ["a.mp4", "b.mp4"]  # no temporary files left
+
+
+def test_name_collision_is_an_error_before_anything_is_written(tmp_path, capsys):
+    src = tmp_path / "in"
+    for sub in ("x", "y"):
+        (src / sub).mkdir(parents=True)
+        (src / sub / "same.mp4").write_bytes(b"whatever")
+    (src / "unique.mp4").write_bytes(b"whatever")
+    out = tmp_path / "out"
+    with pytest.raises(cv.NameCollisionError, match="same.mp4") as info:
+        cv.plan_outputs(src, out)
+    assert str(src / "x" / "same.mp4") in str(info.value) and str(src / "y" / "same.mp4") in str(info.value)
+    assert cv.main(["--input_root", str(src), "--output_root", str(out)]) == 2
+    assert "same.mp4" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_input_and_output_must_differ(tmp_path):
+    with pytest.raises(ValueError, match="must differ"):
+        cv.plan_outputs(tmp_path, tmp_path / ".")
+
+
+def test_output_folder_inside_input_is_not_walked(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.mp4").write_bytes(b"x")  # an earlier run's output, same name
+    assert cv.plan_outputs(tmp_path, tmp_path / "out") == [(tmp_path / "a.mp4", tmp_path / "out" / "a.mp4")]
+
+
+def test_ffmpeg_command():
+    cmd = cv.build_ffmpeg_command("ffmpeg", Path("in/a.mp4"), Path("out/a.mp4"))
+    assert cmd[0] == "ffmpeg" and cmd[-1] == "out/a.mp4"
+    assert cmd[cmd.index("-i") + 1] == "in/a.mp4"
+    assert cmd[cmd.index("-r") + 1] == "3"
+    assert cmd[cmd.index("-map") + 1] == "0:v" and "-an" in cmd
+    assert cmd[cmd.index("-filter:v") + 1] == (
+        "scale='if(gt(a,1),trunc(oh*a/2)*2,224)':'if(gt(a,1),224,trunc(ow/a/2)*2)'"
+    )
+
+
+def test_script_runs_from_the_repo_root(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    make_clip(tmp_path / "in" / "c.mp4", 40, 30, seconds=0.5)
+    proc = subprocess.run(
+        [sys.executable, "preprocess/compress_video.py", "--input_root", str(tmp_path / "in"),
+         "--output_root", str(tmp_path / "out"), "--num_workers", "1"],
+        cwd=root, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 files: 1 compressed, 0 skipped (output existed), 0 failed and copied unchanged" in proc.stdout
+    assert video_props(tmp_path / "out" / "c.mp4")[1:] == (298, 224)  # 224 * 4/3 = 298.7
