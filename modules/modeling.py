@@ -1,0 +1,374 @@
+"""CLIP4Clip: encode text and video with CLIP, apply a similarity head, and compute the symmetric contrastive loss."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
+from modules.module_cross import CrossConfig, CrossModel, Transformer as TransformerClip
+from modules.until_module import CrossEn, PreTrainedModel, allgather, get_world_size, is_log_rank
+
+logger = logging.getLogger(__name__)
+
+SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
+LOOSE_HEADERS = ("meanP", "seqLSTM", "seqTransf")
+PRECISIONS = ("fp16-weights", "fp32", "bf16", "fp16")
+LINEAR_PATCHES = ("2d", "3d")
+# Guards the norms so an all-zero video mask gives zero logits, not NaN [fix-ok]; far below any real norm.
+NORM_EPS = 1e-6
+
+
+def resolve_precision(precision: Optional[str], device: Any) -> str:
+    """Map the ``precision`` option to one of :data:`PRECISIONS`.
+
+    None/'auto' is the original's fp16 CLIP weights on CUDA and fp32 on CPU (fp16 weights on CPU are slow and not
+    how anyone trains). 'bf16' and 'fp16' keep fp32 weights; the driver runs the step under autocast.
+    """
+    if precision in (None, "auto"):
+        resolved = "fp16-weights" if torch.device(device).type == "cuda" else "fp32"
+        logger.info("precision auto on %s: %s", torch.device(device).type, resolved)
+        return resolved
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _flatten_video(video: Any) -> Tuple[torch.Tensor, int]:
+    """(B, pair, bs, ts, 3, H, W) video of any float dtype → (B·pair·bs·ts, 3, H, W) fp32 and the frames per video."""
+    video = torch.as_tensor(video).float()
+    if video.dim() != 7:
+        raise ValueError(
+            f"video must have 7 dims (batch, pair, bs, ts, channel, height, width), got shape {tuple(video.shape)}"
+        )
+    b, pair, bs, ts, channel, h, w = video.shape
+    return video.view(b * pair * bs * ts, channel, h, w), bs * ts
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+class CLIP4ClipPreTrainedModel(PreTrainedModel):
+    """Builds :class:`CLIP4Clip` from OpenAI's CLIP weights plus an optional checkpoint, with the load-time tricks."""
+
+    def __init__(self, cross_config: CrossConfig):
+        super().__init__(cross_config)
+        self.cross_config = cross_config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        cross_model_name: str,
+        state_dict: Optional[Dict[str, torch.Tensor]] = None,
+        cache_dir: Optional[str] = None,
+        type_vocab_size: int = 2,
+        *inputs,
+        **kwargs,
+    ) -> "CLIP4ClipPreTrainedModel":
+        """Load CLIP (``task_config.pretrained_clip_name``), build the model, initialise the heads, load weights.
+
+        ``state_dict`` (the ``--init_model`` checkpoint) wins over the CLIP file key by key. ``task_config`` must be
+        passed as a keyword.
+        """
+        task_config = kwargs.get("task_config")
+        if task_config is None:
+            raise ValueError(f"{cls.__name__}.from_pretrained needs task_config=<the run's arguments>")
+        if getattr(task_config, "local_rank", -1) == -1:
+            task_config.local_rank = 0
+
+        state_dict = dict(state_dict) if state_dict is not None else {}
+        pretrained_clip_name = getattr(task_config, "pretrained_clip_name", "ViT-B/32")
+        clip_state_dict = CLIP.get_config(pretrained_clip_name)
+        for key, val in clip_state_dict.items():
+            state_dict.setdefault("clip." + key, val.clone())
+
+        cross_config = CrossConfig.get_config(cross_model_name, cache_dir, type_vocab_size, task_config=task_config)
+        model = cls(cross_config, clip_state_dict, *inputs, **kwargs)
+        _add_initialisation_copies(model, state_dict, clip_state_dict, task_config.cross_num_hidden_layers)
+        return cls.init_preweight(model, state_dict, task_config=task_config)
+
+
+def _add_initialisation_copies(
+    model: "CLIP4Clip",
+    state_dict: Dict[str, torch.Tensor],
+    clip_state_dict: Dict[str, torch.Tensor],
+    cross_num_hidden_layers: int,
+) -> None:
+    """SPEC §3.6: fill head weights that ``state_dict`` lacks from CLIP, in place.
+
+    The 3d kernel comes from the merged dict's conv1 (so a fine-tuned one when ``--init_model`` has it); the
+    text-tower copies always come from the CLIP file itself.
+    """
+    def has_key_containing(fragment: str) -> bool:
+        return any(fragment in key for key in state_dict)
+
+    def text_blocks(new_prefix: str) -> Dict[str, torch.Tensor]:
+        copies = {}
+        for key, val in clip_state_dict.items():
+            if key.startswith("transformer.resblocks.") and int(key.split(".")[2]) < cross_num_hidden_layers:
+                copies[new_prefix + key[len("transformer."):]] = val.clone()
+        return copies
+
+    if model.linear_patch == "3d" and not has_key_containing("visual.conv2.weight"):
+        conv1 = state_dict["clip.visual.conv1.weight"].clone()
+        kernel_t = model.clip.visual.conv2.weight.size(2)
+        left = (kernel_t - 1) // 2
+        right = kernel_t - 1 - left
+        zeros = lambda n: conv1.new_zeros(conv1.shape[0], conv1.shape[1], n, *conv1.shape[2:])  # noqa: E731
+        # Temporal centre slice = conv1, so 3d equals 2d on the centre frame at initialisation.
+        state_dict["clip.visual.conv2.weight"] = torch.cat([zeros(left), conv1.unsqueeze(2), zeros(right)], dim=2)
+
+    if model.sim_header == "tightTransf" and not has_key_containing("cross.transformer"):
+        state_dict["cross.embeddings.position_embeddings.weight"] = clip_state_dict["positional_embedding"].clone()
+        state_dict.update(text_blocks("cross.transformer."))
+
+    if model.sim_header in ("seqLSTM", "seqTransf") and not has_key_containing("frame_position_embeddings"):
+        state_dict["frame_position_embeddings.weight"] = clip_state_dict["positional_embedding"].clone()
+        if model.sim_header == "seqTransf":
+            # The text tower's blocks (the paper says "image": a typo, issue #60).
+            state_dict.update(text_blocks("transformerClip."))
+
+
+class CLIP4Clip(CLIP4ClipPreTrainedModel):
+    """CLIP towers plus one of four similarity heads (SPEC §3.4–3.7).
+
+    task_config fields read: local_rank, pretrained_clip_name (via from_pretrained), linear_patch, sim_header,
+    loose_type, cross_num_hidden_layers, max_words, max_frames, and optionally precision ('auto', 'fp16-weights',
+    'fp32', 'bf16', 'fp16') and grad_checkpointing (bool).
+    """
+
+    def __init__(self, cross_config: CrossConfig, clip_state_dict: Dict[str, torch.Tensor], task_config: Any):
+        super().__init__(cross_config)
+        self.task_config = task_config
+        log = is_log_rank(task_config)
+
+        max_words, max_frames = task_config.max_words, task_config.max_frames
+        if max_words + max_frames > cross_config.max_position_embeddings:
+            raise ValueError(
+                f"max_words + max_frames = {max_words} + {max_frames} exceeds the cross config's "
+                f"max_position_embeddings {cross_config.max_position_embeddings}"
+            )
+        self.loose_type = bool(getattr(task_config, "loose_type", False))
+        if "visual.proj" not in clip_state_dict:
+            raise ValueError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
+
+        clip_kwargs = clip_config_from_state_dict(clip_state_dict)
+        if log:
+            for key, value in clip_kwargs.items():
+                logger.info("\t %s: %s", key, value)
+
+        self.linear_patch = getattr(task_config, "linear_patch", "2d")
+        if self.linear_patch not in LINEAR_PATCHES:
+            raise ValueError(f"linear_patch must be one of {LINEAR_PATCHES}, got {self.linear_patch!r}")
+        self.sim_header = getattr(task_config, "sim_header", "meanP")
+        if self.sim_header not in SIM_HEADERS:
+            raise ValueError(f"sim_header must be one of {SIM_HEADERS}, got {self.sim_header!r}")
+        if self.sim_header == "tightTransf" and self.loose_type:
+            raise ValueError("sim_header tightTransf is a cross encoder: loose_type must be False")
+        context_length = clip_kwargs["context_length"]
+        # The real position tables have context_length (77) rows; the 128 above only gates max_words + max_frames.
+        n_positions = 1 + max_frames if self.sim_header == "tightTransf" else max_frames
+        if self.sim_header in ("seqTransf", "tightTransf") and n_positions > context_length:
+            raise ValueError(
+                f"sim_header {self.sim_header} with max_frames {max_frames} needs {n_positions} positions, "
+                f"but the position tables have CLIP's context_length {context_length}"
+            )
+
+        self.precision = resolve_precision(getattr(task_config, "precision", None), _default_device())
+        if log:
+            logger.info("\t linear_patch: %s, sim_header: %s, loose_type: %s, precision: %s",
+                        self.linear_patch, self.sim_header, self.loose_type, self.precision)
+
+        # Construction order fixes the RNG draws of the heads that stay random (SPEC §3.4).
+        self.clip = CLIP(**clip_kwargs, linear_patch=self.linear_patch).float()
+        if self.precision == "fp16-weights":
+            convert_weights(self.clip)
+
+        cross_config.max_position_embeddings = context_length
+        transformer_width = clip_kwargs["transformer_width"]
+        transformer_heads = clip_kwargs["transformer_heads"]
+        if not self.loose_type:
+            cross_config.num_hidden_layers = task_config.cross_num_hidden_layers
+            self.cross = CrossModel(cross_config)
+            self.similarity_dense = nn.Linear(cross_config.hidden_size, 1)
+        if self.sim_header in ("seqLSTM", "seqTransf"):
+            self.frame_position_embeddings = nn.Embedding(cross_config.max_position_embeddings,
+                                                          cross_config.hidden_size)
+        if self.sim_header == "seqTransf":
+            self.transformerClip = TransformerClip(width=transformer_width,
+                                                   layers=task_config.cross_num_hidden_layers,
+                                                   heads=transformer_heads)
+        if self.sim_header == "seqLSTM":
+            self.lstm_visual = nn.LSTM(input_size=cross_config.hidden_size, hidden_size=cross_config.hidden_size,
+                                       batch_first=True, bidirectional=False, num_layers=1)
+        self.loss_fct = CrossEn()
+        self.apply(self.init_weights)
+
+        if getattr(task_config, "grad_checkpointing", False):
+            self.clip.set_grad_checkpointing(True)
+
+    def forward(self, input_ids, token_type_ids, attention_mask, video, video_mask=None) -> Optional[torch.Tensor]:
+        """Training: the symmetric CrossEn loss of the batch's similarity matrix. Eval: None."""
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        token_type_ids = token_type_ids.view(-1, token_type_ids.shape[-1])
+        attention_mask = attention_mask.view(-1, attention_mask.shape[-1])
+        video_mask = video_mask.view(-1, video_mask.shape[-1])
+        video, video_frame = _flatten_video(video)
+
+        sequence_output, visual_output = self.get_sequence_visual_output(
+            input_ids, token_type_ids, attention_mask, video, video_mask, shaped=True, video_frame=video_frame)
+        if not self.training:
+            return None
+        sim_matrix, _ = self.get_similarity_logits(sequence_output, visual_output, attention_mask, video_mask,
+                                                   shaped=True, loose_type=self.loose_type)
+        return (self.loss_fct(sim_matrix) + self.loss_fct(sim_matrix.T)) / 2
+
+    def get_sequence_output(self, input_ids, token_type_ids, attention_mask, shaped=False) -> torch.Tensor:
+        """Token ids → (B, 1, 512) end-token features (fp32)."""
+        if not shaped:
+            input_ids = input_ids.view(-1, input_ids.shape[-1])
+        sequence_hidden = self.clip.encode_text(input_ids).float()
+        return sequence_hidden.view(input_ids.size(0), -1, sequence_hidden.size(-1))
+
+    def get_visual_output(self, video, video_mask, shaped=False, video_frame=-1) -> torch.Tensor:
+        """Video → (B, F, 512) per-frame features (fp32)."""
+        if not shaped:
+            video_mask = video_mask.view(-1, video_mask.shape[-1])
+            video, video_frame = _flatten_video(video)
+        visual_hidden = self.clip.encode_image(video, video_frame=video_frame).float()
+        return visual_hidden.view(video_mask.size(0), -1, visual_hidden.size(-1))
+
+    def get_sequence_visual_output(self, input_ids, token_type_ids, attention_mask, video, video_mask,
+                                   shaped=False, video_frame=-1) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not shaped:
+            input_ids = input_ids.view(-1, input_ids.shape[-1])
+            video_mask = video_mask.view(-1, video_mask.shape[-1])
+            video, video_frame = _flatten_video(video)
+        sequence_output = self.get_sequence_output(input_ids, token_type_ids, attention_mask, shaped=True)
+        visual_output = self.get_visual_output(video, video_mask, shaped=True, video_frame=video_frame)
+        return sequence_output, visual_output
+
+    def _loose_similarity(self, sequence_output, visual_output, attention_mask, video_mask,
+                          sim_header="meanP") -> torch.Tensor:
+        """Dot-product heads: temporal head on the frames, masked mean, cosine similarity times exp(logit_scale)."""
+        sequence_output, visual_output = sequence_output.contiguous(), visual_output.contiguous()
+
+        if sim_header == "seqLSTM":
+            original = visual_output
+            # A row with no valid frame is given length 1 so packing works; its mean pooling masks it out anyway.
+            lengths = video_mask.sum(dim=-1).cpu().clamp_min(1)
+            packed = pack_padded_sequence(visual_output, lengths, batch_first=True, enforce_sorted=False)
+            visual_output, _ = self.lstm_visual(packed)
+            if self.training:
+                self.lstm_visual.flatten_parameters()
+            visual_output, _ = pad_packed_sequence(visual_output, batch_first=True)
+            visual_output = torch.cat((visual_output, original[:, visual_output.size(1):]), dim=1)
+            visual_output = visual_output + original
+        elif sim_header == "seqTransf":
+            original = visual_output
+            n_frames = visual_output.size(1)
+            position_ids = torch.arange(n_frames, dtype=torch.long, device=visual_output.device)
+            visual_output = visual_output + self.frame_position_embeddings(position_ids).unsqueeze(0)
+            extended_mask = (1.0 - video_mask.to(visual_output.dtype).unsqueeze(1)) * -1000000.0
+            extended_mask = extended_mask.expand(-1, n_frames, -1)
+            visual_output = self.transformerClip(visual_output.permute(1, 0, 2), extended_mask).permute(1, 0, 2)
+            visual_output = visual_output + original
+
+        if self.training:
+            visual_output = allgather(visual_output)
+            video_mask = allgather(video_mask)
+            sequence_output = allgather(sequence_output)
+            if get_world_size() > 1:
+                dist.barrier()
+
+        visual_output = _l2_normalize(visual_output)
+        mask = video_mask.to(dtype=torch.float).unsqueeze(-1)
+        mask_sum = mask.sum(dim=1)
+        mask_sum = torch.where(mask_sum == 0, torch.ones_like(mask_sum), mask_sum)
+        visual_output = _l2_normalize((visual_output * mask).sum(dim=1) / mask_sum)
+
+        sequence_output = _l2_normalize(sequence_output.squeeze(1))
+        logit_scale = self.clip.logit_scale.exp()
+        return logit_scale * torch.matmul(sequence_output, visual_output.t())
+
+    def _cross_similarity(self, sequence_output, visual_output, attention_mask, video_mask) -> torch.Tensor:
+        """tightTransf: every (text, video) pair through the cross encoder in one chunk → (B_t, B_v) scores."""
+        sequence_output, visual_output = sequence_output.contiguous(), visual_output.contiguous()
+        b_text, s_text, h_text = sequence_output.size()
+        b_visual, s_visual, h_visual = visual_output.size()
+
+        # The text side is CLIP's single end-token vector, so its mask is one 1 per text.
+        attention_mask = torch.ones(b_text, 1, device=attention_mask.device, dtype=attention_mask.dtype)
+        # Pair (i, j) sits at row i * b_visual + j.
+        text = sequence_output.unsqueeze(1).repeat(1, b_visual, 1, 1).view(-1, s_text, h_text)
+        text_mask = attention_mask.unsqueeze(1).repeat(1, b_visual, 1).view(-1, s_text)
+        video = visual_output.unsqueeze(0).repeat(b_text, 1, 1, 1).view(-1, s_visual, h_visual)
+        video_mask = video_mask.unsqueeze(0).repeat(b_text, 1, 1).view(-1, s_visual)
+
+        concat_features = torch.cat((text, video), dim=1)
+        concat_mask = torch.cat((text_mask, video_mask), dim=1)
+        concat_type = torch.cat((torch.zeros_like(text_mask), torch.ones_like(video_mask)), dim=1)
+        _, pooled_output = self.cross(concat_features, concat_type, concat_mask)
+        return self.similarity_dense(pooled_output).squeeze(-1).view(b_text, b_visual)
+
+    def get_similarity_logits(self, sequence_output, visual_output, attention_mask, video_mask,
+                              shaped=False, loose_type=False) -> Tuple[torch.Tensor, tuple]:
+        """(B_t, B_v) logits and an empty tuple, as the original returns."""
+        if not shaped:
+            attention_mask = attention_mask.view(-1, attention_mask.shape[-1])
+            video_mask = video_mask.view(-1, video_mask.shape[-1])
+
+        if loose_type:
+            if self.sim_header not in LOOSE_HEADERS:
+                raise ValueError(f"loose_type similarity needs sim_header in {LOOSE_HEADERS}, "
+                                 f"this model has {self.sim_header!r}")
+            retrieve_logits = self._loose_similarity(sequence_output, visual_output, attention_mask, video_mask,
+                                                     sim_header=self.sim_header)
+        else:
+            if self.sim_header != "tightTransf":
+                raise ValueError(f"sim_header {self.sim_header!r} needs --loose_type; only tightTransf runs without")
+            retrieve_logits = self._cross_similarity(sequence_output, visual_output, attention_mask, video_mask)
+        return retrieve_logits, ()
+
+
+_ALWAYS_TRAINED = ("ln_final.", "text_projection", "logit_scale", "visual.ln_post.", "visual.proj")
+_BLOCK_PREFIXES = ("visual.transformer.resblocks.", "transformer.resblocks.")
+
+
+def _clip_param_trains(name: str, freeze_layer_num: int) -> bool:
+    if name.startswith(_ALWAYS_TRAINED):
+        return True
+    if name.startswith(_BLOCK_PREFIXES):
+        return int(name.split(".resblocks.")[1].split(".")[0]) >= freeze_layer_num
+    return False
+
+
+def freeze_clip_layers(model: nn.Module, freeze_layer_num: int, linear_patch: str) -> Tuple[int, int]:
+    """Freeze CLIP as SPEC §3.8 and return (trainable, total) parameter element counts of the whole model.
+
+    -1 freezes nothing. Otherwise blocks below ``freeze_layer_num``, the embeddings, conv1 and ln_pre are frozen;
+    ln_final, text_projection, logit_scale, visual.ln_post and visual.proj always train. In 3d mode the original's
+    test (the truthiness of ``name.find("conv2.")``) is true for every name, so nothing is frozen [faithful].
+    """
+    if not -1 <= freeze_layer_num <= 12:
+        raise ValueError(f"freeze_layer_num must be in -1..12, got {freeze_layer_num}")
+    model = getattr(model, "module", model)
+    if freeze_layer_num > -1 and linear_patch != "3d":
+        for name, param in model.clip.named_parameters():
+            if not _clip_param_trains(name, freeze_layer_num):
+                param.requires_grad_(False)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if is_log_rank(getattr(model, "task_config", None)):
+        logger.info("freeze_layer_num %d (%s): %d of %d parameters train",
+                    freeze_layer_num, linear_patch, n_trainable, n_total)
+    return n_trainable, n_total
