@@ -1,0 +1,123 @@
+"""BertAdam with warm-up schedules, as CLIP4Clip trains with it (SPEC §4).
+
+Deliberately not torch.optim.AdamW: no bias correction, a per-tensor gradient clip, the learning rate taken from
+the step count *before* the increment (so the first update is zero), and a cosine that is not re-based after the
+warm-up. All of it changes results, so all of it is kept.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch.nn.utils import clip_grad_norm_
+from torch.optim import Optimizer
+
+
+def warmup_cosine(x: float, warmup: float = 0.002) -> float:
+    """Linear warm-up to 1, then 0.5·(1 + cos πx) on the *un-rebased* progress x."""
+    if x < warmup:
+        return x / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+def warmup_constant(x: float, warmup: float = 0.002) -> float:
+    """Linear warm-up to 1, then 1."""
+    if x < warmup:
+        return x / warmup
+    return 1.0
+
+
+def warmup_linear(x: float, warmup: float = 0.002) -> float:
+    """Linear warm-up to 1, then linear decay reaching 0 at x = 1."""
+    if x < warmup:
+        return x / warmup
+    return max((x - 1.0) / (warmup - 1.0), 0.0)
+
+
+SCHEDULES: Dict[str, Callable[[float, float], float]] = {
+    "warmup_cosine": warmup_cosine,
+    "warmup_constant": warmup_constant,
+    "warmup_linear": warmup_linear,
+}
+
+
+def _scheduled_lr(group: dict, step: int) -> float:
+    """The group's lr at optimizer step ``step`` (0-based); constant when ``t_total == -1``."""
+    if group["t_total"] == -1:
+        return group["lr"]
+    return group["lr"] * SCHEDULES[group["schedule"]](step / group["t_total"], group["warmup"])
+
+
+class BertAdam(Optimizer):
+    """Adam with decoupled-style weight decay added to the update, a schedule, and per-tensor clipping.
+
+    State per parameter (the original's key names, so its optimizer checkpoints load): ``step`` (int),
+    ``next_m`` and ``next_v`` in the parameter's dtype (fp16 for CLIP's fp16 weights).
+    """
+
+    def __init__(self, params: Iterable, lr: float, warmup: float = -1, t_total: float = -1,
+                 schedule: str = "warmup_linear", b1: float = 0.9, b2: float = 0.999, e: float = 1e-6,
+                 weight_decay: float = 0.01, max_grad_norm: float = 1.0):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule parameter: {schedule}; expected one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= warmup < 1.0 and warmup != -1:
+            raise ValueError(f"Invalid warmup: {warmup} - should be in [0.0, 1.0[ or -1")
+        if not 0.0 <= b1 < 1.0:
+            raise ValueError(f"Invalid b1 parameter: {b1} - should be in [0.0, 1.0[")
+        if not 0.0 <= b2 < 1.0:
+            raise ValueError(f"Invalid b2 parameter: {b2} - should be in [0.0, 1.0[")
+        if e < 0.0:
+            raise ValueError(f"Invalid epsilon value: {e} - should be >= 0.0")
+        defaults = dict(lr=lr, schedule=schedule, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults)
+
+    def get_lr(self) -> List[float]:
+        """Scheduled lr of every parameter that has a gradient; ``[0]`` while any of them has no state yet."""
+        lrs = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    return [0]
+                lrs.append(_scheduled_lr(group, state["step"]))
+        return lrs
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["next_m"] = torch.zeros_like(p)
+                    state["next_v"] = torch.zeros_like(p)
+                next_m, next_v = state["next_m"], state["next_v"]
+                beta1, beta2 = group["b1"], group["b2"]
+                # Per-tensor clip on top of the train loop's global clip: rarely active, kept because it is.
+                if group["max_grad_norm"] > 0:
+                    clip_grad_norm_(p, group["max_grad_norm"])
+                grad = p.grad
+                next_m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                next_v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = next_m / (next_v.sqrt() + group["e"])
+                if group["weight_decay"] > 0.0:
+                    update += group["weight_decay"] * p
+                # The step count before the increment: the very first update has lr 0.
+                update_with_lr = _scheduled_lr(group, state["step"]) * update
+                p.add_(-update_with_lr)
+                state["step"] += 1
+        return loss

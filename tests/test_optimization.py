@@ -1,0 +1,145 @@
+"""BertAdam and its schedules against hand-computed values and a plain re-statement of SPEC §4's update rule."""
+import math
+
+import pytest
+import torch
+
+from modules.optimization import BertAdam, warmup_constant, warmup_cosine, warmup_linear
+
+
+@pytest.mark.parametrize("x, cosine, constant, linear", [
+    (0.0, 0.0, 0.0, 0.0),
+    (0.05, 0.5, 0.5, 0.5),
+    (0.1, 0.5 * (1 + math.cos(0.1 * math.pi)), 1.0, 1.0),  # cosine not re-based: 0.97553
+    (0.5, 0.5, 1.0, 0.5 / 0.9),
+    (1.0, 0.0, 1.0, 0.0),
+])
+def test_schedules_at_warmup_0_1(x, cosine, constant, linear):
+    assert warmup_cosine(x, 0.1) == pytest.approx(cosine, abs=1e-12)
+    assert warmup_constant(x, 0.1) == pytest.approx(constant, abs=1e-12)
+    assert warmup_linear(x, 0.1) == pytest.approx(linear, abs=1e-12)
+    if x == 0.1:
+        assert warmup_cosine(x, 0.1) == pytest.approx(0.9755282581, abs=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=-1.0), dict(lr=1.0, schedule="cosine"), dict(lr=1.0, warmup=1.0), dict(lr=1.0, warmup=-0.5),
+    dict(lr=1.0, b1=1.0), dict(lr=1.0, b2=-0.1), dict(lr=1.0, e=-1e-6),
+])
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        BertAdam([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def reference_steps(p0, grads, lr, warmup, t_total, schedule, b1, b2, e, wd, max_norm):
+    """SPEC §4 written out with plain tensors, one step at a time."""
+    p = p0.clone()
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    for step, g in enumerate(grads):
+        g = g.clone()
+        norm = g.norm()
+        if max_norm > 0 and norm > max_norm:
+            g = g * (max_norm / (norm + 1e-6))
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        u = m / (v.sqrt() + e)
+        if wd > 0:
+            u = u + wd * p
+        lr_t = lr * schedule(step / t_total, warmup) if t_total != -1 else lr
+        p = p - lr_t * u
+    return p
+
+
+def run_bertadam(p0, grads, **kwargs):
+    p = torch.nn.Parameter(p0.clone())
+    opt = BertAdam([p], **kwargs)
+    lrs = []
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        lrs.append(opt.get_lr())
+    return p.detach(), opt, lrs
+
+
+def test_first_step_is_zero_and_state_layout():
+    p0 = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    g = torch.full((5,), 0.1)
+    p, opt, _ = run_bertadam(p0, [g], lr=1e-2, warmup=0.1, t_total=10, schedule="warmup_cosine",
+                             weight_decay=0.2)
+    assert torch.equal(p, p0)  # lr_t = lr * sched(0 / t_total) = 0
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert state["step"] == 1
+    assert torch.allclose(state["next_m"], 0.1 * g)
+    assert torch.allclose(state["next_v"], 0.001 * g * g)
+
+
+def test_get_lr_before_and_after_state():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = BertAdam([p], lr=1.0, warmup=0.1, t_total=10, schedule="warmup_linear")
+    p.grad = torch.ones(3)
+    assert opt.get_lr() == [0]
+    opt.step()
+    assert opt.get_lr() == [pytest.approx(1.0)]  # step 1 of 10 = x 0.1 = end of warm-up
+    opt.step()
+    assert opt.get_lr() == [pytest.approx((0.2 - 1) / (0.1 - 1))]
+
+
+def test_per_tensor_clip_applies_in_place():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = BertAdam([p], lr=1.0, max_grad_norm=1.0)
+    p.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    assert torch.allclose(p.grad, torch.tensor([0.6, 0.8]), atol=1e-6)
+    state = opt.state[p]
+    assert torch.allclose(state["next_m"], 0.1 * torch.tensor([0.6, 0.8]), atol=1e-7)
+    # max_grad_norm <= 0 disables the per-tensor clip.
+    q = torch.nn.Parameter(torch.zeros(2))
+    opt = BertAdam([q], lr=1.0, max_grad_norm=0)
+    q.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    assert torch.equal(q.grad, torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("schedule_name, schedule, t_total", [
+    ("warmup_cosine", warmup_cosine, 6), ("warmup_constant", warmup_constant, 6),
+    ("warmup_linear", warmup_linear, 6), ("warmup_linear", warmup_linear, -1),
+])
+def test_several_steps_match_reference(schedule_name, schedule, t_total):
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64) * s for s in (0.3, 2.0, 0.05, 1.5, 0.7)]
+    kwargs = dict(lr=0.05, warmup=0.2, t_total=t_total, b1=0.9, b2=0.98, e=1e-6, weight_decay=0.2,
+                  max_grad_norm=1.0)
+    ours, _, _ = run_bertadam(p0, grads, schedule=schedule_name, **kwargs)
+    expected = reference_steps(p0, grads, schedule=schedule, wd=0.2, max_norm=1.0,
+                               **{k: v for k, v in kwargs.items() if k not in ("weight_decay", "max_grad_norm")})
+    assert not torch.equal(ours, p0)
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_fp16_parameters_keep_fp16_state():
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = BertAdam([p], lr=0.1, weight_decay=0.2)
+    for _ in range(2):
+        p.grad = torch.full((4,), 0.5, dtype=torch.float16)
+        opt.step()
+    state = opt.state[p]
+    assert state["next_m"].dtype == torch.float16 and state["next_v"].dtype == torch.float16
+    assert p.dtype == torch.float16
+
+
+def test_param_without_grad_is_skipped_and_groups_keep_their_lr():
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = BertAdam([{"params": [a], "lr": 1e-3}, {"params": [b]}], lr=1e-1, weight_decay=0.0)
+    a.grad = torch.ones(2)
+    opt.step()
+    opt.step()
+    assert b not in opt.state or len(opt.state[b]) == 0
+    assert torch.equal(b.detach(), torch.ones(2))
+    assert opt.get_lr() == [1e-3]
+    # Constant schedule (t_total -1), so both steps move: u_k = m_k / (sqrt(v_k) + e) for two unit gradients.
+    u1 = 0.1 / (math.sqrt(0.001) + 1e-6)
+    u2 = 0.19 / (math.sqrt(0.001999) + 1e-6)
+    assert torch.allclose(a.detach(), torch.full((2,), 1 - 1e-3 * (u1 + u2)), atol=1e-7)
