@@ -108,13 +108,15 @@ class PreTrainedModel(nn.Module):
                 continue
             loadable[key] = value
         result = model.load_state_dict(loadable, strict=False)
+        # A key of the wrong shape was present, so it is reported as an error, not as missing.
+        missing_keys = [key for key in result.missing_keys if key not in renamed]
 
         if prefix is None and is_log_rank(task_config):
             name = type(model).__name__
             logger.info("-" * 20)
-            if result.missing_keys:
+            if missing_keys:
                 logger.info("Weights of %s not initialized from pretrained model: %s",
-                            name, "\n   " + "\n   ".join(result.missing_keys))
+                            name, "\n   " + "\n   ".join(missing_keys))
             if result.unexpected_keys:
                 logger.info("Weights from pretrained model not used in %s: %s",
                             name, "\n   " + "\n   ".join(result.unexpected_keys))
