@@ -81,7 +81,8 @@ class ResidualAttentionBlock(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.attn_mask(x.shape[0]) if callable(self.attn_mask) else self.attn_mask
         if mask is not None:
-            mask = mask.to(dtype=x.dtype, device=x.device)
+            # Host-to-device copies may be asynchronous; a blocking one would stall the GPU queue every block.
+            mask = mask.to(dtype=x.dtype, device=x.device, non_blocking=True)
         # need_weights=False lets torch use its fused scaled-dot-product kernel.
         return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
