@@ -1,0 +1,313 @@
+"""What the five retrieval datasets share: caption encoding, annotation reading, video discovery and bad data.
+
+Each dataset file only turns its annotation format into (video id, caption, window) pairs and a video id → path map;
+everything else (tokens, frames, missing or undecodable videos) happens here, once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import Dataset
+
+from dataloaders.rawvideo_util import RawVideoExtractor
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKEN = {"CLS_TOKEN": "<|startoftext|>", "SEP_TOKEN": "<|endoftext|>",
+                 "MASK_TOKEN": "[MASK]", "UNK_TOKEN": "[UNK]", "PAD_TOKEN": "[PAD]"}
+LISTED_NAMES = 10          # how many missing names an error message shows
+MAX_REPLACEMENTS = 100     # consecutive undecodable draws before training gives up
+
+# (video id, caption, start second, end second); the window is None for whole videos.
+Pair = Tuple[str, str, Optional[int], Optional[int]]
+
+
+# ---------------------------------------------------------------------------------------------------------------- text
+def encode_caption(tokenizer, caption: str, max_words: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Caption → (ids, mask, segment), each (1, max_words) int64: start token, BPE tokens cut so that the end token
+    still fits, end token, zero padding."""
+    words = [SPECIAL_TOKEN["CLS_TOKEN"]] + tokenizer.tokenize(caption)
+    words = words[: max_words - 1] + [SPECIAL_TOKEN["SEP_TOKEN"]]
+    ids = tokenizer.convert_tokens_to_ids(words)
+    pairs_text = np.zeros((1, max_words), dtype=np.int64)
+    pairs_mask = np.zeros((1, max_words), dtype=np.int64)
+    pairs_segment = np.zeros((1, max_words), dtype=np.int64)
+    pairs_text[0, : len(ids)] = ids
+    pairs_mask[0, : len(ids)] = 1
+    return pairs_text, pairs_mask, pairs_segment
+
+
+def clip_window(start: float, end: float) -> Tuple[int, int]:
+    """The original's window clean-up: whole seconds, negatives to 0, ordered, and at least one second long."""
+    start, end = max(int(start), 0), max(int(end), 0)
+    if start > end:
+        start, end = end, start
+    elif start == end:
+        end += 1
+    return start, end
+
+
+# --------------------------------------------------------------------------------------------------------- annotations
+def annotation_error(path: str, where: str, expected: str, got: Any = None) -> ValueError:
+    """A ValueError naming the file, the place in it and what was expected there."""
+    message = f"{path}, {where}: expected {expected}"
+    if got is not None:
+        message += f", got {_short(got)}"
+    return ValueError(message)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_lines(path: str) -> List[str]:
+    """A text file's lines, without line ends (UTF-8)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise annotation_error(path, f"byte {exc.start}", "UTF-8 text") from None
+
+
+def read_id_list(path: str) -> List[Tuple[int, str]]:
+    """(line number, id) for each non-blank line of a one-id-per-line file."""
+    return [(n, line.strip()) for n, line in enumerate(read_lines(path), 1) if line.strip()]
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise annotation_error(path, f"line {exc.lineno} column {exc.colno}", f"valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise annotation_error(path, f"byte {exc.start}", "UTF-8 text") from None
+
+
+def read_csv(path: str, columns: Sequence[str]) -> pd.DataFrame:
+    """A CSV with a header holding at least ``columns``, read as strings; every cell of those columns non-empty."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise annotation_error(path, "parsing", f"a CSV file with header columns {list(columns)} ({exc})") from None
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        raise annotation_error(path, "line 1 (header)", f"columns {list(columns)}", list(frame.columns))
+    for column in columns:
+        empty = np.flatnonzero(frame[column].str.strip().to_numpy() == "")
+        if len(empty):
+            # +2: one for the header, one because file lines count from 1
+            raise annotation_error(path, f"line {empty[0] + 2}, column {column!r}", "a non-empty value")
+    return frame
+
+
+def require_keys(item: Any, keys: Sequence[str], path: str, where: str) -> None:
+    if not isinstance(item, dict) or any(k not in item for k in keys):
+        raise annotation_error(path, where, f"an object with keys {list(keys)}", item)
+
+
+def require_str(value: Any, path: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise annotation_error(path, where, "a string", value)
+    return value
+
+
+class _CaptionUnpickler(pickle.Unpickler):
+    """Builds only what pickle opcodes build by themselves (dicts, lists, tuples, strings, numbers); any reference to
+    a class or function, the way a pickle runs code, is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refers to {module}.{name}; only dicts, lists and strings are allowed")
+
+
+def load_raw_captions(path: str) -> Dict[str, List[List[str]]]:
+    """MSVD's ``raw-captions.pkl``: {video id: [[word, ...], ...]}, read without running any code it may hold."""
+    try:
+        with open(path, "rb") as f:
+            # Python 2 pickles store text as bytes; captions are UTF-8
+            captions = _CaptionUnpickler(f, encoding="utf-8").load()
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise annotation_error(path, "unpickling", "a pickle of {video id: [[word, ...], ...]}", str(exc)) from None
+    if not isinstance(captions, dict):
+        raise annotation_error(path, "top level", "a dict {video id: [[word, ...], ...]}", type(captions).__name__)
+    for key, caps in captions.items():
+        if not isinstance(key, str):
+            raise annotation_error(path, f"key {key!r}", "a video id string")
+        if not isinstance(caps, (list, tuple)):
+            raise annotation_error(path, f"key {key!r}", "a list of captions", caps)
+        for i, cap in enumerate(caps):
+            if not isinstance(cap, (list, tuple)) or not all(isinstance(w, str) for w in cap):
+                raise annotation_error(path, f"key {key!r}, caption {i}", "a list of words (strings)", cap)
+    return captions
+
+
+# -------------------------------------------------------------------------------------------------------------- videos
+def _require_dir(features_path: str) -> None:
+    if not os.path.isdir(features_path):
+        raise FileNotFoundError(f"features_path {features_path!r} is not a directory; expected the folder that "
+                                f"holds the video files (--features_path)")
+
+
+def find_videos(features_path: str, wanted: Collection[str], by_stem: bool = True) -> Dict[str, str]:
+    """Walk ``features_path`` and map each wanted id to its file; the id is the file name before its last dot, or the
+    whole name when ``by_stem`` is False (DiDeMo). Walked in sorted order, so the pick among duplicates is stable."""
+    _require_dir(features_path)
+    wanted = set(wanted)
+    found: Dict[str, str] = {}
+    for root, dirs, files in os.walk(features_path):
+        dirs.sort()
+        for name in sorted(files):
+            key = ".".join(name.split(".")[:-1]) if by_stem else name
+            if key in wanted:
+                found[key] = os.path.join(root, name)
+    return found
+
+
+def find_videos_flat(features_path: str, video_ids: Iterable[str], extensions: Sequence[str]) -> Dict[str, str]:
+    """``<features_path>/<id><ext>`` for the first extension that exists (MSR-VTT: .mp4, else .webm)."""
+    _require_dir(features_path)
+    names = set(os.listdir(features_path))
+    found: Dict[str, str] = {}
+    for video_id in video_ids:
+        for ext in extensions:
+            if video_id + ext in names:
+                found[video_id] = os.path.join(features_path, video_id + ext)
+                break
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------------- dataset
+class VideoTextDataset(Dataset):
+    """Items ``(pairs_text, pairs_mask, pairs_segment, video, video_mask)`` from (video id, caption, window) pairs.
+
+    A subclass reads its annotations, sets ``video_dict`` (id → file) and ``_pairs`` (or overrides ``_pair``), and
+    calls ``_keep_present`` once so that missing files are reported at build time.
+    """
+
+    swallow_read_errors = False  # DiDeMo's original prints a read error and goes on with zero frames
+
+    def __init__(self, tokenizer, features_path: str, max_words: int, feature_framerate: float, max_frames: int,
+                 image_resolution: int, frame_order: int, slice_framepos: int, frame_cache: Optional[str],
+                 skip_missing: bool, training: bool):
+        if frame_order not in (0, 1, 2):
+            raise ValueError(f"frame_order must be 0 (in order), 1 (reversed) or 2 (shuffled), got {frame_order}")
+        if slice_framepos not in (0, 1, 2):
+            raise ValueError(f"slice_framepos must be 0 (head), 1 (tail) or 2 (uniform), got {slice_framepos}")
+        self.tokenizer = tokenizer
+        self.features_path = features_path
+        self.max_words = max_words
+        self.feature_framerate = feature_framerate
+        self.max_frames = max_frames
+        self.frame_order = frame_order
+        self.slice_framepos = slice_framepos
+        self.skip_missing = skip_missing
+        self.training = training
+        self.rawVideoExtractor = RawVideoExtractor(framerate=feature_framerate, size=image_resolution,
+                                                   cache_dir=frame_cache)
+        self.SPECIAL_TOKEN = SPECIAL_TOKEN
+        self.video_dict: Dict[str, str] = {}
+        self._pairs: List[Pair] = []
+        self.missing_videos: List[str] = []
+        # Counted per process: with DataLoader workers each worker counts its own share (and logs each event).
+        self.n_undecodable = 0
+        self.n_replaced = 0
+        self.undecodable_videos: Dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def _pair(self, idx: int) -> Pair:
+        return self._pairs[idx]
+
+    def _keep_present(self, video_ids: Sequence[str], source: str) -> List[str]:
+        """The ids that have a file. Missing ones raise one error listing them, unless ``skip_missing``: then they
+        are dropped and reported (training) or the reduced benchmark is announced (evaluation)."""
+        missing = [v for v in video_ids if v not in self.video_dict]
+        self.missing_videos = missing
+        if not missing:
+            return list(video_ids)
+        total = len(video_ids)
+        shown = ", ".join(missing[:LISTED_NAMES])
+        if len(missing) > LISTED_NAMES:
+            shown += f" and {len(missing) - LISTED_NAMES} more"
+        message = f"{len(missing)} of {total} videos listed in {source} have no file under {self.features_path}: {shown}"
+        if not self.skip_missing:
+            action = "train without them" if self.training else "evaluate on the videos present"
+            raise FileNotFoundError(f"{message}. Check the layout with preprocess/check_dataset.py, or pass "
+                                    f"--skip_missing_videos to {action}.")
+        kept = [v for v in video_ids if v in self.video_dict]
+        if self.training:
+            logger.warning("%s; training without them (%d videos kept)", message, len(kept))
+        else:
+            note = f"evaluating on {len(kept)} of {total} videos ({message})"
+            logger.warning(note)
+            print(note)
+        return kept
+
+    def _get_text(self, caption: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return encode_caption(self.tokenizer, caption, self.max_words)
+
+    def _get_rawvideo(self, video_id: str, start: Optional[int], end: Optional[int]):
+        """(video, video_mask, number of frames read) for one video id and window."""
+        path = self.video_dict[video_id]
+        try:
+            video, video_mask, n_frames = self.rawVideoExtractor.get_video_sample(
+                path, self.max_frames, self.slice_framepos, self.frame_order, start, end)
+        except Exception as exc:
+            if not self.swallow_read_errors:
+                logger.error("video path: %s error. video id: %s, start: %s, end: %s", path, video_id, start, end)
+                raise
+            logger.warning("video path: %s error. video id: %s, start: %s, end: %s, error: %s",
+                           path, video_id, start, end, exc)
+            size = self.rawVideoExtractor.size
+            video = np.zeros((1, self.max_frames, 1, 3, size, size), dtype=np.float64)
+            video_mask = np.zeros((1, self.max_frames), dtype=np.int64)
+            n_frames = 0
+        if n_frames == 0:
+            self.n_undecodable += 1
+            self.undecodable_videos[path] = self.undecodable_videos.get(path, 0) + 1
+        return video, video_mask, n_frames
+
+    def __getitem__(self, idx: int):
+        video_id, caption, start, end = self._pair(idx)
+        video, video_mask, n_frames = self._get_rawvideo(video_id, start, end)
+        tries = 0
+        while n_frames == 0:
+            path = self.video_dict[video_id]
+            if not self.training:
+                logger.warning("no frame decoded from %s (video id %s): it stays all zeros with mask 0, as in the "
+                               "original (%d undecodable so far in this process)", path, video_id, self.n_undecodable)
+                break
+            if tries == MAX_REPLACEMENTS:
+                raise RuntimeError(f"{tries} samples in a row had no decodable frame (last: {path}); check the "
+                                   f"videos with preprocess/check_dataset.py")
+            tries += 1
+            # A zero video would give a zero embedding and a NaN loss; train on another sample instead.
+            new_idx = random.randrange(len(self))
+            self.n_replaced += 1
+            logger.warning("no frame decoded from %s (video id %s); sample %d replaced by sample %d "
+                           "(%d replaced so far in this process)", path, video_id, idx, new_idx, self.n_replaced)
+            idx = new_idx
+            video_id, caption, start, end = self._pair(idx)
+            video, video_mask, n_frames = self._get_rawvideo(video_id, start, end)
+        pairs_text, pairs_mask, pairs_segment = self._get_text(caption)
+        return pairs_text, pairs_mask, pairs_segment, video, video_mask
+
+    def video_requests(self) -> List[Tuple[str, Optional[int], Optional[int]]]:
+        """Each distinct (video file, start, end) the items read, in first-use order (for preprocess/check_dataset)."""
+        seen: Dict[Tuple[str, Optional[int], Optional[int]], None] = {}
+        for video_id, _caption, start, end in self.all_pairs():
+            seen.setdefault((self.video_dict[video_id], start, end), None)
+        return list(seen)
+
+    def all_pairs(self) -> Iterable[Pair]:
+        """Every (video id, caption, start, end), without drawing anything at random."""
+        return self._pairs
