@@ -284,6 +284,9 @@ def test_3d_patch_with_centre_init_equals_2d(tiny_clip_state_dict, tiny_fp32):
         model_3d.encode_image(video)
     with pytest.raises(ValueError, match="video_frame"):
         model_3d.encode_image(video, video_frame=3)
+    # build_model recognises a 3d state dict by its conv2 weight.
+    rebuilt = build_model(model_3d.state_dict())
+    assert rebuilt.visual.linear_patch == "3d" and rebuilt.visual.conv2.weight.dtype == torch.float16
 
 
 def test_convert_weights_casts_exactly_openai_set(tiny_clip_state_dict):
