@@ -1,0 +1,446 @@
+"""CLIP4Clip on a tiny CLIP: shapes, masking, heads against hand re-computations, load-time copies, key layout,
+freezing, precision, checkpointing, and the loss."""
+from __future__ import annotations
+
+import logging
+import types
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+import torch
+
+from modules.module_cross import CrossConfig
+from modules.modeling import CLIP4Clip, freeze_clip_layers, resolve_precision
+
+HEADS = ["meanP", "seqLSTM", "seqTransf", "tightTransf"]
+LOOSE = ["meanP", "seqLSTM", "seqTransf"]
+MAX_WORDS, MAX_FRAMES, END_ID = 8, 4, 49407
+
+BLOCK_SUFFIXES = [
+    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+    "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+    "ln_2.weight", "ln_2.bias",
+]
+# OpenAI's key layout for the tiny CLIP of conftest (2 text and 2 visual blocks), prefixed as CLIP4Clip stores it.
+CLIP_KEYS = [
+    "clip.positional_embedding", "clip.text_projection", "clip.logit_scale",
+    "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.visual.proj",
+    "clip.visual.conv1.weight", "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias",
+    "clip.visual.ln_post.weight", "clip.visual.ln_post.bias",
+    "clip.token_embedding.weight", "clip.ln_final.weight", "clip.ln_final.bias",
+] + [f"clip.visual.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES] \
+  + [f"clip.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
+HEAD_KEYS: Dict[str, List[str]] = {
+    "meanP": [],
+    "seqLSTM": ["frame_position_embeddings.weight", "lstm_visual.weight_ih_l0", "lstm_visual.weight_hh_l0",
+                "lstm_visual.bias_ih_l0", "lstm_visual.bias_hh_l0"],
+    "seqTransf": ["frame_position_embeddings.weight"]
+                 + [f"transformerClip.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES],
+    "tightTransf": ["cross.embeddings.position_embeddings.weight"]
+                   + [f"cross.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
+                   + ["cross.pooler.ln_pool.weight", "cross.pooler.ln_pool.bias",
+                      "cross.pooler.dense.weight", "cross.pooler.dense.bias",
+                      "similarity_dense.weight", "similarity_dense.bias"],
+}
+
+
+def make_config(clip_file, head: str, linear_patch: str = "2d", **overrides) -> types.SimpleNamespace:
+    cfg = types.SimpleNamespace(
+        local_rank=0, pretrained_clip_name=str(clip_file), linear_patch=linear_patch, sim_header=head,
+        loose_type=head != "tightTransf", cross_num_hidden_layers=2, max_words=MAX_WORDS, max_frames=MAX_FRAMES,
+    )
+    cfg.__dict__.update(overrides)
+    return cfg
+
+
+def build(clip_file, head: str, linear_patch: str = "2d", state_dict=None, seed: int = 0, **overrides) -> CLIP4Clip:
+    torch.manual_seed(seed)
+    cfg = make_config(clip_file, head, linear_patch, **overrides)
+    return CLIP4Clip.from_pretrained("cross-base", state_dict=state_dict, task_config=cfg)
+
+
+@pytest.fixture(scope="module")
+def model_of(tiny_clip_file):
+    """Shared eval-mode models, one per (head, patch); tests that change a model build their own."""
+    cache: Dict[tuple, CLIP4Clip] = {}
+
+    def get(head: str, linear_patch: str = "2d") -> CLIP4Clip:
+        if (head, linear_patch) not in cache:
+            cache[head, linear_patch] = build(tiny_clip_file, head, linear_patch).eval()
+        return cache[head, linear_patch]
+    return get
+
+
+def make_inputs(batch: int, frames: int, lengths: Optional[Sequence[int]] = None, seed: int = 0):
+    """A batch in the data loader's layout; frames past ``lengths[b]`` are zero with mask 0."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 49000, (batch, 1, MAX_WORDS), generator=gen)
+    attention_mask = torch.zeros_like(ids)
+    for b in range(batch):
+        end = 2 + b % (MAX_WORDS - 2)
+        ids[b, 0, end] = END_ID
+        ids[b, 0, end + 1:] = 0
+        attention_mask[b, 0, :end + 1] = 1
+    segment_ids = torch.zeros_like(ids)
+    video = torch.randn(batch, 1, frames, 1, 3, 32, 32, generator=gen, dtype=torch.float64)
+    video_mask = torch.ones(batch, 1, frames, dtype=torch.long)
+    if lengths is not None:
+        for b, n in enumerate(lengths):
+            video_mask[b, 0, n:] = 0
+            video[b, 0, n:] = 0
+    return ids, segment_ids, attention_mask, video, video_mask
+
+
+def logits_of(model: CLIP4Clip, inputs) -> torch.Tensor:
+    ids, seg, am, video, vm = inputs
+    seq, vis = model.get_sequence_visual_output(ids, seg, am, video, vm)
+    return model.get_similarity_logits(seq, vis, am, vm, loose_type=model.loose_type)[0]
+
+
+# --- shapes and masking -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", HEADS)
+def test_shapes_for_batch_and_frame_counts(model_of, head):
+    model = model_of(head)
+    for batch in (1, 3):
+        for frames in (1, MAX_FRAMES):
+            ids, seg, am, video, vm = make_inputs(batch, frames)
+            with torch.no_grad():
+                seq, vis = model.get_sequence_visual_output(ids, seg, am, video, vm)
+                logits, extra = model.get_similarity_logits(seq, vis, am, vm, loose_type=model.loose_type)
+                assert model(ids, seg, am, video, vm) is None  # eval mode returns no loss
+            assert seq.shape == (batch, 1, 512) and vis.shape == (batch, frames, 512)
+            assert seq.dtype == vis.dtype == torch.float32
+            assert logits.shape == (batch, batch) and extra == ()
+            assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_padded_frames_never_change_the_output(model_of, head):
+    model = model_of(head)
+    inputs = make_inputs(3, MAX_FRAMES, lengths=[4, 2, 1])
+    ids, seg, am, video, vm = inputs
+    noisy = video.clone()
+    noisy[1, 0, 2:] = 50 * torch.randn_like(noisy[1, 0, 2:])
+    noisy[2, 0, 1:] = -7.0
+    with torch.no_grad():
+        base = logits_of(model, inputs)
+        changed = logits_of(model, (ids, seg, am, noisy, vm))
+    assert torch.allclose(base, changed, rtol=0, atol=1e-6)
+
+    model.train()
+    try:
+        torch.manual_seed(5)
+        loss = model(ids, seg, am, video, vm)
+        torch.manual_seed(5)
+        loss_noisy = model(ids, seg, am, noisy, vm)
+    finally:
+        model.eval()
+    assert abs(loss.item() - loss_noisy.item()) < 1e-6
+
+
+# --- heads against independent re-computations -------------------------------------------------------------------
+
+def reference_loose_logits(model: CLIP4Clip, seq, vis, lengths: Sequence[int]) -> torch.Tensor:
+    """Each video alone, using only its valid frames: head, unit frames, plain mean, unit video, scaled dot."""
+    videos = []
+    for b, n in enumerate(lengths):
+        frames = vis[b, :n]
+        if model.sim_header == "seqLSTM":
+            out, _ = model.lstm_visual(frames.unsqueeze(0))
+            frames = out[0] + frames
+        elif model.sim_header == "seqTransf":
+            x = frames + model.frame_position_embeddings.weight[:n]
+            x = model.transformerClip(x.unsqueeze(1), torch.zeros(1, n, n)).squeeze(1)
+            frames = x + frames
+        frames = frames / frames.norm(dim=-1, keepdim=True)
+        mean = frames.mean(dim=0)
+        videos.append(mean / mean.norm())
+    text = seq[:, 0] / seq[:, 0].norm(dim=-1, keepdim=True)
+    return model.clip.logit_scale.exp() * text @ torch.stack(videos).T
+
+
+@pytest.mark.parametrize("head", LOOSE)
+def test_loose_heads_match_hand_computation_with_ragged_lengths(model_of, head):
+    model = model_of(head)
+    lengths = [2, 4, 1]  # unsorted: packing must not need sorted lengths
+    ids, seg, am, video, vm = make_inputs(3, MAX_FRAMES, lengths=lengths, seed=3)
+    with torch.no_grad():
+        seq, vis = model.get_sequence_visual_output(ids, seg, am, video, vm)
+        logits, _ = model.get_similarity_logits(seq, vis, am, vm, loose_type=True)
+        expected = reference_loose_logits(model, seq, vis, lengths)
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_tight_transf_logits_equal_a_per_pair_loop(model_of):
+    model = model_of("tightTransf")
+    ids, seg, am, _, _ = make_inputs(2, MAX_FRAMES, seed=4)
+    _, _, _, video, vm = make_inputs(3, MAX_FRAMES, lengths=[4, 2, 3], seed=5)
+    with torch.no_grad():
+        seq = model.get_sequence_output(ids, seg, am)
+        vis = model.get_visual_output(video, vm)
+        logits, _ = model.get_similarity_logits(seq, vis, am, vm, loose_type=False)
+        expected = torch.zeros(2, 3)
+        for i in range(2):
+            for j in range(3):
+                tokens = torch.cat([seq[i], vis[j]], dim=0).unsqueeze(0)
+                mask = torch.cat([torch.ones(1, dtype=torch.long), vm[j, 0]]).unsqueeze(0)
+                _, pooled = model.cross(tokens, None, mask)
+                expected[i, j] = model.similarity_dense(pooled)[0, 0]
+    assert logits.shape == (2, 3)
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["meanP", "seqTransf", "tightTransf"])
+def test_training_loss_is_symmetric_cross_entropy(tiny_clip_file, head):
+    model = build(tiny_clip_file, head).train()
+    ids, seg, am, video, vm = make_inputs(3, MAX_FRAMES, lengths=[4, 3, 2], seed=6)
+    torch.manual_seed(9)  # tightTransf's embedding dropout draws the same mask both times
+    loss = model(ids, seg, am, video, vm)
+    torch.manual_seed(9)
+    sim = logits_of(model, (ids, seg, am, video, vm)).detach().double()
+    rows = -(sim.diag() - sim.logsumexp(dim=1)).mean()
+    cols = -(sim.diag() - sim.logsumexp(dim=0)).mean()
+    assert loss.item() == pytest.approx(((rows + cols) / 2).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("head", LOOSE)
+def test_all_zero_video_mask_gives_a_finite_loss(tiny_clip_file, head):
+    model = build(tiny_clip_file, head).train()
+    ids, seg, am, video, vm = make_inputs(3, MAX_FRAMES, lengths=[4, 0, 2], seed=7)
+    loss = model(ids, seg, am, video, vm)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --- load-time initialisation ------------------------------------------------------------------------------------
+
+def test_seq_and_tight_heads_copy_the_text_tower(tiny_clip_file, tiny_clip_state_dict):
+    sd = tiny_clip_state_dict
+    seq = build(tiny_clip_file, "seqTransf", cross_num_hidden_layers=1)
+    assert torch.equal(seq.frame_position_embeddings.weight, sd["positional_embedding"])
+    assert len(seq.transformerClip.resblocks) == 1  # cut from the bottom of the text tower
+    for suffix in BLOCK_SUFFIXES:
+        assert torch.equal(seq.state_dict()[f"transformerClip.resblocks.0.{suffix}"],
+                           sd[f"transformer.resblocks.0.{suffix}"]), suffix
+
+    lstm = build(tiny_clip_file, "seqLSTM")
+    assert torch.equal(lstm.frame_position_embeddings.weight, sd["positional_embedding"])
+
+    tight = build(tiny_clip_file, "tightTransf")
+    tight_sd = tight.state_dict()
+    assert torch.equal(tight_sd["cross.embeddings.position_embeddings.weight"], sd["positional_embedding"])
+    for i in range(2):
+        for suffix in BLOCK_SUFFIXES:
+            assert torch.equal(tight_sd[f"cross.transformer.resblocks.{i}.{suffix}"],
+                               sd[f"transformer.resblocks.{i}.{suffix}"])
+    # What stays random got the BERT-style init.
+    assert torch.count_nonzero(tight.similarity_dense.bias) == 0
+    assert torch.count_nonzero(tight.cross.pooler.dense.bias) == 0
+    assert torch.equal(tight.cross.pooler.ln_pool.weight, torch.ones(512))
+    assert abs(tight.cross.pooler.dense.weight.std().item() - 0.02) < 0.002
+
+
+def test_3d_kernel_is_conv1_in_the_temporal_centre(model_of, tiny_clip_state_dict):
+    conv2 = model_of("meanP", "3d").clip.visual.conv2.weight
+    conv1 = tiny_clip_state_dict["visual.conv1.weight"]
+    assert conv2.shape == (64, 3, 3, 16, 16)
+    assert torch.equal(conv2[:, :, 1], conv1)
+    assert torch.count_nonzero(conv2[:, :, 0]) == 0 and torch.count_nonzero(conv2[:, :, 2]) == 0
+
+
+def test_3d_equals_2d_at_initialisation_on_any_video(model_of):
+    two_d, three_d = model_of("meanP", "2d"), model_of("meanP", "3d")
+    _, _, _, video, vm = make_inputs(2, MAX_FRAMES, seed=8)
+    video = video * 3 + 1  # any content, not just unit noise
+    with torch.no_grad():
+        a = two_d.get_visual_output(video, vm)
+        b = three_d.get_visual_output(video, vm)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_copies_happen_only_when_absent_and_init_model_overrides_clip(tiny_clip_file, tiny_clip_state_dict):
+    sd = tiny_clip_state_dict
+    gen = torch.Generator().manual_seed(11)
+    frame_pos = torch.randn(77, 512, generator=gen)
+    conv1 = torch.randn(64, 3, 16, 16, generator=gen)
+    text_pos = torch.randn(77, 512, generator=gen)
+    init_model = {"clip.visual.conv1.weight": conv1, "clip.positional_embedding": text_pos}
+    given = dict(init_model)
+
+    seq = build(tiny_clip_file, "seqTransf", "3d", state_dict=given)
+    assert given.keys() == init_model.keys()  # the caller's dict is left alone
+    assert torch.equal(seq.clip.visual.conv1.weight, conv1)
+    assert torch.equal(seq.clip.visual.conv2.weight[:, :, 1], conv1)  # 3d copies the merged dict's conv1
+    assert torch.equal(seq.clip.positional_embedding, text_pos)
+    # Head copies always come from the CLIP file, not from --init_model's clip.* keys.
+    assert torch.equal(seq.frame_position_embeddings.weight, sd["positional_embedding"])
+
+    present = build(tiny_clip_file, "seqTransf", state_dict={"frame_position_embeddings.weight": frame_pos})
+    assert torch.equal(present.frame_position_embeddings.weight, frame_pos)
+    assert not torch.equal(present.transformerClip.resblocks[0].attn.in_proj_weight,
+                           sd["transformer.resblocks.0.attn.in_proj_weight"])
+
+    ln = torch.full((512,), 3.0)
+    tight = build(tiny_clip_file, "tightTransf", state_dict={"cross.transformer.resblocks.0.ln_1.weight": ln})
+    assert torch.equal(tight.cross.transformer.resblocks[0].ln_1.weight, ln)
+    assert not torch.equal(tight.cross.embeddings.position_embeddings.weight, sd["positional_embedding"])
+
+    kernel = torch.randn(64, 3, 3, 16, 16, generator=gen)
+    three_d = build(tiny_clip_file, "meanP", "3d", state_dict={"clip.visual.conv2.weight": kernel})
+    assert torch.equal(three_d.clip.visual.conv2.weight, kernel)
+
+
+# --- checkpoint layout -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("linear_patch", ["2d", "3d"])
+@pytest.mark.parametrize("head", HEADS)
+def test_key_layout_and_strict_round_trip(tiny_clip_file, tmp_path, model_of, caplog, head, linear_patch):
+    source = model_of(head, linear_patch)
+    expected = CLIP_KEYS + (["clip.visual.conv2.weight"] if linear_patch == "3d" else []) + HEAD_KEYS[head]
+    saved = source.state_dict()
+    assert sorted(saved) == sorted(expected)
+
+    path = tmp_path / "pytorch_model.bin.0"
+    torch.save(saved, path)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    with caplog.at_level(logging.INFO):
+        target = build(tiny_clip_file, head, linear_patch, state_dict=loaded, seed=123)
+    assert "not initialized from pretrained model" not in caplog.text
+    assert "not used in" not in caplog.text
+    target.load_state_dict(loaded, strict=True)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+# --- freezing ----------------------------------------------------------------------------------------------------
+
+ALWAYS_TRAINED = ["clip.ln_final.weight", "clip.ln_final.bias", "clip.text_projection", "clip.logit_scale",
+                  "clip.visual.ln_post.weight", "clip.visual.ln_post.bias", "clip.visual.proj"]
+FROZEN_BELOW_ALL_BLOCKS = ["clip.positional_embedding", "clip.token_embedding.weight", "clip.visual.class_embedding",
+                           "clip.visual.positional_embedding", "clip.visual.conv1.weight",
+                           "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias"]
+
+
+def _blocks(indices) -> List[str]:
+    return [f"clip.{tower}transformer.resblocks.{i}.{s}" for tower in ("", "visual.") for i in indices
+            for s in BLOCK_SUFFIXES]
+
+
+# Hand count for the tiny CLIP: a text block has 3,152,384 values and a visual block 49,984; the always-trained
+# tensors 296,065; embeddings + conv1 + ln_pre 25,385,984; total 32,086,785 (2d, meanP).
+@pytest.mark.parametrize("freeze_layer_num, trainable_blocks, n_trainable", [
+    (-1, [0, 1], 32_086_785),
+    (0, [0, 1], 6_700_801),
+    (1, [1], 3_498_433),
+    (6, [], 296_065),
+    (12, [], 296_065),
+])
+def test_freeze_sets(tiny_clip_file, freeze_layer_num, trainable_blocks, n_trainable):
+    model = build(tiny_clip_file, "meanP")
+    counts = freeze_clip_layers(model, freeze_layer_num, "2d")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    expected = ALWAYS_TRAINED + _blocks(trainable_blocks)
+    if freeze_layer_num == -1:
+        expected += FROZEN_BELOW_ALL_BLOCKS
+    assert trainable == sorted(expected)
+    assert counts == (n_trainable, 32_086_785)
+
+
+def test_freeze_does_nothing_in_3d_and_checks_its_range(tiny_clip_file):
+    model = build(tiny_clip_file, "seqTransf", "3d")
+    n_trainable, n_total = freeze_clip_layers(model, 0, "3d")
+    assert n_trainable == n_total == sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    for bad in (-2, 13):
+        with pytest.raises(ValueError, match="freeze_layer_num"):
+            freeze_clip_layers(model, bad, "2d")
+
+
+# --- precision, memory, errors -----------------------------------------------------------------------------------
+
+def test_resolve_precision():
+    assert resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "fp16-weights"
+    assert resolve_precision(None, torch.device("cuda", 1)) == "fp16-weights"
+    for choice in ("fp16-weights", "fp32", "bf16", "fp16"):
+        assert resolve_precision(choice, "cpu") == choice
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp64", "cpu")
+
+
+def test_fp16_weights_mode_keeps_keys_and_converts_only_clip(tiny_clip_file, tiny_clip_state_dict, model_of):
+    model = build(tiny_clip_file, "tightTransf", precision="fp16-weights")
+    assert model.precision == "fp16-weights" and model_of("tightTransf").precision == "fp32"
+    assert list(model.state_dict()) == list(model_of("tightTransf").state_dict())
+    clip = model.clip
+    for tensor in (clip.visual.conv1.weight, clip.visual.proj, clip.text_projection,
+                   clip.transformer.resblocks[0].attn.in_proj_weight, clip.transformer.resblocks[0].mlp.c_fc.bias):
+        assert tensor.dtype == torch.float16
+    for tensor in (clip.token_embedding.weight, clip.positional_embedding, clip.logit_scale, clip.ln_final.weight,
+                   clip.visual.class_embedding):
+        assert tensor.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if not n.startswith("clip."))
+    # Loaded values take the parameter's dtype.
+    assert torch.equal(clip.visual.proj, tiny_clip_state_dict["visual.proj"].half())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_autocast_modes_keep_fp32_weights(tiny_clip_file, precision):
+    model = build(tiny_clip_file, "seqTransf", precision=precision).train()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ids, seg, am, video, vm = make_inputs(2, MAX_FRAMES, lengths=[4, 2], seed=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(ids, seg, am, video, vm)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_clip_file):
+    model = build(tiny_clip_file, "seqTransf", grad_checkpointing=True).train()
+    assert model.clip.transformer.grad_checkpointing and model.clip.visual.transformer.grad_checkpointing
+    inputs = make_inputs(3, MAX_FRAMES, lengths=[4, 3, 1], seed=13)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(*inputs)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    model.clip.set_grad_checkpointing(False)
+    loss_plain, grads_plain = loss_and_grads()
+    assert abs(loss_ckpt - loss_plain) < 1e-6
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) > 0
+    for name, grad in grads_plain.items():
+        assert torch.allclose(grads_ckpt[name], grad, rtol=0, atol=1e-6), name
+
+
+def test_bad_configurations_raise_clear_errors(tiny_clip_file, tiny_clip_state_dict, model_of):
+    with pytest.raises(ValueError, match="max_words \\+ max_frames"):
+        build(tiny_clip_file, "meanP", max_words=100, max_frames=29)
+    with pytest.raises(ValueError, match="loose_type must be False"):
+        build(tiny_clip_file, "tightTransf", loose_type=True)
+    with pytest.raises(ValueError, match="context_length 77"):
+        build(tiny_clip_file, "seqTransf", max_words=20, max_frames=78)
+    with pytest.raises(ValueError, match="sim_header"):
+        build(tiny_clip_file, "meanQ")
+    no_proj = {k: v for k, v in tiny_clip_state_dict.items() if k != "visual.proj"}
+    cfg = make_config(tiny_clip_file, "meanP")
+    with pytest.raises(ValueError, match="visual.proj"):
+        CLIP4Clip(CrossConfig.get_config("cross-base"), no_proj, cfg)
+
+    # meanP built without --loose_type has the cross encoder's keys but cannot score (SPEC §2 check 9).
+    strict_meanp = build(tiny_clip_file, "meanP", loose_type=False)
+    assert "similarity_dense.weight" in strict_meanp.state_dict()
+    ids, seg, am, video, vm = make_inputs(2, 2)
+    with torch.no_grad():
+        seq, vis = strict_meanp.get_sequence_visual_output(ids, seg, am, video, vm)
+    with pytest.raises(ValueError, match="needs --loose_type"):
+        strict_meanp.get_similarity_logits(seq, vis, am, vm, loose_type=False)
+    with pytest.raises(ValueError, match="loose_type similarity"):
+        model_of("tightTransf").get_similarity_logits(seq, vis, am, vm, loose_type=True)
+    with pytest.raises(ValueError, match="7 dims"):
+        model_of("meanP").get_visual_output(video[0], vm)
