@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Fine-tune CLIP4Clip on MSR-VTT (9k train, 1k-A test) with the original README's hyper-parameters (SPEC §7.4).
+# Extra arguments are passed through and win over the ones below, e.g.
+#   ./train_msrvtt_tuning.sh --epochs 1 --precision bf16
+set -euo pipefail
+
+DATA_PATH=${DATA_PATH:-datasets/MSRVTT}      # MSRVTT_data.json, the split CSVs, and the videos folder
+VIDEO_DIR=${VIDEO_DIR:-${DATA_PATH}/Compress_Videos}  # preprocess/compress_video.py output (or MSRVTT_Videos)
+GPUS=${GPUS:-4}                              # processes on this node, one per GPU; --batch_size is split over them
+SIM_ENC=${SIM_ENC:-meanP}                    # meanP | seqLSTM | seqTransf | tightTransf
+CLIP_NAME=${CLIP_NAME:-ViT-B/32}             # ViT-B/32 | ViT-B/16 (modules/ViT-B-*.pt) or a weights file
+SAVE_NAME=${SAVE_NAME:-unipt_msrvtt}
+OUTPUT_DIR=${OUTPUT_DIR:-ckpts/${SAVE_NAME}}
+MASTER_PORT=${MASTER_PORT:-10000}
+
+cd "$(dirname "$0")"
+# tightTransf is a cross encoder; every other head is a dot product and needs --loose_type.
+LOOSE=(--loose_type)
+[ "${SIM_ENC}" = tightTransf ] && LOOSE=()
+
+torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" \
+  main_task_retrieval.py --do_train --num_thread_reader=4 \
+  --epochs=5 --batch_size=128 --n_display=50 \
+  --train_csv "${DATA_PATH}/MSRVTT_train.9k.csv" \
+  --val_csv "${DATA_PATH}/MSRVTT_JSFUSION_test.csv" \
+  --data_path "${DATA_PATH}/MSRVTT_data.json" \
+  --features_path "${VIDEO_DIR}" \
+  --output_dir "${OUTPUT_DIR}" \
+  --lr 1e-4 --max_words 32 --max_frames 12 --batch_size_val 16 \
+  --datatype msrvtt --expand_msrvtt_sentences \
+  --feature_framerate 1 --coef_lr 1e-3 \
+  --freeze_layer_num 0 --slice_framepos 2 \
+  "${LOOSE[@]}" --linear_patch 2d --sim_header "${SIM_ENC}" \
+  --pretrained_clip_name "${CLIP_NAME}" \
+  "$@"

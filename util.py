@@ -1,0 +1,225 @@
+"""Process-level helpers: logger, distributed setup, rank helpers, seeding and RNG state, atomic file writes."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CONSOLE_FORMAT = "%(asctime)s - %(levelname)s -   %(message)s"
+CONSOLE_DATEFMT = "%m/%d/%Y %H:%M:%S"
+FILE_FORMAT = "%(asctime)s:%(levelname)s: %(message)s"
+
+
+def get_logger(filename: Optional[Union[str, Path]] = None) -> logging.Logger:
+    """The named logger ``logger`` at DEBUG; console through the root handler, ``filename`` through a root file handler.
+
+    Calling it again replaces the file handler of the previous call, so runs in one process do not write into
+    each other's ``log.txt``.
+    """
+    logger = logging.getLogger("logger")
+    logger.setLevel(logging.DEBUG)
+    logging.basicConfig(format=CONSOLE_FORMAT, datefmt=CONSOLE_DATEFMT, level=logging.INFO)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "clip4clip_log_file", False):
+            root.removeHandler(handler)
+            handler.close()
+    if filename is not None:
+        handler = logging.FileHandler(filename)
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter(FILE_FORMAT))
+        handler.clip4clip_log_file = True
+        root.addHandler(handler)
+    return logger
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    """Where this process sits: ranks, world size, its device, and whether a process group runs."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    initialized: bool
+
+
+def init_distributed(local_rank_flag: int = 0) -> DistInfo:
+    """Join the process group the launcher describes, or run as a lone process.
+
+    - torchrun (single or multi-node): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the rendezvous variables are set.
+    - ``python -m torch.distributed.launch``: ``RANK``/``WORLD_SIZE`` are set, the local rank comes as
+      ``--local_rank``/``--local-rank`` (``local_rank_flag``) unless ``--use-env`` put it in ``LOCAL_RANK``.
+    - no launcher: one process, rank 0, no process group (the model's all-gather is then the identity).
+
+    NCCL when CUDA is available, gloo otherwise. On CUDA the process uses ``cuda:<local_rank>``.
+    """
+    use_cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return DistInfo(rank=0, local_rank=0, world_size=1, device=device, initialized=False)
+
+    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag))
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                             f"start at most that many processes per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                world_size=world_size, rank=rank)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, initialized=True)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """Every rank's ``obj`` in rank order on ``dst``; None on the other ranks."""
+    if get_world_size() == 1:
+        return [obj]
+    out: Optional[List[Any]] = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeding and RNG state
+# ---------------------------------------------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and CUDA alike on every rank; deterministic cuDNN (SPEC §7.1)."""
+    random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, numpy, torch and (current-device) CUDA generator states, as plain values and tensors.
+
+    Only types that ``torch.load(weights_only=True)`` accepts, so a checkpoint holding it needs no pickle trust.
+    """
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without moving any generator: what it draws does not change what comes after."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it.
+
+    A run killed mid-write leaves the previous file (or none), never a truncated one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Union[str, Path]) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
