@@ -214,3 +214,40 @@ def test_cli(tmp_path, capsys):
     assert msd.main(["--output_dir", str(tmp_path / "y"), "--datasets", "lsmdc"]) == 2
     assert "lsmdc" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_the_real_loaders_read_it(dataset, meta):
+    from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
+    from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
+    from dataloaders.dataset_util import load_raw_captions
+    from modules.tokenization_clip import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    # feature_framerate as main_task_retrieval passes it (an int flag)
+    frames = dict(max_words=32, max_frames=6, image_resolution=32, feature_framerate=1)
+    test = MSRVTT_DataLoader(str(dataset["msrvtt_val_csv"]), str(dataset["msrvtt_features_path"]), tokenizer,
+                             **frames)
+    assert len(test) == SMALL["num_test"]
+    text, text_mask, _, video, video_mask = test[0]
+    words = tokenizer.tokenize(meta["video16"]["captions"][0])
+    assert text_mask.sum() == len(words) + 2
+    assert list(text[0, 1:len(words) + 1]) == tokenizer.convert_tokens_to_ids(words)
+    # One frame per second at feature_framerate 1: as many frames as seconds, all non-blank.
+    assert video.shape == (1, 6, 1, 3, 32, 32) and video_mask.tolist() == [[1, 1, 1, 1, 0, 0]]
+    assert (video[0, :4].std(axis=(1, 2, 3, 4)) > 0.1).all()
+
+    train_args = (str(dataset["msrvtt_train_csv"]), str(dataset["msrvtt_data_path"]),
+                  str(dataset["msrvtt_features_path"]), tokenizer)
+    unfolded = MSRVTT_TrainDataLoader(*train_args, unfold_sentences=True, **frames)
+    assert len(unfolded) == SMALL["num_train"] * len(msd.MOTION_TEMPLATES)
+    assert len(MSRVTT_TrainDataLoader(*train_args, **frames)) == SMALL["num_train"]
+
+    assert load_raw_captions(str(dataset["msvd_data_path"] / "raw-captions.pkl"))["video3"] == [
+        c.split() for c in meta["video3"]["captions"]]
+    for subset, n in (("train", SMALL["num_train"]), ("val", SMALL["num_val"]), ("test", SMALL["num_test"])):
+        msvd = MSVD_DataLoader(subset, str(dataset["msvd_data_path"]), str(dataset["msvd_features_path"]),
+                               tokenizer, **frames)
+        per_video = len(msd.MOTION_TEMPLATES)
+        assert msvd.cut_off_points == [per_video * (i + 1) for i in range(n)]
+    *_, video_mask = msvd[len(msvd) - 1]
+    assert video_mask.sum() == SMALL["seconds"]
