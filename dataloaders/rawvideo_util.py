@@ -153,14 +153,15 @@ def _pts_frame(cap: cv2.VideoCapture, fps: float) -> int:
     return int(round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000.0))
 
 
-def _read_forward(cap: cv2.VideoCapture, targets: Sequence[int], keyframes: Sequence[int],
-                  fps: float) -> Optional[List[np.ndarray]]:
-    """BGR frames at the sorted, distinct ``targets`` in one forward pass.
+def _read_forward(cap: cv2.VideoCapture, targets: Sequence[int], keyframes: Sequence[int], fps: float,
+                  frame_count: Optional[int] = None) -> Optional[List[np.ndarray]]:
+    """BGR frames at the increasing ``targets`` in one forward pass.
 
     Frames in between are decoded with ``grab()`` and never converted; where cv2's seek would restart decoding
-    past the current position by more than a seek costs, it seeks instead. Returns None when a read fails or a
-    frame's timestamp disagrees with its position, i.e. when this stream cannot be trusted to match the
-    seek-per-frame reference.
+    past the current position by more than a seek costs, it seeks instead. With ``frame_count`` it then decodes
+    on to the end and checks that exactly that many frames exist. Returns None when a read fails, a frame's
+    timestamp disagrees with its position or the count is off, i.e. when this stream cannot be trusted to behave
+    like the seek-per-frame reference.
     """
     if not cap.grab():
         return None
@@ -182,6 +183,13 @@ def _read_forward(cap: cv2.VideoCapture, targets: Sequence[int], keyframes: Sequ
         if not ok or _pts_frame(cap, fps) - first != k:
             return None
         frames.append(frame)
+    if frame_count is not None:
+        while cur < frame_count - 1:
+            if not cap.grab():
+                return None
+            cur += 1
+        if _pts_frame(cap, fps) - first != cur or cap.grab():
+            return None
     return frames
 
 
@@ -314,16 +322,17 @@ class RawVideoExtractorCV2:
             except ValueError as e:
                 raise ValueError(f"{video_path}: {e}") from e
             n_packets, keyframes = _scan_packets(video_path) if frame_count > 1 else (0, [])
-            if n_packets > 0:
-                # cv2 clamps a seek to the container's frame count; a read succeeds below the real packet count.
-                reads = [min(i, frame_count) for i in indices]
-                n_ok = bisect.bisect_left(reads, n_packets)  # reads is non-decreasing
-                kept = [reads[j] for j in select_kept(n_ok, max_frames, slice_framepos)]
-                targets = sorted(set(kept))
-                got = _read_forward(cap, targets, keyframes, fps_float) if targets else []
+            # When the packets present agree with the container's count, every read below the count succeeds and
+            # every read at or past it fails, so T is known before decoding.
+            n_ok = bisect.bisect_left(indices, frame_count)
+            if n_packets == frame_count > 1 and n_ok > 0:
+                kept = [indices[j] for j in select_kept(n_ok, max_frames, slice_framepos)]
+                # The reference also tried the reads past the end; check they would fail, unless the kept frames
+                # cannot depend on it (head slicing with max_frames frames already read).
+                check_end = n_ok < len(indices) and not (slice_framepos == 0 and n_ok >= max_frames)
+                got = _read_forward(cap, kept, keyframes, fps_float, frame_count if check_end else None)
                 if got is not None:
-                    by_index = dict(zip(targets, got))
-                    return [by_index[k] for k in kept]
+                    return got
                 cap.release()
                 cap = _open(video_path)
             # The stream is not what the container says: read it the reference way.

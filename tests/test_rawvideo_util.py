@@ -1,0 +1,355 @@
+"""Frame selection, sample assembly, the forward read against the seek-per-frame reference, and the frame cache."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+from conftest import write_video
+from dataloaders import rawvideo_util as rvu
+from dataloaders.rawvideo_util import (RawVideoExtractor, RawVideoExtractorCV2, order_positions,
+                                       sample_frame_indices, select_kept)
+
+SIZE = 32  # small crops keep the file fast; the maths does not depend on the size
+
+
+def _ffmpeg(out: Path, seconds: float, fps: float, extra: list) -> Path:
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+           "-i", f"testsrc2=size=64x48:rate={fps}", "-t", str(seconds), "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           *extra, str(out)]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("videos")
+    v = {
+        "mp4v_25": write_video(d / "mp4v_25.mp4", 100, 25),
+        "mp4v_2997": write_video(d / "mp4v_2997.mp4", 90, 29.97),
+        "mp4v_30": write_video(d / "mp4v_30.mp4", 90, 30),
+        "mp4v_3": write_video(d / "mp4v_3.mp4", 12, 3),
+        "short": write_video(d / "short.mp4", 10, 25),
+        "one": write_video(d / "one.mp4", 1, 25),
+        "h264": _ffmpeg(d / "h264.mp4", 4, 25, []),  # x264 defaults: B-frames, one GOP
+        "h264_gop": _ffmpeg(d / "h264_gop.mp4", 4, 25, ["-g", "25", "-sc_threshold", "0", "-movflags", "+faststart"]),
+    }
+    data = v["h264_gop"].read_bytes()  # index at the front, frames cut off: the container promises 100, ~40 exist
+    (d / "truncated.mp4").write_bytes(data[: int(len(data) * 0.55)])
+    v["truncated"] = d / "truncated.mp4"
+    (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    v["corrupt"] = d / "corrupt.mp4"
+    (d / "empty.mp4").write_bytes(b"")
+    v["empty"] = d / "empty.mp4"
+    return {k: str(p) for k, p in v.items()}
+
+
+def _decode_all(path: str) -> list:
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            return frames
+        frames.append(f)
+
+
+def _reference_transform(frame_bgr: np.ndarray, size: int = SIZE) -> torch.Tensor:
+    """The original's transform, written out independently of the module."""
+    t = Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
+                 lambda im: im.convert("RGB"), ToTensor(),
+                 Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    return t(Image.fromarray(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)).convert("RGB"))
+
+
+def _assemble(data: torch.Tensor, ex: RawVideoExtractorCV2, max_frames: int, slice_framepos: int, frame_order: int):
+    """The original datasets' slicing loop, written out from SPEC §5.3, on get_video_data's output."""
+    video = np.zeros((1, max_frames, 1, 3, ex.size, ex.size), dtype=np.float64)
+    mask = np.zeros((1, max_frames), dtype=np.int64)
+    if data.dim() > 3:
+        raw = ex.process_raw_data(data)
+        if max_frames < raw.shape[0]:
+            if slice_framepos == 0:
+                raw = raw[:max_frames]
+            elif slice_framepos == 1:
+                raw = raw[-max_frames:]
+            else:
+                raw = raw[np.linspace(0, raw.shape[0] - 1, num=max_frames, dtype=int)]
+        raw = ex.process_frame_order(raw, frame_order=frame_order)
+        video[0][: raw.shape[0]] = raw.numpy()
+        mask[0][: raw.shape[0]] = 1
+    return video, mask
+
+
+# ---- frame selection ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    ((100, 25, 1), [0, 25, 50, 75, 100]),                 # 4 s: the inclusive end second asks for frame 100
+    ((90, 29, 1), [0, 29, 58, 87, 116]),                  # 29.97 fps truncates to 29-frame "seconds"
+    ((90, 30, 1), [0, 30, 60, 90]),
+    ((60, 30, 2), [0, 15, 30, 45, 60, 75]),               # interval 15
+    ((9, 3, 1), [0, 3, 6, 9]),
+    ((6, 3, 2), [0, 1, 3, 4, 6, 7]),                      # interval 1, offsets cut to 2
+    ((50, 25, 3), [0, 8, 16, 25, 33, 41, 50, 58, 66]),    # offsets [0, 8, 16, 24][:3]
+    ((7, 3, 0), list(range(12))),                         # 0 = every frame
+    ((10, 25, 1), [0, 25]),                               # shorter than a second
+    ((1, 25, 1), [0, 25]),                                # one frame
+    ((0, 25, 1), [0]),
+])
+def test_sample_frame_indices_by_hand(args, expected):
+    assert sample_frame_indices(*args) == expected
+
+
+@pytest.mark.parametrize("window, expected", [
+    ((1, 2), [25, 50]),       # seconds 1 and 2
+    ((2, 10), [50, 75, 100]),   # end clipped to the 4 s total, still inclusive
+    ((5, 6), []),               # starts after the end
+])
+def test_sample_frame_indices_window(window, expected):
+    assert sample_frame_indices(100, 25, 1, *window) == expected
+
+
+def test_sample_frame_indices_rejects_more_samples_than_frames():
+    with pytest.raises(ValueError, match="3 fps"):
+        sample_frame_indices(30, 3, 5)
+
+
+@pytest.mark.parametrize("name, fps_int, n_frames, expected", [
+    ("mp4v_25", 25, 100, [0, 25, 50, 75]),
+    ("mp4v_2997", 29, 90, [0, 29, 58, 87]),
+    ("mp4v_30", 30, 90, [0, 30, 60]),
+    ("mp4v_3", 3, 12, [0, 3, 6, 9]),
+    ("short", 25, 10, [0]),
+    ("one", 25, 1, [0]),
+])
+def test_get_video_data_reads_the_hand_computed_frames(videos, name, fps_int, n_frames, expected):
+    cap = cv2.VideoCapture(videos[name])
+    assert int(cap.get(cv2.CAP_PROP_FPS)) == fps_int and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == n_frames
+    seq = _decode_all(videos[name])
+    got = RawVideoExtractor(size=SIZE, framerate=1).get_video_data(videos[name])["video"]
+    assert got.dtype == torch.float32 and got.shape == (len(expected), 3, SIZE, SIZE)
+    ref = torch.stack([_reference_transform(seq[i]) for i in expected])
+    assert torch.equal(got, ref)
+
+
+def test_get_video_data_window_and_every_frame(videos):
+    seq = _decode_all(videos["mp4v_25"])
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    got = ex.get_video_data(videos["mp4v_25"], start_time=1, end_time=2)["video"]
+    assert torch.equal(got, torch.stack([_reference_transform(seq[i]) for i in (25, 50)]))
+    every = RawVideoExtractor(size=SIZE, framerate=0).get_video_data(videos["mp4v_3"])["video"]
+    assert len(every) == 12  # 12 frames at 3 fps: all of them, then the 5th second fails
+    assert torch.equal(every[5], _reference_transform(_decode_all(videos["mp4v_3"])[5]))
+
+
+@pytest.mark.parametrize("name", ["corrupt", "empty"])
+def test_undecodable_file_gives_zeros(videos, name):
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    assert torch.equal(ex.get_video_data(videos[name])["video"], torch.zeros(1))
+    video, mask, n = ex.get_video_sample(videos[name], max_frames=4)
+    assert n == 0 and not video.any() and not mask.any()
+
+
+def test_zero_frame_video_gives_zeros(tmp_path):
+    path = str(write_video(tmp_path / "zero.mp4", 0, 25))
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    assert torch.equal(ex.get_video_data(path)["video"], torch.zeros(1))
+    assert ex.get_video_sample(path, max_frames=4)[2] == 0
+
+
+def test_missing_file_is_named(tmp_path):
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    missing = str(tmp_path / "nope.mp4")
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        ex.get_video_data(missing)
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        ex.get_video_sample(missing, max_frames=4)
+
+
+def test_bad_arguments_are_value_errors(videos):
+    with pytest.raises(ValueError, match="framerate"):
+        RawVideoExtractor(size=SIZE).get_video_data(videos["short"])  # the default framerate -1 is invalid
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    for window in [(2, 2), (-1, 3), (1.0, 3), (None, 3)]:
+        with pytest.raises(ValueError, match="start_time"):
+            ex.get_video_data(videos["short"], *window)
+    with pytest.raises(ValueError, match="mp4v_3.mp4"):
+        RawVideoExtractor(size=SIZE, framerate=5).get_video_sample(videos["mp4v_3"], max_frames=4)
+    with pytest.raises(ValueError, match="slice_framepos"):
+        ex.get_video_sample(videos["short"], max_frames=4, slice_framepos=3)
+    with pytest.raises(ValueError, match="frame_order"):
+        ex.get_video_sample(videos["short"], max_frames=4, frame_order=3)
+
+
+# ---- sample assembly ----------------------------------------------------------------------------------------------
+
+def test_select_kept():
+    assert select_kept(30, 12, 2).tolist() == [0, 2, 5, 7, 10, 13, 15, 18, 21, 23, 26, 29]
+    assert select_kept(30, 12, 0).tolist() == list(range(12))
+    assert select_kept(30, 12, 1).tolist() == list(range(18, 30))
+    assert select_kept(5, 12, 2).tolist() == [0, 1, 2, 3, 4]
+    assert select_kept(12, 12, 1).tolist() == list(range(12))
+
+
+def test_frame_order():
+    assert order_positions(4, 0).tolist() == [0, 1, 2, 3]
+    assert order_positions(4, 1).tolist() == [3, 2, 1, 0]
+    np.random.seed(7)
+    got = order_positions(6, 2)
+    expected = np.random.RandomState(7).permutation(6)  # shuffle of arange draws like permutation
+    assert got.tolist() == expected.tolist()
+    x = torch.arange(4.0).view(4, 1, 1, 1, 1)
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    assert ex.process_frame_order(x, 1).flatten().tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert ex.process_raw_data(torch.zeros(5, 3, 8, 8)).shape == (5, 1, 3, 8, 8)
+
+
+def test_sample_layout_and_order(videos):
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    video, mask, n = ex.get_video_sample(videos["mp4v_25"], max_frames=6)
+    assert video.dtype == np.float64 and video.shape == (1, 6, 1, 3, SIZE, SIZE)
+    assert mask.dtype == np.int64 and mask.tolist() == [[1, 1, 1, 1, 0, 0]] and n == 4
+    assert not video[0, 4:].any() and video[0, :4].std(axis=(1, 2, 3, 4)).min() > 0
+    rev, _, _ = ex.get_video_sample(videos["mp4v_25"], max_frames=6, frame_order=1)
+    assert np.array_equal(rev[0, :4], video[0, 3::-1])
+    np.random.seed(3)
+    shuf, _, _ = ex.get_video_sample(videos["mp4v_25"], max_frames=6, frame_order=2)
+    np.random.seed(3)
+    perm = np.arange(4)
+    np.random.shuffle(perm)
+    assert np.array_equal(shuf[0, :4], video[0, perm])
+
+
+# ---- the forward read equals the reference -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, framerate", [
+    ("h264", 1), ("h264", 3), ("h264_gop", 1), ("h264_gop", 3), ("mp4v_25", 1), ("mp4v_25", 3), ("mp4v_2997", 1),
+    ("truncated", 1), ("truncated", 3), ("short", 1), ("one", 1), ("mp4v_3", 0), ("short", 0),
+])
+def test_sample_equals_reference_assembly(videos, name, framerate):
+    ex = RawVideoExtractor(size=SIZE, framerate=framerate)
+    data = ex.get_video_data(videos[name])["video"]
+    for max_frames in (1, 3, 64):
+        for slice_framepos in (0, 1, 2):
+            frame_order = slice_framepos % 2  # reversal exercised too, without doubling the matrix
+            video, mask, n = ex.get_video_sample(videos[name], max_frames, slice_framepos, frame_order)
+            ref_video, ref_mask = _assemble(data, ex, max_frames, slice_framepos, frame_order)
+            assert np.array_equal(video, ref_video), (name, framerate, max_frames, slice_framepos)
+            assert np.array_equal(mask, ref_mask) and n == ref_mask.sum()
+
+
+def test_clean_files_never_take_the_reference_read(videos, monkeypatch):
+    expected = {}
+    for name in ("h264", "h264_gop", "mp4v_2997"):
+        for slice_framepos in (0, 1, 2):
+            expected[name, slice_framepos] = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(
+                videos[name], 3, slice_framepos)
+    monkeypatch.setattr(rvu, "_read_seek_per_frame", lambda *a: pytest.fail("fell back to seek-per-frame"))
+    for (name, slice_framepos), ref in expected.items():
+        got = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(videos[name], 3, slice_framepos)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+
+
+def test_sample_equals_reference_with_window(videos):
+    ex = RawVideoExtractor(size=SIZE, framerate=2)
+    for window in [(1, 2), (0, 3), (2, 9), (5, 8)]:
+        data = ex.get_video_data(videos["h264"], *window)["video"]
+        for slice_framepos in (0, 1, 2):
+            video, mask, _ = ex.get_video_sample(videos["h264"], 3, slice_framepos, 0, *window)
+            ref_video, ref_mask = _assemble(data, ex, 3, slice_framepos, 0)
+            assert np.array_equal(video, ref_video) and np.array_equal(mask, ref_mask)
+
+
+def test_truncated_file_is_read_the_reference_way(videos):
+    path = videos["truncated"]
+    assert int(cv2.VideoCapture(path).get(cv2.CAP_PROP_FRAME_COUNT)) == 100
+    assert rvu._scan_packets(path)[0] < 75  # the container promises frames that are not there
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    # seeks past the cut still return frames; the sample must reproduce them, not what a forward read would see
+    n_reference = len(ex.get_video_data(path)["video"])
+    assert n_reference > len(range(0, len(_decode_all(path)), 25))
+    assert ex.get_video_sample(path, 64, 2)[2] == n_reference
+
+
+class _CountingCapture:
+    """A cv2.VideoCapture that counts seeks, to see the forward read choose between seeking and grabbing."""
+
+    def __init__(self, path):
+        self.cap, self.seeks = cv2.VideoCapture(path), 0
+
+    def set(self, prop, value):
+        self.seeks += prop == cv2.CAP_PROP_POS_FRAMES
+        return self.cap.set(prop, value)
+
+    def __getattr__(self, name):
+        return getattr(self.cap, name)
+
+
+def test_forward_read_seeks_only_past_keyframes(videos):
+    path = videos["h264_gop"]  # keyframes every 25 frames
+    seq = _decode_all(path)
+    n_packets, keyframes = rvu._scan_packets(path)
+    assert n_packets == 100 and keyframes == [0, 25, 50, 75]
+    for targets, seeks in [([0, 99], 1), ([0, 10, 20, 30, 40], 0), ([3, 45, 99], 2)]:
+        cap = _CountingCapture(path)
+        got = rvu._read_forward(cap, targets, keyframes, 25.0)
+        assert cap.seeks == seeks
+        assert all(np.array_equal(g, seq[k]) for g, k in zip(got, targets))
+
+
+# ---- the frame cache ----------------------------------------------------------------------------------------------
+
+def test_frame_cache(videos, tmp_path, monkeypatch):
+    src = tmp_path / "v.mp4"
+    src.write_bytes(Path(videos["h264"]).read_bytes())
+    cache = tmp_path / "cache"
+    ex = RawVideoExtractor(size=SIZE, framerate=2, cache_dir=str(cache))
+    plain = RawVideoExtractor(size=SIZE, framerate=2)
+    first = ex.get_video_sample(str(src), 5, 2)
+    files = sorted(cache.rglob("*.npy"))
+    assert len(files) == 1 and not list(cache.rglob(".tmp-*"))
+    stored = np.load(files[0], allow_pickle=False)
+    assert stored.dtype == np.uint8 and stored.shape == (5, SIZE, SIZE, 3)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded although the cache holds the sample")
+
+    with monkeypatch.context() as m:
+        m.setattr(rvu.cv2, "VideoCapture", no_decoding)
+        second = ex.get_video_sample(str(src), 5, 2)
+        np.random.seed(0)
+        shuffled_a = ex.get_video_sample(str(src), 5, 2, frame_order=2)[0]
+        shuffled_b = ex.get_video_sample(str(src), 5, 2, frame_order=2)[0]
+    for a, b, c in zip(first, second, plain.get_video_sample(str(src), 5, 2)):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert not np.array_equal(shuffled_a, shuffled_b)  # order is drawn after the cache, per call
+
+    ex.get_video_sample(str(src), 4, 2)                       # another setting: another entry
+    RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(cache)).get_video_sample(str(src), 5, 2)
+    ex.get_video_sample(str(src), 5, 2, start_time=1, end_time=3)
+    assert len(list(cache.rglob("*.npy"))) == 4
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # a rewritten file
+    ex.get_video_sample(str(src), 5, 2)
+    assert len(list(cache.rglob("*.npy"))) == 5
+
+
+def test_frame_cache_rewrites_a_bad_entry_and_skips_failures(videos, tmp_path):
+    cache = tmp_path / "cache"
+    ex = RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(cache))
+    good = ex.get_video_sample(videos["mp4v_25"], 3, 0)
+    entry = next(cache.rglob("*.npy"))
+    entry.write_bytes(b"not an array")
+    again = ex.get_video_sample(videos["mp4v_25"], 3, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(good, again))
+    assert np.load(entry, allow_pickle=False).shape == (3, SIZE, SIZE, 3)
+    assert ex.get_video_sample(videos["corrupt"], 3, 0)[2] == 0
+    assert len(list(cache.rglob("*.npy"))) == 1  # an undecodable file is not cached
