@@ -1,0 +1,341 @@
+"""The driver end to end on a tiny CLIP and a few synthetic videos: train, evaluate, resume, two processes, errors.
+
+Runs go through subprocesses (the real command line, a fresh process group each); one tiny data set and one tiny
+CLIP file are shared by the module.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_clip_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "main_task_retrieval.py")
+
+import main_task_retrieval as mtr  # noqa: E402
+from metrics import compute_metrics  # noqa: E402
+from modules.modeling import CLIP4Clip  # noqa: E402
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from preprocess.make_synthetic_dataset import make_dataset
+
+    root = tmp_path_factory.mktemp("driver")
+    paths = make_dataset(root / "data", seed=0, num_train=8, num_val=2, num_test=6, size=32, fps=2, seconds=2)
+    clip = root / "tiny-clip.pt"
+    torch.save(make_clip_state_dict(), clip)
+    return root, paths, clip
+
+
+def _common(clip, out):
+    return ["--output_dir", str(out), "--pretrained_clip_name", str(clip), "--max_words", "8", "--max_frames", "2",
+            "--batch_size", "4", "--batch_size_val", "4", "--num_thread_reader", "0", "--n_display", "1",
+            "--lr", "1e-4", "--coef_lr", "1", "--loose_type", "--seed", "0", "--slice_framepos", "2"]
+
+
+def msvd_args(paths, clip, out, *extra):
+    return ["--datatype", "msvd", "--data_path", str(paths["msvd_data_path"]),
+            "--features_path", str(paths["msvd_features_path"]), *_common(clip, out), *extra]
+
+
+def msrvtt_args(paths, clip, out, *extra):
+    return ["--datatype", "msrvtt", "--train_csv", str(paths["msrvtt_train_csv"]),
+            "--val_csv", str(paths["msrvtt_val_csv"]), "--data_path", str(paths["msrvtt_data_path"]),
+            "--features_path", str(paths["msrvtt_features_path"]), "--expand_msrvtt_sentences",
+            *_common(clip, out), *extra]
+
+
+def run_cli(args, nproc=0, timeout=240):
+    """python main_task_retrieval.py ... (nproc 0) or torchrun --nproc_per_node=nproc ..."""
+    cmd = [sys.executable, SCRIPT, *args]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), SCRIPT, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_losses(log_text):
+    return [float(x) for x in re.findall(r"Epoch: 1/\d+, Step: \d+/\d+, Lr: [0-9.\-]+, Loss: ([0-9.]+)", log_text)]
+
+
+def read_metrics(path):
+    return json.loads(Path(path).read_text())
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------- pure pieces
+
+def test_multi_sentence_tensor_and_metrics_by_hand():
+    # 2 videos; video 0 has captions 0, 1 and video 1 has caption 2 (cut_off_points = cumulative counts).
+    sim = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]], dtype=np.float32)
+    tensor = mtr.multi_sentence_tensor(sim, [2, 3])
+    assert tensor.shape == (2, 2, 2) and tensor.dtype == np.float64
+    assert np.array_equal(tensor[0], sim[:2]) and np.array_equal(tensor[1, 0], sim[2])
+    assert np.all(np.isneginf(tensor[1, 1]))
+    tv, vt = mtr.retrieval_metrics(sim, [2, 3])
+    # captions: 0 → video 0 rank 1, 1 → video 0 rank 2, 2 → video 1 rank 1
+    assert tv["R1"] == pytest.approx(200 / 3) and tv["MR"] == 1.0 and tv["MeanR"] == pytest.approx(4 / 3)
+    # video→text scores the caption groups by their best caption: video 0 sees (group 0: 0.9, group 1: 0.3),
+    # rank 1; video 1 sees (group 0: max(0.1, 0.8), group 1: 0.7), rank 2
+    assert vt["R1"] == 50.0 and vt["MeanR"] == 1.5
+    single_tv, single_vt = mtr.retrieval_metrics(sim[:2], None)
+    assert single_tv == compute_metrics(sim[:2]) and single_vt == compute_metrics(sim[:2].T)
+
+
+def _tiny_model(header, clip_file):
+    args = argparse.Namespace(pretrained_clip_name=str(clip_file), sim_header=header,
+                              loose_type=header != "tightTransf", linear_patch="2d", cross_num_hidden_layers=2,
+                              max_words=8, max_frames=4, local_rank=0, precision="fp32")
+    torch.manual_seed(0)
+    return CLIP4Clip.from_pretrained("cross-base", task_config=args).eval()
+
+
+@pytest.mark.parametrize("header", ["meanP", "seqLSTM", "seqTransf", "tightTransf"])
+def test_blocked_similarity_equals_original_per_batch_pairs(header, setup, monkeypatch):
+    model = _tiny_model(header, setup[2])
+    gen = torch.Generator().manual_seed(1)
+    n_text, n_video, frames = 11, 9, 4
+    seq = torch.randn(n_text, 1, 512, generator=gen)
+    text_mask = torch.ones(n_text, 8, dtype=torch.long)
+    vis = torch.randn(n_video, frames, 512, generator=gen)
+    video_mask = (torch.arange(frames) < torch.randint(1, frames + 1, (n_video, 1), generator=gen)).long()
+    # Small blocks so several of them are stitched together.
+    monkeypatch.setattr(mtr, "SIM_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(mtr, "TIGHT_PAIRS_PER_BLOCK", 8)
+    monkeypatch.setattr(mtr, "TIGHT_VIDEOS_PER_BLOCK", 4)
+    with torch.no_grad():
+        ours = mtr.similarity_columns(model, seq, text_mask, vis, video_mask, torch.device("cpu"))
+        # The original: batches of 3 texts × batches of 3 videos, the head re-applied for every pair of batches.
+        rows = []
+        for t0 in range(0, n_text, 3):
+            row = [model.get_similarity_logits(seq[t0:t0 + 3], vis[v0:v0 + 3], text_mask[t0:t0 + 3],
+                                               video_mask[v0:v0 + 3], loose_type=model.loose_type)[0]
+                   for v0 in range(0, n_video, 3)]
+            rows.append(torch.cat(row, dim=1))
+        original = torch.cat(rows)
+    assert ours.shape == (n_text, n_video)
+    assert torch.allclose(ours, original, rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_groups_follow_spec(setup):
+    model = _tiny_model("seqTransf", setup[2])
+    args = argparse.Namespace(lr=1e-4, warmup_proportion=0.1)
+    opt = mtr.prep_optimizer(args, model, 50.0, coef_lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-7), 1e-4, pytest.approx(1e-7), 1e-4]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.2, 0.0, 0.0]
+    assert {"clip.logit_scale", "clip.ln_final.weight", "clip.visual.proj"} <= groups[0]
+    assert {"frame_position_embeddings.weight", "transformerClip.resblocks.0.ln_1.weight"} <= groups[1]
+    assert "clip.ln_final.bias" in groups[2] and "transformerClip.resblocks.0.ln_1.bias" in groups[3]
+    assert sum(len(g) for g in groups) == len(names)
+    assert opt.defaults["t_total"] == 50.0 and opt.defaults["schedule"] == "warmup_cosine"
+    assert (opt.defaults["b1"], opt.defaults["b2"], opt.defaults["e"]) == (0.9, 0.98, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no_such_flag"], "unrecognized arguments"),
+    (["--do_train", "--sim_header", "meanP"], "needs --loose_type"),
+    (["--do_train", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+    ([], "At least one of `do_train` or `do_eval`"),
+    (["--do_train", "--freeze_layer_num", "13"], "freeze_layer_num"),
+    (["--do_train", "--sim_header", "meanP", "--loose_type", "--resume_model", "{clip}"], "--init_model"),
+    (["--do_eval", "--sim_header", "meanP", "--loose_type", "--init_model", "missing.bin"], "--init_model"),
+    (["--do_eval", "--loose_type", "--pretrained_clip_name", "ViT-X/99"], "--pretrained_clip_name"),
+    (["--do_eval", "--loose_type", "--features_path", "/nonexistent/videos"], "--features_path"),
+])
+def test_bad_flags_give_one_line(extra, message, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    args = msvd_args(paths, clip, tmp_path / "out")
+    args.remove("--loose_type")
+    args += [e.format(clip=clip) for e in extra]
+    assert mtr.main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("main_task_retrieval.py: error:") and message in err, err
+
+
+def test_bad_checkpoint_contents_give_one_line(setup, capsys, tmp_path):
+    _, paths, clip = setup
+    bad = tmp_path / "not-a-checkpoint.bin"
+    bad.write_text("hello")
+    assert mtr.main(["--do_eval", "--init_model", str(bad), *msvd_args(paths, clip, tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("main_task_retrieval.py: error: --init_model") and str(bad) in err
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def run_a(setup):
+    """Single process, MSVD (multi-sentence test), 2 epochs with an eval after each."""
+    root, paths, clip = setup
+    out = root / "run_a"
+    run_cli(["--do_train", "--epochs", "2", "--eval_dsl", *msvd_args(paths, clip, out)])
+    return out
+
+
+def test_train_two_epochs_and_evaluate(run_a):
+    names = {p.name for p in run_a.iterdir()}
+    assert {"log.txt", "pytorch_model.bin.0", "pytorch_opt.bin.0", "pytorch_model.bin.1", "pytorch_opt.bin.1",
+            "metrics_epoch0.json", "metrics_epoch1.json"} <= names
+    assert not [n for n in names if ".tmp" in n]
+    log = (run_a / "log.txt").read_text()
+    for line in ("Effective parameters:", "***** Running training *****", "Epoch 1/2 Finished, Train Loss:",
+                 "Model saved to", "Optimizer saved to", "Eval under the multi-sentence per video clip setting.",
+                 "sentence num: 30, video num: 6", "before reshape, sim matrix size: 30 x 6",
+                 "after reshape, sim matrix size: 6 x 5 x 6", "Text-to-Video:", "Video-to-Text:",
+                 "V2T$R@1:", "The best model is:", "dual-softmax re-ranked", "DSL$R@1:"):
+        assert line in log, line
+    assert re.search(r"Epoch: 1/2, Step: 2/10, Lr: 0\.000\d{6}, Loss: \d+\.\d{6}, Time/step: \d+\.\d{6}", log)
+    m = read_metrics(run_a / "metrics_epoch1.json")
+    assert (m["num_texts"], m["num_videos"]) == (30, 6)
+    logged = re.findall(r"\t>>>  R@1: ([0-9.]+) - R@5: ([0-9.]+)", log)[-1]
+    assert float(logged[0]) == pytest.approx(round(m["text_to_video"]["R1"], 1))
+    opt = weights(run_a / "pytorch_opt.bin.1")
+    assert opt["epoch"] == 1 and opt["global_step"] == 20 and len(opt["rng_states"]) == 1
+    state = next(iter(opt["optimizer_state_dict"]["state"].values()))
+    assert state["step"] == 20 and set(state) == {"step", "next_m", "next_v"}
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(run_a, setup):
+    root, paths, clip = setup
+    out = root / "run_b"
+    args = ["--do_train", "--epochs", "2", "--eval_dsl", *msvd_args(paths, clip, out)]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (out / "pytorch_opt.bin.0").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # killed right after epoch 0's checkpoint landed
+    proc.wait()
+    assert (out / "pytorch_opt.bin.0").exists()
+    run_cli([*args, "--init_model", str(out / "pytorch_model.bin.0"),
+             "--resume_model", str(out / "pytorch_opt.bin.0")])
+    resumed, uninterrupted = weights(out / "pytorch_model.bin.1"), weights(run_a / "pytorch_model.bin.1")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert not torch.equal(weights(out / "pytorch_model.bin.0")["clip.visual.proj"], resumed["clip.visual.proj"])
+    log = (out / "log.txt").read_text()
+    assert "Resumed from" in log and "Epoch: 2/2, Step: 1/10" in log
+    assert read_metrics(out / "metrics_epoch1.json")["text_to_video"] == \
+        read_metrics(run_a / "metrics_epoch1.json")["text_to_video"]
+
+
+def test_eval_only_of_saved_checkpoint(run_a, setup):
+    root, paths, clip = setup
+    # In this process (no launcher): the checkpoint of epoch 1 scores what the training run logged for it.
+    out = root / "eval_msvd"
+    assert mtr.main(["--do_eval", "--init_model", str(run_a / "pytorch_model.bin.1"),
+                     *msvd_args(paths, clip, out)]) == 0
+    ours, logged = read_metrics(out / "metrics_eval.json"), read_metrics(run_a / "metrics_epoch1.json")
+    for side in ("text_to_video", "video_to_text"):
+        assert ours[side] == pytest.approx(logged[side])
+    # The same checkpoint on the single-sentence MSR-VTT test.
+    out = root / "eval_msrvtt"
+    assert mtr.main(["--do_eval", "--init_model", str(run_a / "pytorch_model.bin.1"),
+                     *msrvtt_args(paths, clip, out)]) == 0
+    log = (out / "log.txt").read_text()
+    assert "sim matrix size: 6, 6" in log and "\t Length-T: 6, Length-V:6" in log
+    assert read_metrics(out / "metrics_eval.json")["num_texts"] == 6
+
+
+def test_two_process_training_and_evaluation(run_a, setup):
+    root, paths, clip = setup
+    out = root / "run_2proc"
+    # Global batch 4 = 2 per process; the DistributedSampler gives the two ranks' batches the samples of the
+    # single process's batch, and every rank computes the loss of the gathered batch (SPEC §3.9).
+    run_cli(["--do_train", "--epochs", "1", *msvd_args(paths, clip, out)], nproc=2)
+    two = step_losses((out / "log.txt").read_text())
+    one = step_losses((run_a / "log.txt").read_text())
+    assert len(two) == 10
+    # Step 1 has lr 0, so step 2 also starts from the same weights.
+    assert two[:2] == pytest.approx(one[:2], abs=2e-6)
+    # The two-process evaluation after the epoch equals a one-process evaluation of the saved checkpoint.
+    single = root / "run_2proc_eval"
+    assert mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.0"),
+                     *msvd_args(paths, clip, single)]) == 0
+    distributed, one_process = read_metrics(out / "metrics_epoch0.json"), read_metrics(single / "metrics_eval.json")
+    assert (distributed["num_texts"], distributed["num_videos"]) == (30, 6)
+    for side in ("text_to_video", "video_to_text"):
+        assert distributed[side] == pytest.approx(one_process[side])
+
+
+def first_step_grads(argv):
+    """Loss and averaged gradients of the first training batch, set up exactly as the driver does."""
+    from dataloaders.data_dataloaders import DATALOADER_DICT
+
+    args = mtr.get_args(argv)
+    info, model, tokenizer = mtr.prepare(args)
+    loader, _, sampler = DATALOADER_DICT[args.datatype]["train"](args, tokenizer)
+    sampler.set_epoch(0)
+    ddp = mtr.wrap_ddp(model, info)
+    ddp.train()
+    input_ids, input_mask, segment_ids, video, video_mask = next(iter(loader))
+    loss = ddp(input_ids, segment_ids, input_mask, video, video_mask)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+
+GRAD_WORKER = """
+import sys, torch, util
+from test_main_task_retrieval import first_step_grads
+result = first_step_grads(sys.argv[2:])
+if util.get_rank() == 0:
+    torch.save(result, sys.argv[1])
+util.cleanup_distributed()
+"""
+
+
+def test_two_process_gradients_are_one_over_world_size(setup, tmp_path):
+    root, paths, clip = setup
+    worker = tmp_path / "grad_worker.py"
+    worker.write_text(GRAD_WORKER)
+    dump = tmp_path / "grads2.pt"
+    args = ["--do_train", "--epochs", "1", *msvd_args(paths, clip, tmp_path / "out2")]
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), str(worker), str(dump), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(dump, weights_only=True)
+    one = first_step_grads(["--do_train", "--epochs", "1", *msvd_args(paths, clip, tmp_path / "out1")])
+    assert torch.allclose(one["loss"], two["loss"], atol=1e-6)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10
+    # logit_scale is not gathered: every rank has the full gradient, and DDP's average keeps it.
+    assert torch.allclose(two["grads"]["clip.logit_scale"], one["grads"]["clip.logit_scale"], rtol=1e-4)
+    # Everything upstream of the all-gather gets its local slice only: 1/world_size after the average.
+    for name, g1 in one["grads"].items():
+        if name != "clip.logit_scale":
+            assert (2 * two["grads"][name] - g1).norm() <= 1e-4 * g1.norm() + 1e-12, name
