@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -30,13 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dataloaders.dataset_util import encode_caption
+from dataloaders.rawvideo_util import RawVideoExtractor
 from modules.modeling import CLIP4Clip
 from modules.tokenization_clip import SimpleTokenizer
+from util import atomic_write_text
 
 FORMAT = 1
 MANIFEST = "index.json"
@@ -70,31 +75,21 @@ class Index:
         return Path(self.settings["videos_root"])
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_index(directory: Path, index: Index) -> None:
     """Write ``index`` to ``directory``: a new embeddings file first, then the manifest that names it (the commit)."""
     directory.mkdir(parents=True, exist_ok=True)
     emb = np.ascontiguousarray(index.embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(index.videos):
         raise ValueError(f"embeddings of shape {emb.shape} do not match {len(index.videos)} videos")
+    # A fresh name: nothing refers to this file until the manifest is replaced, so it needs no rename of its own.
     name = f"embeddings-{uuid.uuid4().hex[:12]}.npy"
-    _write_atomic(directory / name, lambda f: np.save(f, emb, allow_pickle=False))
+    with open(directory / name, "wb") as f:
+        np.save(f, emb, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
     manifest = {"format": FORMAT, "embeddings": name, "settings": index.settings,
                 "videos": index.videos, "unreadable": index.unreadable}
-    _write_atomic(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode("utf-8")))
+    atomic_write_text(json.dumps(manifest, indent=1), directory / MANIFEST)
     for old in directory.glob("embeddings-*.npy"):
         if old.name != name:
             old.unlink()
@@ -234,12 +229,15 @@ def logit_scale(model) -> float:
     return float(model.clip.logit_scale.detach().exp())
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> SimpleTokenizer:
+    return SimpleTokenizer()
+
+
 @torch.no_grad()
 def text_embeddings(model, texts: Sequence[str], max_words: int = 32, batch_size: int = 256) -> torch.Tensor:
     """(len(texts), D) end-token embeddings of unit norm, on the model's device."""
-    from dataloaders.dataset_util import encode_caption
-
-    tokenizer = SimpleTokenizer()
+    tokenizer = _tokenizer()
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
@@ -288,7 +286,7 @@ class VideoFiles(Dataset):
         try:
             video, mask, n_frames = self.extractor.get_video_sample(
                 str(path), self.max_frames, slice_framepos=self.slice_framepos, frame_order=0)
-        except Exception as e:  # one bad file must not end the run: it is reported with its reason instead
+        except (OSError, ValueError, cv2.error) as e:  # one bad file must not end the run; it is reported instead
             return i, None, None, 0, f"{type(e).__name__}: {e}"
         if n_frames == 0:
             return i, None, None, 0, "no frame could be decoded"
@@ -306,8 +304,6 @@ def _collate(items):
 def encode_videos(model, root: Path, paths: Sequence[str], sampling: dict, batch_size: int = 16,
                   num_workers: int = 0, progress: bool = True) -> Iterator[Tuple[str, Optional[np.ndarray], int, str]]:
     """Yield (path, embedding or None, n_frames, error) for every file, decoding in ``num_workers`` processes."""
-    from dataloaders.rawvideo_util import RawVideoExtractor
-
     device = next(model.parameters()).device
     extractor = RawVideoExtractor(centercrop=False, size=model.clip.visual.input_resolution,
                                   framerate=sampling["feature_framerate"], cache_dir=None)

@@ -1,0 +1,320 @@
+"""retrieve.py: the index files, the incremental bookkeeping, and search scores against the model's own logits."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import retrieve
+from dataloaders.dataset_util import encode_caption
+from dataloaders.rawvideo_util import RawVideoExtractor
+from modules.modeling import CLIP4Clip
+from modules.tokenization_clip import SimpleTokenizer
+from conftest import make_clip_state_dict, write_video
+from retrieve import Index, RetrieveError, load_index, plan_update, save_index, top_k
+
+MAX_FRAMES = 4
+CONTENT = {"red/a.mp4": 1, "blue/b.avi": 2, "c.mp4": 3}  # relative path -> write_video seed (distinct frames)
+
+
+# --------------------------------------------------------------------------------------------------- index files
+def _index(n: int, dim: int = 4, seed: int = 0) -> Index:
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    videos = [{"path": f"v{i}.mp4", "size": 10 + i, "mtime_ns": 100 + i, "frames": 3} for i in range(n)]
+    return Index({"videos_root": "/videos", "model": {}, "sampling": {}}, videos, [], emb)
+
+
+def test_index_files_are_plain_json_and_npy_and_replaced_whole(tmp_path):
+    first = _index(3)
+    save_index(tmp_path, first)
+    second = _index(5, seed=1)
+    second.unreadable = [{"path": "bad.mp4", "size": 1, "mtime_ns": 2, "error": "no frame could be decoded"}]
+    save_index(tmp_path, second)
+
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[1] == "index.json" and names[0].startswith("embeddings-")  # old file, no tmp
+    manifest = json.loads((tmp_path / "index.json").read_text())
+    assert manifest["embeddings"] == names[0] and manifest["unreadable"] == second.unreadable
+    np.testing.assert_array_equal(np.load(tmp_path / names[0], allow_pickle=False), second.embeddings)
+    loaded = load_index(tmp_path, mmap=True)
+    assert loaded.videos == second.videos and loaded.settings == second.settings
+    np.testing.assert_array_equal(loaded.embeddings, second.embeddings)
+
+
+def test_load_index_errors_name_the_file(tmp_path):
+    with pytest.raises(RetrieveError, match="index.json not found"):
+        load_index(tmp_path)
+    save_index(tmp_path, _index(3))
+    manifest = json.loads((tmp_path / "index.json").read_text())
+    manifest["videos"].pop()
+    (tmp_path / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(RetrieveError, match=r"embeddings-.*\.npy: expected float32 of shape \(2, D\)"):
+        load_index(tmp_path)
+    (tmp_path / "index.json").write_text("{")
+    with pytest.raises(RetrieveError, match="index.json: not valid JSON"):
+        load_index(tmp_path)
+
+
+def test_plan_update_keeps_unchanged_encodes_new_and_changed_drops_removed():
+    old = _index(3)  # v0 (10, 100), v1 (11, 101), v2 (12, 102)
+    old.unreadable = [{"path": "bad.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
+                      {"path": "fixed.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
+                      {"path": "gone.mp4", "size": 5, "mtime_ns": 5, "error": "x"}]
+    found = {"bad.mp4": (5, 5), "fixed.mp4": (6, 9), "new.mp4": (1, 1),
+             "v0.mp4": (10, 100), "v1.mp4": (11, 999), "v2.mp4": (99, 102)}
+    plan = plan_update(old, found)
+    assert plan.keep == [0]
+    assert plan.encode == ["fixed.mp4", "new.mp4", "v1.mp4", "v2.mp4"]
+    assert plan.removed == ["gone.mp4"]
+    assert [u["path"] for u in plan.still_unreadable] == ["bad.mp4"]
+    assert plan_update(None, found).encode == sorted(found)
+
+
+def test_scan_videos_is_recursive_and_skips_other_files(tmp_path):
+    for rel in ("a.mp4", "sub/deeper/B.MKV", "sub/notes.txt", "c.webm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"12345")
+    found = retrieve.scan_videos(tmp_path)
+    assert list(found) == ["a.mp4", "c.webm", "sub/deeper/B.MKV"]
+    st = (tmp_path / "a.mp4").stat()
+    assert found["a.mp4"] == (5, st.st_mtime_ns)
+
+
+# ---------------------------------------------------------------------------------------------------------- top_k
+def test_top_k_matches_a_full_sort_and_orders_ties_by_index():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[7] = emb[3]  # a tie, and the best match of the first query
+    queries = np.stack([emb[3], rng.standard_normal(8).astype(np.float32)])
+    idx, scores = top_k(emb, queries, 5, 2.0)
+    full = 2.0 * (queries @ emb.T)
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(scores, np.take_along_axis(full, idx, 1), rtol=1e-6)
+    assert list(idx[0, :2]) == [3, 7]
+    idx_all, _ = top_k(emb[:3], queries, 10, 1.0)
+    assert idx_all.shape == (2, 3)
+
+
+def test_checkpoint_head_reads_the_trained_modules():
+    w = torch.zeros(1)
+    assert retrieve.checkpoint_head({"clip.visual.proj": w}) == ("meanP", "2d")
+    assert retrieve.checkpoint_head({"transformerClip.resblocks.0.ln_1.weight": w,
+                                     "clip.visual.conv2.weight": w}) == ("seqTransf", "3d")
+    assert retrieve.checkpoint_head({"lstm_visual.weight_ih_l0": w}) == ("seqLSTM", "2d")
+    assert retrieve.checkpoint_head({"cross.pooler.dense.weight": w}) == ("tightTransf", "2d")
+
+
+# ----------------------------------------------------------------------------------------------- model-based tests
+def _reference_model(clip_file: Path, head: str = "meanP", state=None):
+    """CLIP4Clip built directly, as main_task_retrieval.py does, for independent logits."""
+    config = argparse.Namespace(local_rank=0, pretrained_clip_name=str(clip_file), linear_patch="2d",
+                                sim_header=head, loose_type=True, cross_num_hidden_layers=4, max_words=32,
+                                max_frames=MAX_FRAMES, precision="fp32", grad_checkpointing=False)
+    torch.manual_seed(123)
+    model = CLIP4Clip.from_pretrained("cross-base", state_dict=state, cache_dir=None, type_vocab_size=2,
+                                      task_config=config)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_clip_file):
+    """The zero-shot meanP model of the tiny CLIP, built without retrieve.py."""
+    return _reference_model(tiny_clip_file)
+
+
+def _reference_logits(model, texts, video, video_mask):
+    tok = SimpleTokenizer()
+    ids, mask, seg = (torch.from_numpy(np.stack(x)) for x in zip(*[encode_caption(tok, t, 32) for t in texts]))
+    with torch.no_grad():
+        seq = model.get_sequence_output(ids, seg, mask)
+        vis = model.get_visual_output(video, video_mask)
+        logits, _ = model.get_similarity_logits(seq, vis, mask, video_mask, loose_type=model.loose_type)
+    return logits.numpy()
+
+
+@pytest.mark.parametrize("head", ["seqLSTM", "seqTransf"])  # meanP: see the search tests
+def test_video_embeddings_give_the_models_logits(tiny_clip_file, head):
+    model = _reference_model(tiny_clip_file, head)
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(3, 1, MAX_FRAMES, 1, 3, 32, 32, generator=g).double()
+    video_mask = torch.tensor([[[1, 1, 1, 1]], [[1, 1, 0, 0]], [[1, 0, 0, 0]]])
+    texts = ["a red circle moves left", "first a blue square then a green triangle"]
+    emb = retrieve.video_embeddings(model, video, video_mask)
+    np.testing.assert_allclose(emb.norm(dim=-1).numpy(), 1.0, rtol=1e-5)
+    scores = retrieve.logit_scale(model) * (retrieve.text_embeddings(model, texts) @ emb.T).numpy()
+    np.testing.assert_allclose(scores, _reference_logits(model, texts, video, video_mask), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- index, then search
+def _write_videos(root: Path) -> Path:
+    for rel, seed in CONTENT.items():
+        write_video(root / rel, n_frames=12, fps=4, seed=seed)
+    (root / "broken.mp4").write_bytes(b"this is not a video file" * 10)
+    (root / "notes.txt").write_text("not a video, ignored")
+    return root
+
+
+def _decode(paths, size: int = 32):
+    """The frames the index used, decoded here with the data pipeline directly (defaults: 1 fps, uniform slice)."""
+    extractor = RawVideoExtractor(centercrop=False, size=size, framerate=1, cache_dir=None)
+    samples = [extractor.get_video_sample(str(p), MAX_FRAMES, slice_framepos=2, frame_order=0) for p in paths]
+    video = torch.stack([torch.as_tensor(s[0]) for s in samples])
+    mask = torch.stack([torch.as_tensor(s[1]) for s in samples])
+    return video, mask
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_clip_file):
+    """Three distinct videos (one in a sub-folder, one .avi), a corrupt file, a text file; indexed once."""
+    root = _write_videos(tmp_path_factory.mktemp("videos"))
+    index_dir = tmp_path_factory.mktemp("index")
+    report = retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES,
+                                  num_workers=1, progress=False)
+    return root, index_dir, report
+
+
+def test_index_reports_encoded_and_unreadable_files(built):
+    root, index_dir, report = built
+    assert report.encoded == sorted(CONTENT) and report.total == 3 and report.unchanged == 0
+    assert [u["path"] for u in report.unreadable] == ["broken.mp4"] and report.unreadable[0]["error"]
+    assert "broken.mp4: " in str(report) and "3 videos (3 encoded" in str(report)
+    index = load_index(index_dir)
+    assert [v["path"] for v in index.videos] == sorted(CONTENT)
+    assert index.settings["sampling"] == {"max_frames": MAX_FRAMES, "feature_framerate": 1, "slice_framepos": 2}
+    assert index.settings["model"]["sim_header"] == "meanP"
+
+
+def test_search_scores_are_the_models_logits_and_ranked_by_them(built, reference):
+    root, index_dir, _ = built
+    queries = ["a red circle moves left", "a blue square", "first a green triangle then a yellow star"]
+    found = retrieve.search(index_dir, queries, top=3)
+
+    paths = [root / rel for rel in sorted(CONTENT)]
+    logits = _reference_logits(reference, queries, *_decode(paths))
+    for q, entry in enumerate(found):
+        assert entry["query"] == queries[q]
+        got = [(r["path"], r["score"]) for r in entry["results"]]
+        expected_order = np.argsort(-logits[q], kind="stable")
+        assert [p for p, _ in got] == [str(paths[i]) for i in expected_order]
+        np.testing.assert_allclose([s for _, s in got], logits[q, expected_order], rtol=1e-5, atol=1e-5)
+
+
+def test_search_cli_json_and_table(built, tmp_path, capsys):
+    _, index_dir, _ = built
+    assert retrieve.main(["search", "--index", str(index_dir), "--query", "a red circle", "--top_k", "2",
+                          "--json"]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert len(parsed) == 1 and parsed[0]["query"] == "a red circle"
+    assert [r["rank"] for r in parsed[0]["results"]] == [1, 2]
+    assert parsed[0]["results"][0]["score"] >= parsed[0]["results"][1]["score"]
+
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a red circle\n\na blue square\n")
+    assert retrieve.main(["search", "--index", str(index_dir), "--queries", str(queries), "--top_k", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "query: a red circle" and out[3] == "query: a blue square" and len(out) == 6
+    assert out[2].split()[-1] == parsed[0]["results"][0]["path"]
+
+
+def test_captions_ranks_captions_for_indexed_and_new_videos(built, reference, tmp_path, capsys):
+    root, index_dir, _ = built
+    captions = ["a red circle moves left", "a blue square", "first a green triangle then a yellow star"]
+    video = root / "c.mp4"
+    logits = _reference_logits(reference, captions, *_decode([video]))[:, 0]
+    order = np.argsort(-logits, kind="stable")
+
+    assert retrieve.main(["captions", "--index", str(index_dir), "--video", str(video), "--caption", *captions,
+                          "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert [r["caption"] for r in ranked["results"]] == [captions[i] for i in order]
+    np.testing.assert_allclose([r["score"] for r in ranked["results"]], logits[order], rtol=1e-5, atol=1e-5)
+
+    outside = tmp_path / "elsewhere.mp4"  # not in the index: encoded on the fly, same frames, same scores
+    outside.write_bytes(video.read_bytes())
+    again = retrieve.rank_captions(index_dir, outside, captions, top=2)
+    assert [r["caption"] for r in again["results"]] == [captions[i] for i in order[:2]]
+    np.testing.assert_allclose([r["score"] for r in again["results"]], logits[order[:2]], rtol=1e-5, atol=1e-5)
+
+
+def test_reindex_encodes_only_new_and_changed_files(tmp_path, tiny_clip_file, reference, monkeypatch):
+    root = _write_videos(tmp_path / "videos")
+    index_dir = tmp_path / "index"
+    retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES,
+                         progress=False)
+    before = load_index(index_dir)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("an unchanged folder needs no model")
+
+    with monkeypatch.context() as m:
+        m.setattr(retrieve, "load_model", no_model)
+        report = retrieve.build_index(root, index_dir, progress=False)
+    assert report.encoded == [] and report.unchanged == 3 and report.removed == []
+    assert [u["path"] for u in report.unreadable] == ["broken.mp4"]  # still reported, not retried
+    np.testing.assert_array_equal(load_index(index_dir).embeddings, before.embeddings)
+
+    write_video(root / "c.mp4", n_frames=12, fps=4, seed=9)  # new content
+    st = (root / "c.mp4").stat()
+    os.utime(root / "c.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    write_video(root / "d.mp4", n_frames=12, fps=4, seed=4)
+    (root / "red" / "a.mp4").unlink()
+    report = retrieve.build_index(root, index_dir, progress=False)
+    assert report.encoded == ["c.mp4", "d.mp4"] and report.unchanged == 1 and report.removed == ["red/a.mp4"]
+
+    after = load_index(index_dir)
+    assert [v["path"] for v in after.videos] == ["blue/b.avi", "c.mp4", "d.mp4"]
+    np.testing.assert_array_equal(after.embeddings[0], before.embeddings[0])  # blue/b.avi kept as it was
+    fresh = retrieve.video_embeddings(reference, *_decode([root / "c.mp4", root / "d.mp4"])).numpy()
+    np.testing.assert_allclose(after.embeddings[1:], fresh, rtol=1e-5, atol=1e-6)
+    assert np.abs(after.embeddings[1] - before.embeddings[2]).max() > 1e-3  # c.mp4 really changed
+
+
+def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_file):
+    reference = _reference_model(tiny_clip_file, "seqTransf")
+    with torch.no_grad():  # a "trained" head: anything but its initial copy of the text blocks
+        reference.transformerClip.resblocks[0].mlp.c_proj.weight.add_(0.05)
+    ckpt = tmp_path / "pytorch_model.bin.0"
+    # The clip.* weights equal the CLIP file's, which fills them in at load: leave them out to keep the file small.
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("clip.")}, ckpt)
+    root = tmp_path / "videos"
+    for rel, seed in CONTENT.items():
+        write_video(root / rel, n_frames=12, fps=4, seed=seed)
+
+    report = retrieve.build_index(root, tmp_path / "index", init_model=str(ckpt),
+                                  pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, progress=False)
+    assert report.total == 3
+    assert load_index(tmp_path / "index").settings["model"]["sim_header"] == "seqTransf"  # read off the checkpoint
+    queries = ["a red circle", "a blue square"]
+    found = retrieve.search(tmp_path / "index", queries, top=3)
+    paths = [root / rel for rel in sorted(CONTENT)]
+    logits = _reference_logits(reference, queries, *_decode(paths))
+    for q, entry in enumerate(found):
+        for r in entry["results"]:
+            np.testing.assert_allclose(r["score"], logits[q, paths.index(Path(r["path"]))], rtol=1e-5, atol=1e-5)
+
+
+def test_refusals_are_clear(built, tmp_path, tiny_clip_file, capsys):
+    root, index_dir, _ = built
+    with pytest.raises(RetrieveError, match="tightTransf cannot be indexed"):
+        retrieve.build_index(root, tmp_path / "tight", pretrained_clip_name=str(tiny_clip_file),
+                             sim_header="tightTransf", progress=False)
+    with pytest.raises(RetrieveError, match="seqTransf needs trained head weights"):
+        retrieve.build_index(root, tmp_path / "seq", pretrained_clip_name=str(tiny_clip_file),
+                             sim_header="seqTransf", progress=False)
+    with pytest.raises(RetrieveError, match=r"other settings: --max_frames 6 \(index: 4\)"):
+        retrieve.build_index(root, index_dir, max_frames=6, progress=False)
+    assert not list(tmp_path.glob("tight/*")) and not list(tmp_path.glob("seq/*"))
+
+    other = tmp_path / "other-clip.pt"
+    torch.save(make_clip_state_dict(seed=1), other)
+    assert retrieve.main(["search", "--index", str(index_dir), "--query", "x", "--pretrained_clip_name",
+                          str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "is not the model that built" in err and str(other) in err and len(err.splitlines()) == 1
