@@ -135,7 +135,7 @@ def test_get_video_data_reads_the_hand_computed_frames(videos, name, fps_int, n_
     cap = cv2.VideoCapture(videos[name])
     assert int(cap.get(cv2.CAP_PROP_FPS)) == fps_int and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == n_frames
     seq = _decode_all(videos[name])
-    got = RawVideoExtractor(size=SIZE, framerate=1).get_video_data(videos[name])["video"]
+    got = RawVideoExtractor(size=SIZE, framerate=1, pil_resize=True).get_video_data(videos[name])["video"]
     assert got.dtype == torch.float32 and got.shape == (len(expected), 3, SIZE, SIZE)
     ref = torch.stack([_reference_transform(seq[i]) for i in expected])
     assert torch.equal(got, ref)
@@ -143,10 +143,10 @@ def test_get_video_data_reads_the_hand_computed_frames(videos, name, fps_int, n_
 
 def test_get_video_data_window_and_every_frame(videos):
     seq = _decode_all(videos["mp4v_25"])
-    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    ex = RawVideoExtractor(size=SIZE, framerate=1, pil_resize=True)
     got = ex.get_video_data(videos["mp4v_25"], start_time=1, end_time=2)["video"]
     assert torch.equal(got, torch.stack([_reference_transform(seq[i]) for i in (25, 50)]))
-    every = RawVideoExtractor(size=SIZE, framerate=0).get_video_data(videos["mp4v_3"])["video"]
+    every = RawVideoExtractor(size=SIZE, framerate=0, pil_resize=True).get_video_data(videos["mp4v_3"])["video"]
     assert len(every) == 12  # 12 frames at 3 fps: all of them, then the 5th second fails
     assert torch.equal(every[5], _reference_transform(_decode_all(videos["mp4v_3"])[5]))
 
@@ -188,6 +188,33 @@ def test_bad_arguments_are_value_errors(videos):
         ex.get_video_sample(videos["short"], max_frames=4, slice_framepos=3)
     with pytest.raises(ValueError, match="frame_order"):
         ex.get_video_sample(videos["short"], max_frames=4, frame_order=3)
+
+
+def _real_looking_frame(h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth gradients, hard-edged shapes and lines, and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], -1)
+    for _ in range(8):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(3, max(4, h // 3))
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+    img[h // 3: h // 3 + 3, :] = 255
+    img[:, w // 4: w // 4 + 2] = 0
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("h, w", [(240, 320), (720, 1280), (320, 240), (48, 64), (100, 150), (224, 224)])
+def test_tensor_resize_within_2_of_pil(h, w):
+    """The default resize of the uint8 tensor stays within 2/255 of the original's PIL resize, down- and upscaling."""
+    frames = np.stack([_real_looking_frame(h, w, seed) for seed in range(2)])
+    pil = rvu.FrameTransform(224, pil_resize=True).resize_crop(frames)
+    fast = rvu.FrameTransform(224).resize_crop(frames)
+    assert pil.shape == fast.shape == (2, 224, 224, 3) and pil.dtype == fast.dtype == np.uint8
+    diff = np.abs(pil.astype(int) - fast.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.2
+    one = rvu.FrameTransform(224, pil_resize=True)(Image.fromarray(frames[0]))
+    assert torch.equal(one, _reference_transform(frames[0][..., ::-1].copy(), 224))  # BGR in, like a cv2 frame
 
 
 # ---- sample assembly ----------------------------------------------------------------------------------------------
@@ -336,10 +363,11 @@ def test_frame_cache(videos, tmp_path, monkeypatch):
     ex.get_video_sample(str(src), 4, 2)                       # another setting: another entry
     RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(cache)).get_video_sample(str(src), 5, 2)
     ex.get_video_sample(str(src), 5, 2, start_time=1, end_time=3)
-    assert len(list(cache.rglob("*.npy"))) == 4
+    RawVideoExtractor(size=SIZE, framerate=2, cache_dir=str(cache), pil_resize=True).get_video_sample(str(src), 5, 2)
+    assert len(list(cache.rglob("*.npy"))) == 5
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # a rewritten file
     ex.get_video_sample(str(src), 5, 2)
-    assert len(list(cache.rglob("*.npy"))) == 5
+    assert len(list(cache.rglob("*.npy"))) == 6
 
 
 def test_frame_cache_rewrites_a_bad_entry_and_skips_failures(videos, tmp_path):

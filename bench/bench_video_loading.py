@@ -1,0 +1,185 @@
+"""Time to load one training sample (12 frames, slice_framepos 2, framerate 1): ours, the original, the limit, the cache.
+
+Builds MSR-VTT-like videos with the imageio-ffmpeg binary (15 s, 30 fps, 320x240 h264 with x264's default keyframe
+interval and with one keyframe a second, and a 720p one) in ``--video_dir`` (default: a temporary folder), then
+prints per file, side by side:
+
+* baseline: the original algorithm (re-implemented here): a cv2 seek and read for every sampled frame, the PIL
+  transform on each, then slicing;
+* ours: ``RawVideoExtractor.get_video_sample`` without cache;
+* limit: the cheaper of (a) a bare sequential ``grab()`` up to the last needed frame, converting only the needed
+  ones, and (b) a cv2 seek + read per needed frame; plus the cheapest transform of the needed frames (PIL or
+  torchvision v2 antialiased bicubic on the uint8 tensor, whichever is faster here);
+* cache: ``get_video_sample`` with a warm ``cache_dir``.
+
+Usage: ``python bench/bench_video_loading.py [--quick] [--video_dir DIR]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataloaders.rawvideo_util import (RawVideoExtractor, normalize_uint8, sample_frame_indices,  # noqa: E402
+                                       select_kept)
+
+MAX_FRAMES, SLICE_FRAMEPOS, FRAMERATE, SIZE = 12, 2, 1, 224
+
+VIDEOS = {  # name: (width, height, extra x264 arguments)
+    "320x240 default GOP": (320, 240, []),
+    "320x240 GOP 30": (320, 240, ["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"]),
+    "1280x720 default GOP": (1280, 720, []),
+}
+
+
+def make_video(path: Path, width: int, height: int, extra: List[str], seconds: int = 15) -> Path:
+    """A moving test pattern with temporal noise, so the encoder and decoder do real work (like camera footage)."""
+    if path.exists():
+        return path
+    import imageio_ffmpeg
+
+    tmp = path.with_suffix(".tmp.mp4")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", f"testsrc2=size={width}x{height}:rate=30,noise=alls=6:allf=t", "-t", str(seconds),
+                    "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", *extra, str(tmp)], check=True)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- the original algorithm, written out as the baseline -----------------------------------------------------------
+
+def baseline_sample(path: str, extractor: RawVideoExtractor) -> np.ndarray:
+    cap = cv2.VideoCapture(path)
+    frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = int(cap.get(cv2.CAP_PROP_FPS))
+    total = (frame_count + fps - 1) // fps
+    inds = list(np.arange(0, fps, max(fps // FRAMERATE, 1)))[:FRAMERATE]
+    images, ret = [], True
+    for sec in np.arange(0, total + 1):
+        if not ret:
+            break
+        for ind in inds:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, int(sec * fps) + ind)
+            ret, frame = cap.read()
+            if not ret:
+                break
+            images.append(extractor.transform(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).convert("RGB")))
+    cap.release()
+    raw = torch.tensor(np.stack(images)).view(-1, 1, 3, SIZE, SIZE)
+    if MAX_FRAMES < raw.shape[0]:
+        raw = raw[np.linspace(0, raw.shape[0] - 1, num=MAX_FRAMES, dtype=int)]
+    video = np.zeros((1, MAX_FRAMES, 1, 3, SIZE, SIZE), dtype=np.float64)
+    video[0][: raw.shape[0]] = raw.numpy()
+    return video
+
+
+# ---- the limit ------------------------------------------------------------------------------------------------------
+
+def needed_frames(path: str) -> List[int]:
+    cap = cv2.VideoCapture(path)
+    frame_count, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), int(cap.get(cv2.CAP_PROP_FPS))
+    indices = [i for i in sample_frame_indices(frame_count, fps, FRAMERATE) if i < frame_count]
+    return [indices[j] for j in select_kept(len(indices), MAX_FRAMES, SLICE_FRAMEPOS)]
+
+
+def decode_sequential(path: str, needed: List[int]) -> List[np.ndarray]:
+    cap, out, wanted = cv2.VideoCapture(path), [], set(needed)
+    for i in range(needed[-1] + 1):
+        cap.grab()
+        if i in wanted:
+            out.append(cap.retrieve()[1])
+    return out
+
+
+def decode_seek_each(path: str, needed: List[int]) -> List[np.ndarray]:
+    cap, out = cv2.VideoCapture(path), []
+    for i in needed:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+        out.append(cap.read()[1])
+    return out
+
+
+def transform_pil(frames: List[np.ndarray], extractor: RawVideoExtractor) -> torch.Tensor:
+    return torch.stack([extractor.transform(Image.fromarray(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))) for f in frames])
+
+
+def transform_tensor(frames: List[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames])).permute(0, 3, 1, 2)
+    x = v2.functional.resize(x, SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return normalize_uint8(v2.functional.center_crop(x, SIZE).permute(0, 2, 3, 1).numpy())
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` runs, in ms: the least disturbed by other work on the machine."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * min(times)
+
+
+def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
+    ours = RawVideoExtractor(framerate=FRAMERATE, size=SIZE)
+    cached = RawVideoExtractor(framerate=FRAMERATE, size=SIZE, cache_dir=cache_dir)
+    needed = needed_frames(path)
+    frames = decode_sequential(path, needed)
+    r: Dict[str, object] = {}
+    r["identical"] = (np.array_equal(ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0],
+                                     baseline_sample(path, ours))
+                      and np.array_equal(cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0],
+                                         cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0]))
+    r["baseline"] = best_time(lambda: baseline_sample(path, ours), repeats)
+    r["ours"] = best_time(lambda: ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS), repeats)
+    seq = best_time(lambda: decode_sequential(path, needed), repeats)
+    seek = best_time(lambda: decode_seek_each(path, needed), repeats)
+    pil = best_time(lambda: transform_pil(frames, ours), repeats)
+    ten = best_time(lambda: transform_tensor(frames), repeats)
+    r["limit"] = min(seq, seek) + min(pil, ten)
+    r["limit_how"] = ("sequential" if seq <= seek else "seek each") + " + " + ("PIL" if pil <= ten else "tensor")
+    r["pil_ms_frame"], r["tensor_ms_frame"] = pil / len(frames), ten / len(frames)
+    r["cache"] = best_time(lambda: cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS), max(repeats, 5))
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one timed run per method (about 1-2 minutes)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the fastest counts")
+    parser.add_argument("--video_dir", default=None, help="where to build (and reuse) the videos; default: a temp dir")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    torch.set_num_threads(1)  # as in a DataLoader worker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        video_dir = Path(args.video_dir or tmp)
+        video_dir.mkdir(parents=True, exist_ok=True)
+        print(f"{os.cpu_count()} CPU cores, torch threads 1, cv2 {cv2.__version__}; best of {repeats}; "
+              f"{MAX_FRAMES} frames, slice_framepos {SLICE_FRAMEPOS}, framerate {FRAMERATE}, {SIZE}px")
+        header = (f"{'file':<22}{'baseline':>10}{'ours':>9}{'limit':>9}{'cache':>8}  {'base/ours':>9}"
+                  f"{'ours/limit':>11}{'base/cache':>11}  same  limit made of")
+        print(header + "\n" + "-" * len(header))
+        for name, (w, h, extra) in VIDEOS.items():
+            path = str(make_video(video_dir / (name.replace(" ", "_") + ".mp4"), w, h, extra))
+            r = bench_file(path, repeats, os.path.join(tmp, "cache"))
+            print(f"{name:<22}{r['baseline']:>8.0f}ms{r['ours']:>7.0f}ms{r['limit']:>7.0f}ms{r['cache']:>6.1f}ms"
+                  f"  {r['baseline'] / r['ours']:>8.2f}x{r['ours'] / r['limit']:>10.2f}x"
+                  f"{r['baseline'] / r['cache']:>10.0f}x  {'yes' if r['identical'] else 'NO ':<4}  "
+                  f"{r['limit_how']} (PIL {r['pil_ms_frame']:.1f} ms/frame, tensor {r['tensor_ms_frame']:.1f})")
+
+
+if __name__ == "__main__":
+    main()
