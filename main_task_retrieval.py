@@ -33,7 +33,7 @@ from modules.tokenization_clip import SimpleTokenizer as ClipTokenizer
 logger = logging.getLogger("logger")
 
 # Similarity is computed in blocks of at most this many logits (loose heads) ...
-SIM_BLOCK_ELEMENTS = 1 << 24
+SIM_BLOCK_ELEMENTS = 1 << 22
 # ... or this many (text, video) pairs through the cross encoder (tightTransf).
 TIGHT_PAIRS_PER_BLOCK = 2048
 TIGHT_VIDEOS_PER_BLOCK = 64
