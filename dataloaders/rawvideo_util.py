@@ -34,8 +34,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # cv2's frame-accurate seek to frame k restarts decoding at the last keyframe at or before k - 16
 # (opencv/videoio/src/cap_ffmpeg_impl.hpp, CvCapture_FFMPEG::seek).
 _CV2_SEEK_BACKOFF = 16
-# A seek also flushes and refills the decoder; measured to cost about as much as decoding this many frames.
-_SEEK_COST_FRAMES = 16
+# A seek also flushes and restarts the decoder: measured at about 5 frames' decoding (320x240 h264), rounded up.
+_SEEK_COST_FRAMES = 8
 # Bump when the cached content changes meaning, so old cache files are never read as new ones.
 _CACHE_FORMAT = 1
 
@@ -97,19 +97,23 @@ def order_positions(n: int, frame_order: int) -> np.ndarray:
         return np.arange(n)
     if frame_order == 1:
         return np.arange(n - 1, -1, -1)
-    if frame_order == 2:
-        order = np.arange(n)
-        np.random.shuffle(order)  # numpy's global RNG, as the original
-        return order
-    raise ValueError(f"frame_order must be 0 (ordinary), 1 (reverse) or 2 (random), got {frame_order}")
+    _check_frame_order(frame_order)
+    order = np.arange(n)
+    np.random.shuffle(order)  # numpy's global RNG, as the original
+    return order
+
+
+def _check_frame_order(frame_order: int) -> None:
+    if frame_order not in (0, 1, 2):
+        raise ValueError(f"frame_order must be 0 (ordinary), 1 (reverse) or 2 (random), got {frame_order}")
 
 
 def normalize_uint8(frames: np.ndarray) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] (RGB) -> float32 [T, 3, H, W], bit for bit ``ToTensor`` then CLIP ``Normalize``."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    """uint8 RGB frames [T, 3, H, W] -> float32, bit for bit ``ToTensor`` then CLIP ``Normalize``."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float()
     mean = torch.as_tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.as_tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    return x.div_(255).sub_(mean).div_(std)
 
 
 class FrameTransform:
@@ -125,18 +129,18 @@ class FrameTransform:
         self._pil_steps = (Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size))
 
     def resize_crop(self, frames_rgb: np.ndarray) -> np.ndarray:
-        """uint8 RGB frames [T, H, W, 3] -> uint8 [T, size, size, 3]."""
+        """uint8 RGB frames [T, H, W, 3] -> uint8 [T, 3, size, size] (channels first, as the model reads them)."""
         if self.pil_resize:
             out = []
             for frame in frames_rgb:
                 image = Image.fromarray(frame).convert("RGB")
                 for step in self._pil_steps:
                     image = step(image)
-                out.append(np.asarray(image))
+                out.append(np.asarray(image).transpose(2, 0, 1))
             return np.stack(out)
         x = torch.from_numpy(np.ascontiguousarray(frames_rgb)).permute(0, 3, 1, 2)
         x = v2.functional.resize(x, self.size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return v2.functional.center_crop(x, self.size).permute(0, 2, 3, 1).contiguous().numpy()
+        return v2.functional.center_crop(x, self.size).contiguous().numpy()
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One PIL image -> float32 [3, size, size], as the original's ``Compose`` did."""
@@ -279,20 +283,23 @@ class RawVideoExtractorCV2:
         Identical to slicing, ordering and copying :meth:`get_video_data`'s frames as the original datasets do.
         ``n_frames == 0`` means nothing could be decoded (video and mask stay zero); the caller decides what to do.
         """
-        select_kept(0, max_frames, slice_framepos)  # validate before any work
+        select_kept(0, max_frames, slice_framepos)  # validates max_frames and slice_framepos before any work
+        _check_frame_order(frame_order)
         frames = self._kept_frames(video_path, max_frames, slice_framepos, start_time, end_time)
         video = np.zeros((1, max_frames, 1, 3, self.size, self.size), dtype=np.float64)
         video_mask = np.zeros((1, max_frames), dtype=np.int64)
         n = len(frames)
         if n:
-            x = normalize_uint8(frames)[order_positions(n, frame_order)]
+            x = normalize_uint8(frames)
+            if frame_order != 0:
+                x = x[order_positions(n, frame_order)]
             video[0, :n, 0] = x.numpy()
             video_mask[0, :n] = 1
         return video, video_mask, n
 
     def _kept_frames(self, video_path: str, max_frames: int, slice_framepos: int,
                      start_time: Optional[int], end_time: Optional[int]) -> np.ndarray:
-        """The kept frames in time order after resize and crop, uint8 [n, size, size, 3], through the cache."""
+        """The kept frames in time order after resize and crop, uint8 [n, 3, size, size], through the cache."""
         _check_request(self.framerate, start_time, end_time)
         if not os.path.isfile(video_path):
             raise FileNotFoundError(f"video file not found: {video_path}")
@@ -303,7 +310,7 @@ class RawVideoExtractorCV2:
             if frames is not None:
                 return frames
         decoded = self._decode_kept(video_path, max_frames, slice_framepos, start_time, end_time)
-        frames = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        frames = np.zeros((0, 3, self.size, self.size), dtype=np.uint8)
         if decoded:
             frames = self.transform.resize_crop(np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in decoded]))
         if cache_file is not None and len(frames):  # an empty result may be transient: never cache it
@@ -361,11 +368,9 @@ def _load_cached(path: str, max_frames: int, size: int) -> Optional[np.ndarray]:
     """The cached frames, or None when absent or not what this key should hold (then it is rewritten)."""
     try:
         frames = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
+    except (OSError, ValueError, EOFError):  # absent, or not an array this code wrote
         return None
-    except (OSError, ValueError):
-        return None
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (size, size, 3) \
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (3, size, size) \
             or not 0 < frames.shape[0] <= max_frames:
         return None
     return frames

@@ -210,7 +210,7 @@ def test_tensor_resize_within_2_of_pil(h, w):
     frames = np.stack([_real_looking_frame(h, w, seed) for seed in range(2)])
     pil = rvu.FrameTransform(224, pil_resize=True).resize_crop(frames)
     fast = rvu.FrameTransform(224).resize_crop(frames)
-    assert pil.shape == fast.shape == (2, 224, 224, 3) and pil.dtype == fast.dtype == np.uint8
+    assert pil.shape == fast.shape == (2, 3, 224, 224) and pil.dtype == fast.dtype == np.uint8
     diff = np.abs(pil.astype(int) - fast.astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.2
     one = rvu.FrameTransform(224, pil_resize=True)(Image.fromarray(frames[0]))
@@ -345,7 +345,7 @@ def test_frame_cache(videos, tmp_path, monkeypatch):
     files = sorted(cache.rglob("*.npy"))
     assert len(files) == 1 and not list(cache.rglob(".tmp-*"))
     stored = np.load(files[0], allow_pickle=False)
-    assert stored.dtype == np.uint8 and stored.shape == (5, SIZE, SIZE, 3)
+    assert stored.dtype == np.uint8 and stored.shape == (5, 3, SIZE, SIZE)
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded although the cache holds the sample")
@@ -378,6 +378,6 @@ def test_frame_cache_rewrites_a_bad_entry_and_skips_failures(videos, tmp_path):
     entry.write_bytes(b"not an array")
     again = ex.get_video_sample(videos["mp4v_25"], 3, 0)
     assert all(np.array_equal(a, b) for a, b in zip(good, again))
-    assert np.load(entry, allow_pickle=False).shape == (3, SIZE, SIZE, 3)
+    assert np.load(entry, allow_pickle=False).shape == (3, 3, SIZE, SIZE)
     assert ex.get_video_sample(videos["corrupt"], 3, 0)[2] == 0
     assert len(list(cache.rglob("*.npy"))) == 1  # an undecodable file is not cached
