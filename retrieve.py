@@ -104,6 +104,8 @@ def load_index(directory: Path, mmap: bool = False) -> Index:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RetrieveError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise RetrieveError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     missing = {"format", "embeddings", "settings", "videos", "unreadable"} - set(manifest)
     if missing:
         raise RetrieveError(f"{path}: missing keys {sorted(missing)}")
@@ -112,7 +114,10 @@ def load_index(directory: Path, mmap: bool = False) -> Index:
     emb_path = path.parent / manifest["embeddings"]
     if not emb_path.is_file():
         raise RetrieveError(f"{path}: names {emb_path.name}, which is missing")
-    emb = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    try:
+        emb = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise RetrieveError(f"{emb_path}: not a readable .npy array ({e})") from None
     n = len(manifest["videos"])
     if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] != n:
         raise RetrieveError(f"{emb_path}: expected float32 of shape ({n}, D), found {emb.dtype} {emb.shape}")
@@ -123,17 +128,23 @@ def load_index(directory: Path, mmap: bool = False) -> Index:
 # Incremental bookkeeping
 
 
-def scan_videos(root: Path) -> Dict[str, Tuple[int, int]]:
-    """Every video file under ``root`` (recursively): relative posix path -> (size, mtime_ns), sorted by path."""
-    found = {}
+def scan_videos(root: Path) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, str]]:
+    """Every video file under ``root`` (recursively), by relative posix path: {path: (size, mtime_ns)} sorted by
+    path, and {path: reason} for those that cannot even be stat'ed (a dangling link, no permission)."""
+    found, errors = {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             if Path(name).suffix.lower() in VIDEO_SUFFIXES:
                 path = Path(dirpath) / name
-                st = path.stat()
-                found[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
-    return dict(sorted(found.items()))
+                rel = path.relative_to(root).as_posix()
+                try:
+                    st = path.stat()
+                except OSError as e:
+                    errors[rel] = f"{type(e).__name__}: {e.strerror}"
+                    continue
+                found[rel] = (st.st_size, st.st_mtime_ns)
+    return dict(sorted(found.items())), errors
 
 
 @dataclass
@@ -199,11 +210,11 @@ def load_model(spec: dict, state: Optional[Dict[str, torch.Tensor]], max_frames:
         sim_header=spec["sim_header"], loose_type=spec["sim_header"] in LOOSE_HEADS, cross_num_hidden_layers=4,
         max_words=max_words, max_frames=max_frames, precision="fp16-weights" if device.type == "cuda" else "fp32",
         grad_checkpointing=False)
-    # Modules the weights do not cover are drawn from the global RNG; seed it so index and search build the same model.
-    torch.manual_seed(0)
-    # Keep stdout for results (--json): loading logs go to stderr.
+    # Modules the weights do not cover are drawn from the global RNG: seed it so index and search build the same
+    # model, and fork it so the caller's stream is left as it was. Loading logs go to stderr, keeping stdout for --json.
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
+            torch.manual_seed(0)
             model = CLIP4Clip.from_pretrained("cross-base", state_dict=state, cache_dir=None, type_vocab_size=2,
                                               task_config=config)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
@@ -298,7 +309,8 @@ def _collate(items):
     good = [it for it in items if it[1] is not None]
     video = torch.stack([it[1] for it in good]) if good else None
     mask = torch.stack([it[2] for it in good]) if good else None
-    return [it[0] for it in good], [it[3] for it in good], video, mask, [(it[0], it[4]) for it in items if not it[3]]
+    failed = [(it[0], it[4]) for it in items if it[1] is None]
+    return [it[0] for it in good], [it[3] for it in good], video, mask, failed
 
 
 def encode_videos(model, root: Path, paths: Sequence[str], sampling: dict, batch_size: int = 16,
@@ -430,7 +442,7 @@ def build_index(videos: Path, index: Path, init_model: Optional[str] = None,
     sampling.update({k: v for k, v in asked.items() if k in sampling and v is not None})
     spec = _with_weights(spec, init_model, pretrained_clip_name)
     root = videos.resolve()
-    found = scan_videos(root)
+    found, unstatable = scan_videos(root)
     plan = plan_update(old, found)
 
     rows = {old.videos[i]["path"]: (old.videos[i], old.embeddings[i]) for i in plan.keep} if old else {}
@@ -461,8 +473,10 @@ def build_index(videos: Path, index: Path, init_model: Optional[str] = None,
     settings = {"videos_root": str(root), "model": spec, "sampling": sampling}
     save_index(index, Index(settings, [rows[p][0] for p in order], unreadable, embeddings))
     encoded = sorted(p for p in plan.encode if p in rows)
+    report_unreadable = unreadable + [{"path": p, "error": e} for p, e in unstatable.items()]
     return IndexReport(index, len(order), encoded, len(plan.keep), plan.removed,
-                       [{"path": u["path"], "error": u["error"]} for u in unreadable])
+                       [{"path": u["path"], "error": u["error"]} for u in sorted(report_unreadable,
+                                                                                  key=lambda u: u["path"])])
 
 
 def _describe(spec: dict) -> str:

@@ -80,10 +80,12 @@ def test_scan_videos_is_recursive_and_skips_other_files(tmp_path):
     for rel in ("a.mp4", "sub/deeper/B.MKV", "sub/notes.txt", "c.webm"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"12345")
-    found = retrieve.scan_videos(tmp_path)
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    found, errors = retrieve.scan_videos(tmp_path)
     assert list(found) == ["a.mp4", "c.webm", "sub/deeper/B.MKV"]
     st = (tmp_path / "a.mp4").stat()
     assert found["a.mp4"] == (5, st.st_mtime_ns)
+    assert list(errors) == ["dangling.mp4"] and "FileNotFoundError" in errors["dangling.mp4"]
 
 
 # ---------------------------------------------------------------------------------------------------------- top_k
