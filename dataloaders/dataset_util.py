@@ -86,6 +86,8 @@ def read_json(path: str) -> Any:
     try:
         with open(path, "r", encoding="utf-8") as f:
             return json.load(f)
+    except IsADirectoryError:
+        raise annotation_error(path, "path", "a JSON file, not a folder") from None
     except json.JSONDecodeError as exc:
         raise annotation_error(path, f"line {exc.lineno} column {exc.colno}", f"valid JSON ({exc.msg})") from None
     except UnicodeDecodeError as exc:
@@ -201,6 +203,8 @@ class VideoTextDataset(Dataset):
             raise ValueError(f"frame_order must be 0 (in order), 1 (reversed) or 2 (shuffled), got {frame_order}")
         if slice_framepos not in (0, 1, 2):
             raise ValueError(f"slice_framepos must be 0 (head), 1 (tail) or 2 (uniform), got {slice_framepos}")
+        if feature_framerate != int(feature_framerate):
+            raise ValueError(f"feature_framerate must be a whole number of frames per second, got {feature_framerate}")
         self.tokenizer = tokenizer
         self.features_path = features_path
         self.max_words = max_words
@@ -210,7 +214,8 @@ class VideoTextDataset(Dataset):
         self.slice_framepos = slice_framepos
         self.skip_missing = skip_missing
         self.training = training
-        self.rawVideoExtractor = RawVideoExtractor(framerate=feature_framerate, size=image_resolution,
+        # the signatures keep the original's float default 1.0; the extractor counts frames in whole numbers
+        self.rawVideoExtractor = RawVideoExtractor(framerate=int(feature_framerate), size=image_resolution,
                                                    cache_dir=frame_cache)
         self.SPECIAL_TOKEN = SPECIAL_TOKEN
         self.video_dict: Dict[str, str] = {}

@@ -1,0 +1,211 @@
+"""Check a data set layout before training: every annotation parsed, every referenced video decoded once.
+
+    python preprocess/check_dataset.py --datatype msvd --data_path data/msvd --features_path data/msvd/videos
+
+Takes the training flags (``--datatype``, ``--data_path``, ``--features_path``, ``--train_csv``, ``--val_csv``,
+``--max_frames``, ``--feature_framerate``, ``--slice_framepos``, ...) and builds every split with the training code's
+own dataset classes, so an annotation that passes here is read the same way in training. Then it decodes each
+distinct (video, window) the items read, in parallel, exactly as a training item would, and prints: captions and
+videos per split, videos found / missing / undecodable, and duration and fps statistics.
+
+Exit status: 0 when training would run on the full data; 1 when an annotation is malformed or a video is missing or
+yields no frame; 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script from anywhere: the package root is this file's parent folder
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader  # noqa: E402
+from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader  # noqa: E402
+from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader  # noqa: E402
+from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader  # noqa: E402
+from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader  # noqa: E402
+from dataloaders.rawvideo_util import RawVideoExtractor  # noqa: E402
+from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
+
+SUBSET_CLASSES = {"msvd": (MSVD_DataLoader, ("train", "val", "test")),
+                  "lsmdc": (LSMDC_DataLoader, ("train", "val", "test")),
+                  "activity": (ActivityNet_DataLoader, ("train", "val")),
+                  "didemo": (DiDeMo_DataLoader, ("train", "val", "test"))}
+DATATYPES = ("msrvtt",) + tuple(SUBSET_CLASSES)
+LISTED = 10
+
+Request = Tuple[str, Optional[int], Optional[int]]  # video file, start second, end second
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datatype", default="msrvtt", choices=DATATYPES)
+    parser.add_argument("--data_path", default="data/caption.pickle",
+                        help="MSR-VTT: MSRVTT_data.json; other data sets: the annotation folder")
+    parser.add_argument("--features_path", default="data/videos_feature.pickle", help="the video folder")
+    parser.add_argument("--train_csv", default="data/.train.csv", help="MSR-VTT training id csv")
+    parser.add_argument("--val_csv", default="data/.val.csv", help="MSR-VTT test csv (JSFusion)")
+    parser.add_argument("--expand_msrvtt_sentences", action="store_true")
+    parser.add_argument("--max_words", type=int, default=20)
+    parser.add_argument("--max_frames", type=int, default=100)
+    parser.add_argument("--feature_framerate", type=int, default=1)
+    parser.add_argument("--slice_framepos", type=int, default=0, choices=[0, 1, 2])
+    parser.add_argument("--image_resolution", type=int, default=224)
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="decoding processes (0 or 1: decode in this process)")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Split:
+    name: str
+    dataset: Optional[object] = None
+    error: Optional[str] = None
+
+
+def build_splits(args: argparse.Namespace) -> List[Split]:
+    """Every split of ``--datatype``, built with ``skip_missing`` so that all missing files are collected."""
+    tokenizer = SimpleTokenizer()
+    common = dict(features_path=args.features_path, tokenizer=tokenizer, max_words=args.max_words,
+                  feature_framerate=args.feature_framerate, max_frames=args.max_frames,
+                  image_resolution=args.image_resolution, slice_framepos=args.slice_framepos, skip_missing=True)
+    if args.datatype == "msrvtt":
+        makers = {"train": lambda: MSRVTT_TrainDataLoader(csv_path=args.train_csv, json_path=args.data_path,
+                                                          unfold_sentences=args.expand_msrvtt_sentences, **common),
+                  "test": lambda: MSRVTT_DataLoader(csv_path=args.val_csv, **common)}
+    else:
+        cls, subsets = SUBSET_CLASSES[args.datatype]
+        makers = {s: (lambda s=s: cls(subset=s, data_path=args.data_path, **common)) for s in subsets}
+    splits = []
+    dataset_logger = logging.getLogger("dataloaders")
+    for name, make in makers.items():
+        split = Split(name)
+        # The datasets print and log what this report states anyway; keep the report readable.
+        level = dataset_logger.level
+        dataset_logger.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                split.dataset = make()
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            split.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            dataset_logger.setLevel(level)
+        splits.append(split)
+    return splits
+
+
+_extractor: Optional[RawVideoExtractor] = None
+_sample_args: Tuple[int, int] = (0, 0)
+
+
+def _init_worker(framerate: int, size: int, max_frames: int, slice_framepos: int) -> None:
+    global _extractor, _sample_args
+    # One thread per process (the pool is the parallelism); also, a forked child that uses the OpenMP pool its
+    # parent already started can deadlock, as with DataLoader workers, which do the same.
+    torch.set_num_threads(1)
+    _extractor = RawVideoExtractor(framerate=framerate, size=size)
+    _sample_args = (max_frames, slice_framepos)
+
+
+def probe(request: Request) -> Dict[str, object]:
+    """Container fps and duration, and the number of frames a training item would read (0: undecodable)."""
+    import cv2
+
+    path, start, end = request
+    capture = cv2.VideoCapture(path)
+    fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    frames = capture.get(cv2.CAP_PROP_FRAME_COUNT) if capture.isOpened() else 0.0
+    capture.release()
+    result: Dict[str, object] = {"fps": fps, "duration": frames / fps if fps > 0 else None, "error": None}
+    max_frames, slice_framepos = _sample_args
+    try:
+        result["n_frames"] = _extractor.get_video_sample(path, max_frames, slice_framepos, 0, start, end)[2]
+    except Exception as exc:  # the report lists every failure; one bad file must not stop the check
+        result["n_frames"] = 0
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def decode_all(requests: List[Request], args: argparse.Namespace) -> List[Dict[str, object]]:
+    init = (args.feature_framerate, args.image_resolution, args.max_frames, args.slice_framepos)
+    bar = dict(total=len(requests), desc="decoding videos", unit="video")
+    if args.num_workers <= 1:
+        _init_worker(*init)
+        return [probe(r) for r in tqdm(requests, **bar)]
+    with ProcessPoolExecutor(args.num_workers, initializer=_init_worker, initargs=init) as pool:
+        return list(tqdm(pool.map(probe, requests, chunksize=4), **bar))
+
+
+def _stats(values: List[float]) -> str:
+    if not values:
+        return "n/a"
+    a = np.asarray(values, dtype=np.float64)
+    return f"min {a.min():.2f}  median {np.median(a):.2f}  mean {a.mean():.2f}  max {a.max():.2f}"
+
+
+def _listing(names: List[str]) -> str:
+    return ", ".join(names[:LISTED]) + (f", ... ({len(names) - LISTED} more)" if len(names) > LISTED else "")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    splits = build_splits(args)
+
+    print(f"Data set {args.datatype}: annotations {args.data_path}, videos {args.features_path}")
+    requests: Dict[Request, None] = {}
+    missing: Dict[str, None] = {}
+    for split in splits:
+        if split.error:
+            print(f"  {split.name:5s}: annotation error: {split.error}")
+            continue
+        ds = split.dataset
+        videos = {video_id for video_id, *_rest in ds.all_pairs()}
+        line = f"  {split.name:5s}: {len(ds)} samples (captions), {len(videos)} videos"
+        if ds.missing_videos:
+            line += f", {len(ds.missing_videos)} listed videos missing"
+        print(line)
+        missing.update(dict.fromkeys(ds.missing_videos))
+        requests.update(dict.fromkeys(ds.video_requests()))
+
+    ordered = list(requests)
+    results = decode_all(ordered, args) if ordered else []
+    files = {path for path, _start, _end in ordered}
+    bad = [(r, res) for r, res in zip(ordered, results) if res["n_frames"] == 0]
+    durations = {}
+    fps = {}
+    for (path, _s, _e), res in zip(ordered, results):
+        if res["duration"] is not None:
+            durations[path] = res["duration"]
+        if res["fps"]:
+            fps[path] = res["fps"]
+
+    print(f"Videos: {len(files)} found, {len(missing)} missing, {len(bad)} undecodable")
+    if missing:
+        print(f"  missing (no file under {args.features_path}): {_listing(list(missing))}")
+    if bad:
+        print("  undecodable (no frame read): " + _listing(
+            [f"{path}" + (f" [{s}, {e}]" if s is not None else "") + (f" ({res['error']})" if res["error"] else "")
+             for (path, s, e), res in bad]))
+    print(f"Duration (s): {_stats(list(durations.values()))}")
+    print(f"FPS:          {_stats(list(fps.values()))}")
+
+    broken = any(s.error for s in splits) or bool(missing) or bool(bad)
+    print("Result: " + ("problems found; training would fail or silently train on less data (see above)"
+                        if broken else "OK, every annotation parsed and every video decoded"))
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""preprocess/check_dataset.py: exit status and report on a good and on broken layouts."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_video
+from preprocess import check_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def msvd_layout(root: Path) -> Path:
+    """Three train videos (2 captions each), one val, two test; clips of 3 s and 2 s at 10 fps."""
+    long_clip = write_video(root / "src" / "long.avi", n_frames=30, fps=10, size=(40, 32))
+    short_clip = write_video(root / "src" / "short.avi", n_frames=20, fps=10, size=(40, 32), seed=1)
+    splits = {"train": ["a", "b", "c"], "val": ["d"], "test": ["e", "f"]}
+    captions = {}
+    for subset, ids in splits.items():
+        (root / f"{subset}_list.txt").write_text("\n".join(ids) + "\n")
+        for i, v in enumerate(ids):
+            captions[v] = [["a", "caption", v], ["another", v]]
+            (root / "videos").mkdir(exist_ok=True)
+            os.symlink(long_clip if i % 2 == 0 else short_clip, root / "videos" / f"{v}.avi")
+    (root / "raw-captions.pkl").write_bytes(pickle.dumps(captions))
+    return root
+
+
+def run(root: Path, capsys, *extra: str):
+    code = check_dataset.main(["--datatype", "msvd", "--data_path", str(root), "--features_path",
+                               str(root / "videos"), "--max_frames", "4", "--image_resolution", "32",
+                               "--num_workers", "0", *extra])
+    return code, capsys.readouterr()
+
+
+def test_good_layout_passes(tmp_path, capsys):
+    code, out = run(msvd_layout(tmp_path), capsys)
+    report = out.out
+    assert code == 0, report
+    assert "train: 6 samples (captions), 3 videos" in report
+    assert "val  : 2 samples (captions), 1 videos" in report
+    assert "test : 4 samples (captions), 2 videos" in report
+    assert "Videos: 6 found, 0 missing, 0 undecodable" in report
+    assert "Duration (s): min 2.00  median 3.00  mean 2.67  max 3.00" in report
+    assert "FPS:          min 10.00  median 10.00  mean 10.00  max 10.00" in report
+    assert "Result: OK" in report
+
+
+def test_missing_and_undecodable_videos_fail(tmp_path, capsys):
+    root = msvd_layout(tmp_path)
+    os.remove(root / "videos" / "b.avi")
+    os.remove(root / "videos" / "e.avi")
+    (root / "videos" / "e.mp4").write_bytes(b"\x00\x01 not a video" * 10)
+    code, out = run(root, capsys, "--num_workers", "2")
+    report = out.out
+    assert code == 1
+    assert "train: 4 samples (captions), 2 videos, 1 listed videos missing" in report
+    assert "Videos: 5 found, 1 missing, 1 undecodable" in report
+    assert f"missing (no file under {root / 'videos'}): b" in report
+    assert "undecodable (no frame read): " + str(root / "videos" / "e.mp4") in report
+    assert "Result: problems found" in report
+
+
+def test_malformed_annotation_fails_naming_the_file(tmp_path, capsys):
+    root = msvd_layout(tmp_path)
+    (root / "raw-captions.pkl").write_bytes(pickle.dumps({"a": "not a list"}))
+    code, out = run(root, capsys)
+    assert code == 1
+    assert "train: annotation error: ValueError: " + str(root / "raw-captions.pkl") + ", key 'a'" in out.out
+
+
+def test_runs_as_a_script_from_the_repository_root(tmp_path):
+    root = msvd_layout(tmp_path)
+    done = subprocess.run([sys.executable, "preprocess/check_dataset.py", "--datatype", "msvd", "--data_path",
+                           str(root), "--features_path", str(root / "nowhere"), "--num_workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "not a directory" in done.stdout and "--features_path" in done.stdout
