@@ -122,14 +122,15 @@ def transform_tensor(frames: List[np.ndarray]) -> torch.Tensor:
     return normalize_uint8(v2.functional.center_crop(x, SIZE).numpy())
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` runs, in ms: the least disturbed by other work on the machine."""
-    times = []
+def best_times(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Fastest of ``repeats`` runs of each method, in ms, taken in turns so that load changes hit all alike."""
+    best = {name: float("inf") for name in methods}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - t))
+    return best
 
 
 def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
@@ -148,24 +149,28 @@ def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
                       and np.array_equal(cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], sample))
     std = np.array([0.26862954, 0.26130258, 0.27577711]).reshape(1, 1, 1, 3, 1, 1)
     r["max_diff_255"] = float(np.abs(sample - original).__mul__(std).max() * 255)
-    r["baseline"] = best_time(lambda: baseline_sample(path, ours_pil.transform), repeats)
-    r["ours"] = best_time(lambda: ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS), repeats)
-    r["ours_pil"] = best_time(lambda: ours_pil.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS), repeats)
-    seq = best_time(lambda: decode_sequential(path, needed), repeats)
-    seek = best_time(lambda: decode_seek_each(path, needed), repeats)
-    pil = best_time(lambda: transform_pil(frames, ours_pil), repeats)
-    ten = best_time(lambda: transform_tensor(frames), repeats)
-    r["limit"] = min(seq, seek) + min(pil, ten)
-    r["limit_how"] = ("sequential" if seq <= seek else "seek each") + " + " + ("PIL" if pil <= ten else "tensor")
-    r["pil_ms_frame"], r["tensor_ms_frame"] = pil / len(frames), ten / len(frames)
-    r["cache"] = best_time(lambda: cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS), max(repeats, 5))
+    t = best_times({
+        "baseline": lambda: baseline_sample(path, ours_pil.transform),
+        "ours": lambda: ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
+        "ours_pil": lambda: ours_pil.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
+        "sequential": lambda: decode_sequential(path, needed),
+        "seek": lambda: decode_seek_each(path, needed),
+        "pil": lambda: transform_pil(frames, ours_pil),
+        "tensor": lambda: transform_tensor(frames),
+        "cache": lambda: cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
+    }, repeats)
+    r.update({k: t[k] for k in ("baseline", "ours", "ours_pil", "cache")})
+    r["limit"] = min(t["sequential"], t["seek"]) + min(t["pil"], t["tensor"])
+    r["limit_how"] = (("sequential" if t["sequential"] <= t["seek"] else "seek each") + " + "
+                      + ("PIL" if t["pil"] <= t["tensor"] else "tensor"))
+    r["pil_ms_frame"], r["tensor_ms_frame"] = t["pil"] / len(frames), t["tensor"] / len(frames)
     return r
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two timed runs per method (about 1-2 minutes)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method, taken in turns; the fastest counts")
     parser.add_argument("--video_dir", default=None, help="where to build (and reuse) the videos; default: a temp dir")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
