@@ -340,7 +340,7 @@ def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, scale: float) -> 
     """Best ``k`` rows of ``embeddings`` for each query row: (indices, scores), each (Q, k), best first.
 
     score = scale * (query @ row): the matrix product first and then the scale, as in ``_loose_similarity``.
-    Equal scores are listed in index order.
+    Among the rows returned, equal scores are listed in index order.
     """
     scores = scale * (queries.astype(np.float32) @ np.asarray(embeddings, dtype=np.float32).T)
     k = min(k, scores.shape[1])

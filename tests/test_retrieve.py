@@ -114,13 +114,13 @@ def test_checkpoint_head_reads_the_trained_modules():
 
 
 # ----------------------------------------------------------------------------------------------- model-based tests
-def _reference_model(clip_file: Path, head: str = "meanP", state=None):
+def _reference_model(clip_file: Path, head: str = "meanP"):
     """CLIP4Clip built directly, as main_task_retrieval.py does, for independent logits."""
     config = argparse.Namespace(local_rank=0, pretrained_clip_name=str(clip_file), linear_patch="2d",
                                 sim_header=head, loose_type=True, cross_num_hidden_layers=4, max_words=32,
                                 max_frames=MAX_FRAMES, precision="fp32", grad_checkpointing=False)
     torch.manual_seed(123)
-    model = CLIP4Clip.from_pretrained("cross-base", state_dict=state, cache_dir=None, type_vocab_size=2,
+    model = CLIP4Clip.from_pretrained("cross-base", state_dict=None, cache_dir=None, type_vocab_size=2,
                                       task_config=config)
     return model.eval()
 
