@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         videos = {video_id for video_id, *_rest in ds.all_pairs()}
         line = f"  {split.name:5s}: {len(ds)} samples (captions), {len(videos)} videos"
         if ds.missing_videos:
-            line += f", {len(ds.missing_videos)} listed videos missing"
+            line += f" present, {len(ds.missing_videos)} missing"
         print(line)
         missing.update(dict.fromkeys(ds.missing_videos))
         requests.update(dict.fromkeys(ds.video_requests()))
@@ -202,7 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"FPS:          {_stats(list(fps.values()))}")
 
     broken = any(s.error for s in splits) or bool(missing) or bool(bad)
-    print("Result: " + ("problems found; training would fail or silently train on less data (see above)"
+    print("Result: " + ("problems found (see above). Training refuses missing videos unless --skip_missing_videos "
+                        "is given, and replaces undecodable ones; evaluation would score them as blank videos"
                         if broken else "OK, every annotation parsed and every video decoded"))
     return 1 if broken else 0
 

@@ -59,7 +59,7 @@ def test_missing_and_undecodable_videos_fail(tmp_path, capsys):
     code, out = run(root, capsys, "--num_workers", "2")
     report = out.out
     assert code == 1
-    assert "train: 4 samples (captions), 2 videos, 1 listed videos missing" in report
+    assert "train: 4 samples (captions), 2 videos present, 1 missing" in report
     assert "Videos: 5 found, 1 missing, 1 undecodable" in report
     assert f"missing (no file under {root / 'videos'}): b" in report
     assert "undecodable (no frame read): " + str(root / "videos" / "e.mp4") in report
