@@ -1,4 +1,4 @@
-"""Time to load one training sample (12 frames, slice_framepos 2, framerate 1): ours, the original, the limit, the cache.
+"""Time per training sample (12 frames, slice_framepos 2, framerate 1): ours, the original, the limit, the cache.
 
 Builds MSR-VTT-like videos with the imageio-ffmpeg binary (15 s, 30 fps, 320x240 h264 with x264's default keyframe
 interval and with one keyframe a second, and a 720p one) in ``--video_dir`` (default: a temporary folder), then
@@ -170,7 +170,8 @@ def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two timed runs per method (about 1-2 minutes)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method, taken in turns; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per method, taken in turns; the fastest counts")
     parser.add_argument("--video_dir", default=None, help="where to build (and reuse) the videos; default: a temp dir")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
