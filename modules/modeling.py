@@ -257,11 +257,9 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         visual_output = self.get_visual_output(video, video_mask, shaped=True, video_frame=video_frame)
         return sequence_output, visual_output
 
-    def _loose_similarity(self, sequence_output, visual_output, attention_mask, video_mask,
-                          sim_header="meanP") -> torch.Tensor:
-        """Dot-product heads: temporal head on the frames, masked mean, cosine similarity times exp(logit_scale)."""
-        sequence_output, visual_output = sequence_output.contiguous(), visual_output.contiguous()
-
+    def _apply_video_head(self, visual_output: torch.Tensor, video_mask: torch.Tensor,
+                          sim_header: str) -> torch.Tensor:
+        """SPEC §3.7 step 1: the temporal head on (B, F, 512) frame features (meanP: identity)."""
         if sim_header == "seqLSTM":
             original = visual_output
             # A row with no valid frame is given length 1 so packing works; its mean pooling masks it out anyway.
@@ -282,7 +280,41 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
             extended_mask = extended_mask.expand(-1, n_frames, -1)
             visual_output = self.transformerClip(visual_output.permute(1, 0, 2), extended_mask).permute(1, 0, 2)
             visual_output = visual_output + original
+        return visual_output
 
+    @staticmethod
+    def _pool_video(visual_output: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """SPEC §3.7 step 3: unit frames, masked mean over frames, unit video → (B, 512)."""
+        visual_output = _l2_normalize(visual_output)
+        mask = video_mask.to(dtype=torch.float).unsqueeze(-1)
+        mask_sum = mask.sum(dim=1)
+        mask_sum = torch.where(mask_sum == 0, torch.ones_like(mask_sum), mask_sum)
+        return _l2_normalize((visual_output * mask).sum(dim=1) / mask_sum)
+
+    def get_video_embedding(self, visual_output: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """(B, F, 512) frame features and a (B, F) or (B, 1, F) mask → (B, 512) unit video embeddings (loose heads).
+
+        exp(logit_scale) · get_text_embedding(seq) @ this.T are the loose logits; no all-gather happens here.
+        """
+        if self.sim_header not in LOOSE_HEADERS:
+            raise ValueError(f"a per-video embedding needs sim_header in {LOOSE_HEADERS}; {self.sim_header!r} "
+                             f"scores each (text, video) pair jointly")
+        video_mask = video_mask.view(-1, video_mask.shape[-1])
+        visual_output = self._apply_video_head(visual_output.contiguous(), video_mask, self.sim_header)
+        return self._pool_video(visual_output, video_mask)
+
+    @staticmethod
+    def get_text_embedding(sequence_output: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 512) end-token features → (B, 512) unit text embeddings (SPEC §3.7 step 4)."""
+        return _l2_normalize(sequence_output.squeeze(1))
+
+    def _loose_similarity(self, sequence_output, visual_output, attention_mask, video_mask,
+                          sim_header="meanP") -> torch.Tensor:
+        """Dot-product heads: temporal head on the frames, masked mean, cosine similarity times exp(logit_scale)."""
+        sequence_output, visual_output = sequence_output.contiguous(), visual_output.contiguous()
+        visual_output = self._apply_video_head(visual_output, video_mask, sim_header)
+
+        # Between head and pooling, as the original: every rank pools the whole global batch.
         if self.training:
             visual_output = allgather(visual_output)
             video_mask = allgather(video_mask)
@@ -290,15 +322,10 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
             if get_world_size() > 1:
                 dist.barrier()
 
-        visual_output = _l2_normalize(visual_output)
-        mask = video_mask.to(dtype=torch.float).unsqueeze(-1)
-        mask_sum = mask.sum(dim=1)
-        mask_sum = torch.where(mask_sum == 0, torch.ones_like(mask_sum), mask_sum)
-        visual_output = _l2_normalize((visual_output * mask).sum(dim=1) / mask_sum)
-
-        sequence_output = _l2_normalize(sequence_output.squeeze(1))
+        video = self._pool_video(visual_output, video_mask)
+        text = self.get_text_embedding(sequence_output)
         logit_scale = self.clip.logit_scale.exp()
-        return logit_scale * torch.matmul(sequence_output, visual_output.t())
+        return logit_scale * torch.matmul(text, video.t())
 
     def _cross_similarity(self, sequence_output, visual_output, attention_mask, video_mask) -> torch.Tensor:
         """tightTransf: every (text, video) pair through the cross encoder in one chunk → (B_t, B_v) scores."""

@@ -189,6 +189,38 @@ def test_loose_heads_match_hand_computation_with_ragged_lengths(model_of, head):
     assert torch.allclose(logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", LOOSE)
+def test_embeddings_reproduce_the_loose_logits(model_of, head):
+    model = model_of(head)
+    lengths = [3, 4, 1, 2]
+    ids, seg, am, video, vm = make_inputs(4, MAX_FRAMES, lengths=lengths, seed=14)
+    with torch.no_grad():
+        seq, vis = model.get_sequence_visual_output(ids, seg, am, video, vm)
+        logits, _ = model.get_similarity_logits(seq, vis, am, vm, loose_type=True)
+        text = model.get_text_embedding(seq)
+        videos = model.get_video_embedding(vis, vm)  # the loader's (B, 1, F) mask
+        per_video = torch.cat([model.get_video_embedding(vis[b:b + 1, :n], vm[b:b + 1, :, :n])
+                               for b, n in enumerate(lengths)])
+    assert text.shape == videos.shape == (4, 512)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(4), rtol=0, atol=1e-6)
+    assert torch.allclose(videos.norm(dim=-1), torch.ones(4), rtol=0, atol=1e-6)
+    scale = model.clip.logit_scale.exp()
+    assert torch.allclose(scale * text @ videos.T, logits, rtol=0, atol=1e-6)
+    # Padding does not reach the embedding: each video cut to its valid frames gives the same vector.
+    assert torch.allclose(per_video, videos, rtol=0, atol=1e-6)
+    expected = reference_loose_logits(model, seq, vis, lengths)
+    assert torch.allclose(scale * text @ videos.T, expected, rtol=0, atol=1e-5)
+
+
+def test_video_embedding_needs_a_loose_head(model_of):
+    ids, seg, am, video, vm = make_inputs(2, 2)
+    model = model_of("tightTransf")
+    with torch.no_grad():
+        vis = model.get_visual_output(video, vm)
+    with pytest.raises(ValueError, match="per-video embedding"):
+        model.get_video_embedding(vis, vm)
+
+
 def test_tight_transf_logits_equal_a_per_pair_loop(model_of):
     model = model_of("tightTransf")
     ids, seg, am, _, _ = make_inputs(2, MAX_FRAMES, seed=4)
