@@ -254,28 +254,14 @@ def text_embeddings(model, texts: Sequence[str], max_words: int = 32, batch_size
     for start in range(0, len(texts), batch_size):
         parts = [encode_caption(tokenizer, t, max_words) for t in texts[start:start + batch_size]]
         ids, mask, segment = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*parts))
-        seq = model.get_sequence_output(ids, segment, mask).squeeze(1)
-        out.append(seq / seq.norm(dim=-1, keepdim=True))
+        out.append(model.get_text_embedding(model.get_sequence_output(ids, segment, mask)))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def video_embeddings(model, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-    """(B, D) video embeddings for video (B, 1, F, 1, 3, H, W) and mask (B, 1, F): head, per-frame normalisation,
-    masked mean, normalisation (SPEC §3.7 steps 1 and 3), so that ``exp(logit_scale) * text @ video.T`` are the
-    model's logits.
-
-    The model's own ``get_similarity_logits`` does the pooling: the logit of the unit text vector e_i against a
-    video is exp(logit_scale) times the video embedding's i-th component, so D unit "texts" read the whole
-    embedding back and no head code is repeated here.
-    """
-    visual = model.get_visual_output(video, video_mask)
-    mask = video_mask.view(-1, visual.shape[1])
-    dim = visual.shape[-1]
-    basis = torch.eye(dim, device=visual.device, dtype=visual.dtype).unsqueeze(1)
-    logits, _ = model.get_similarity_logits(basis, visual, torch.ones(dim, 1, device=visual.device), mask,
-                                            shaped=True, loose_type=True)
-    return logits.t() / model.clip.logit_scale.exp()
+    """(B, D) unit video embeddings (head included) for video (B, 1, F, 1, 3, H, W) and mask (B, 1, F)."""
+    return model.get_video_embedding(model.get_visual_output(video, video_mask), video_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
