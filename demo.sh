@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# First run of CLIP4Clip, on CPU, with nothing downloaded but the Python requirements:
+#   1. install requirements.txt (a no-op when already satisfied),
+#   2. write the synthetic data set (preprocess/make_synthetic_dataset.py) into $OUT,
+#   3. train + evaluate CLIP4Clip with the tiny random CLIP (main_task_retrieval.py, one process),
+#   4. evaluate the last checkpoint on the order-dependent test captions, and print the metric table.
+#
+#   bash demo.sh                          # meanP head, about 6 minutes on 2 cores
+#   SIM_HEADER=seqTransf bash demo.sh     # the temporal head
+#   EPOCHS=2 OUT=/tmp/demo bash demo.sh   # settings below are environment variables
+#   bash demo.sh --lr 1e-3                # extra arguments go to main_task_retrieval.py (the last one wins)
+#
+# The hyper-parameters are not the paper's: the tiny CLIP is random, so it has to learn from scratch at a much
+# larger learning rate (README, "Demo: the synthetic benchmark").
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON="${PYTHON:-python3}"
+SIM_HEADER="${SIM_HEADER:-meanP}"      # meanP, seqLSTM, seqTransf or tightTransf
+EPOCHS="${EPOCHS:-6}"
+NUM_TRAIN="${NUM_TRAIN:-1000}"         # training videos (the test videos do not depend on it)
+NUM_TEST="${NUM_TEST:-100}"            # test videos, half of them in order-reversed twin pairs
+SEED="${SEED:-0}"                      # data set seed
+OUT="${OUT:-demo_output}"              # data, checkpoints, logs and metrics (git-ignored)
+INSTALL="${INSTALL:-1}"                # 0: do not touch the Python packages
+
+# --sim_header and --epochs among the extra arguments win over the variables (they name the run folder and the
+# checkpoint evaluated last).
+prev=
+for arg in "$@"; do
+    case "$prev" in --sim_header) SIM_HEADER="$arg" ;; --epochs) EPOCHS="$arg" ;; esac
+    case "$arg" in --sim_header=*) SIM_HEADER="${arg#*=}" ;; --epochs=*) EPOCHS="${arg#*=}" ;; esac
+    prev="$arg"
+done
+
+if [ "$INSTALL" = 1 ]; then
+    echo "== installing requirements.txt"
+    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q --disable-pip-version-check -r requirements.txt
+fi
+
+DATA="$OUT/data_seed${SEED}_train${NUM_TRAIN}_test${NUM_TEST}"
+if [ ! -f "$DATA/synthetic_meta.json" ]; then  # written last, so its presence means the set is complete
+    echo "== writing the synthetic data set to $DATA"
+    "$PYTHON" preprocess/make_synthetic_dataset.py --output_dir "$DATA" --datasets msrvtt --seed "$SEED" \
+        --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" > /dev/null
+fi
+MSRVTT="$DATA/msrvtt"
+
+RUN="$OUT/run_${SIM_HEADER}"
+mkdir -p "$RUN"
+rm -f "$RUN"/pytorch_model.bin.* "$RUN"/pytorch_opt.bin.* "$RUN"/metrics_*.json "$RUN"/log.txt
+rm -rf "$RUN/order"
+
+LOOSE=--loose_type
+[ "$SIM_HEADER" = tightTransf ] && LOOSE=
+
+echo "== training CLIP4Clip ($SIM_HEADER, tiny random CLIP, $EPOCHS epochs) into $RUN"
+"$PYTHON" main_task_retrieval.py --do_train --datatype msrvtt \
+    --train_csv "$MSRVTT/MSRVTT_train.9k.csv" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv" \
+    --data_path "$MSRVTT/MSRVTT_data.json" --features_path "$MSRVTT/videos" \
+    --frame_cache "$OUT/frame_cache" --num_thread_reader 1 \
+    --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" $LOOSE \
+    --cross_num_hidden_layers 2 --freeze_layer_num 0 --linear_patch 2d \
+    --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 \
+    --epochs "$EPOCHS" --batch_size 16 --batch_size_val 100 --lr 2e-3 --coef_lr 1 --n_display 20 \
+    --seed 42 --output_dir "$RUN" "$@"
+
+LAST=$((EPOCHS - 1))
+
+echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test captions"
+"$PYTHON" main_task_retrieval.py --do_eval --datatype msrvtt \
+    --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --features_path "$MSRVTT/videos" \
+    --frame_cache "$OUT/frame_cache" --num_thread_reader 1 \
+    --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" $LOOSE \
+    --cross_num_hidden_layers 2 --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 \
+    --batch_size_val 100 --init_model "$RUN/pytorch_model.bin.$LAST" --output_dir "$RUN/order" "$@" \
+    > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
+
+"$PYTHON" - "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json" <<'EOF'
+import json, sys
+
+rows = [("test (all captions)", sys.argv[1]), ("test, order-dependent only", sys.argv[2])]
+print(f"\n== CLIP4Clip {json.load(open(sys.argv[1]))['sim_header']}, text-to-video, last epoch")
+print(f"| {'split':<27}| videos | chance R@1 | R@1   | R@5   | R@10  | MdR  | MnR  |")
+print(f"|{'-' * 28}|--------|------------|-------|-------|-------|------|------|")
+for name, path in rows:
+    record = json.load(open(path))
+    m, n = record["text_to_video"], record["num_videos"]
+    print(f"| {name:<27}| {n:>6} | {100 / n:>10.1f} | {m['R1']:>5.1f} | {m['R5']:>5.1f} | {m['R10']:>5.1f} "
+          f"| {m['MR']:>4.1f} | {m['MeanR']:>4.1f} |")
+EOF
