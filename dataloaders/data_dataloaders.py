@@ -60,52 +60,27 @@ def dataloader_msrvtt_test(args, tokenizer, subset="test"):
     return _eval_loader(dataset, args)
 
 
-def dataloader_msvd_train(args, tokenizer):
-    dataset = MSVD_DataLoader(subset="train", data_path=args.data_path,
-                             **_dataset_kwargs(args, tokenizer, args.train_frame_order))
-    return _train_loader(dataset, args)
-
-
-def dataloader_msvd_test(args, tokenizer, subset="test"):
-    dataset = MSVD_DataLoader(subset=subset, data_path=args.data_path,
-                             **_dataset_kwargs(args, tokenizer, args.eval_frame_order))
-    return _eval_loader(dataset, args)
-
-
-def dataloader_lsmdc_train(args, tokenizer):
-    dataset = LSMDC_DataLoader(subset="train", data_path=args.data_path,
+def _subset_builders(dataset_cls, name: str):
+    """The (train, test) builders of a data set whose class takes ``subset`` and ``data_path``."""
+    def train(args, tokenizer):
+        dataset = dataset_cls(subset="train", data_path=args.data_path,
                               **_dataset_kwargs(args, tokenizer, args.train_frame_order))
-    return _train_loader(dataset, args)
+        return _train_loader(dataset, args)
 
-
-def dataloader_lsmdc_test(args, tokenizer, subset="test"):
-    dataset = LSMDC_DataLoader(subset=subset, data_path=args.data_path,
+    def test(args, tokenizer, subset="test"):
+        dataset = dataset_cls(subset=subset, data_path=args.data_path,
                               **_dataset_kwargs(args, tokenizer, args.eval_frame_order))
-    return _eval_loader(dataset, args)
+        return _eval_loader(dataset, args)
+
+    train.__name__ = train.__qualname__ = f"dataloader_{name}_train"
+    test.__name__ = test.__qualname__ = f"dataloader_{name}_test"
+    return train, test
 
 
-def dataloader_activity_train(args, tokenizer):
-    dataset = ActivityNet_DataLoader(subset="train", data_path=args.data_path,
-                                    **_dataset_kwargs(args, tokenizer, args.train_frame_order))
-    return _train_loader(dataset, args)
-
-
-def dataloader_activity_test(args, tokenizer, subset="test"):
-    dataset = ActivityNet_DataLoader(subset=subset, data_path=args.data_path,
-                                    **_dataset_kwargs(args, tokenizer, args.eval_frame_order))
-    return _eval_loader(dataset, args)
-
-
-def dataloader_didemo_train(args, tokenizer):
-    dataset = DiDeMo_DataLoader(subset="train", data_path=args.data_path,
-                               **_dataset_kwargs(args, tokenizer, args.train_frame_order))
-    return _train_loader(dataset, args)
-
-
-def dataloader_didemo_test(args, tokenizer, subset="test"):
-    dataset = DiDeMo_DataLoader(subset=subset, data_path=args.data_path,
-                               **_dataset_kwargs(args, tokenizer, args.eval_frame_order))
-    return _eval_loader(dataset, args)
+dataloader_msvd_train, dataloader_msvd_test = _subset_builders(MSVD_DataLoader, "msvd")
+dataloader_lsmdc_train, dataloader_lsmdc_test = _subset_builders(LSMDC_DataLoader, "lsmdc")
+dataloader_activity_train, dataloader_activity_test = _subset_builders(ActivityNet_DataLoader, "activity")
+dataloader_didemo_train, dataloader_didemo_test = _subset_builders(DiDeMo_DataLoader, "didemo")
 
 
 # "test": None means the val builder serves as the test set (MSR-VTT's 1k-A csv, ActivityNet's val_1).
