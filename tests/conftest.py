@@ -139,3 +139,19 @@ def real_annotations() -> Path:
     if not REAL_ANNOTATIONS.is_dir():
         pytest.skip(f"real annotation files not found at {REAL_ANNOTATIONS} (they sit beside the project checkout)")
     return REAL_ANNOTATIONS
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Our CLIP tokenizer (one instance: its BPE cache is shared by every test)."""
+    from modules.tokenization_clip import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """open_clip's copy of OpenAI's tokenizer: the independent reference for token ids."""
+    from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
+
+    return OpenClipTokenizer()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pickle
 from argparse import Namespace
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
@@ -13,12 +12,6 @@ from torch.utils.data.distributed import DistributedSampler
 from conftest import write_video
 from dataloaders import data_dataloaders as dd
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
-from modules.tokenization_clip import SimpleTokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,9 @@ from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
 from conftest import write_video
 from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
-from modules.tokenization_clip import SimpleTokenizer
 
 SOT, EOT = 49406, 49407
 SMALL = dict(max_words=16, max_frames=2, image_resolution=32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +122,7 @@ def write_small_split(root, clip):
 
 
 def test_expanded_sentences_small(tmp_path, clip, tokenizer):
-    sentences = write_small_split(tmp_path, clip)
+    write_small_split(tmp_path, clip)
     ds = MSRVTT_TrainDataLoader(str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"),
                                 str(tmp_path / "videos"), tokenizer, unfold_sentences=True, **SMALL)
     assert len(ds) == 12

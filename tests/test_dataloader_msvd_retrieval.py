@@ -11,15 +11,9 @@ from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
 from conftest import write_video
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
-from modules.tokenization_clip import SimpleTokenizer
 
 SOT, EOT = 49406, 49407
 SMALL = dict(max_words=20, max_frames=2, image_resolution=32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,14 @@ import random
 
 import numpy as np
 import pytest
-from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
 from conftest import write_video
 from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader
 from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
-from modules.tokenization_clip import SimpleTokenizer
 
 SOT, EOT = 49406, 49407
 SMALL = dict(max_words=24, max_frames=2, image_resolution=32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return SimpleTokenizer()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return OpenClipTokenizer()
 
 
 @pytest.fixture(scope="module")

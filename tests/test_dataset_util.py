@@ -9,26 +9,14 @@ import random
 
 import numpy as np
 import pytest
-from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
 from conftest import write_video
 from dataloaders import dataset_util
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
 from dataloaders.dataset_util import (clip_window, encode_caption, find_videos, find_videos_flat, load_raw_captions,
                                       read_csv, read_id_list, read_json)
-from modules.tokenization_clip import SimpleTokenizer
 
 SOT, EOT = 49406, 49407
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return SimpleTokenizer()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return OpenClipTokenizer()
 
 
 # ---------------------------------------------------------------------------------------------------------- captions
