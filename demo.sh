@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON="${PYTHON:-python3}"
 SIM_HEADER="${SIM_HEADER:-meanP}"      # meanP, seqLSTM, seqTransf or tightTransf
-EPOCHS="${EPOCHS:-6}"
+EPOCHS="${EPOCHS:-18}"
 NUM_TRAIN="${NUM_TRAIN:-1000}"         # training videos (the test videos do not depend on it)
 NUM_TEST="${NUM_TEST:-100}"            # test videos, half of them in order-reversed twin pairs
 SEED="${SEED:-0}"                      # data set seed
@@ -62,7 +62,7 @@ echo "== training CLIP4Clip ($SIM_HEADER, tiny random CLIP, $EPOCHS epochs) into
     --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" $LOOSE \
     --cross_num_hidden_layers 2 --freeze_layer_num 0 --linear_patch 2d \
     --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 \
-    --epochs "$EPOCHS" --batch_size 16 --batch_size_val 100 --lr 2e-3 --coef_lr 1 --n_display 20 \
+    --epochs "$EPOCHS" --batch_size 16 --batch_size_val 100 --lr 5e-4 --coef_lr 4 --n_display 50 \
     --seed 42 --output_dir "$RUN" "$@"
 
 LAST=$((EPOCHS - 1))
