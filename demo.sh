@@ -66,6 +66,8 @@ echo "== training CLIP4Clip ($SIM_HEADER, tiny random CLIP, $EPOCHS epochs) into
     --seed 42 --output_dir "$RUN" "$@"
 
 LAST=$((EPOCHS - 1))
+# The driver keeps every epoch (about 180 MB each, model and optimizer); the demo needs only the last.
+for ((e = 0; e < LAST; e++)); do rm -f "$RUN/pytorch_model.bin.$e" "$RUN/pytorch_opt.bin.$e"; done
 
 echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test captions"
 "$PYTHON" main_task_retrieval.py --do_eval --datatype msrvtt \

@@ -1,6 +1,6 @@
-"""End-to-end smoke run of demo.sh: data set, one training epoch, evaluation, order-dependent evaluation, table.
+"""End-to-end smoke run of demo.sh: data set, training, evaluation, order-dependent evaluation, table.
 
-Tiny settings (16 train and 8 test videos, 1 epoch, 2 frames): it checks that the path runs and writes sane
+Tiny settings (16 train and 8 test videos, 2 epochs, 2 frames): it checks that the path runs and writes sane
 files, not that the model learns (the full demo's figures are in the README).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def check_metrics(record: dict, num_videos: int) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), EPOCHS="1", NUM_TRAIN="16",
+    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), EPOCHS="2", NUM_TRAIN="16",
                NUM_TEST="8", SIM_HEADER="seqTransf")
     result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8",
                              "--n_display", "1"], env=env, capture_output=True, text=True, timeout=300)
@@ -43,29 +43,33 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_checkpoint_and_metrics(demo_run):
     out, _, _ = demo_run
     run = out / "run_seqTransf"
-    state = torch.load(run / "pytorch_model.bin.0", map_location="cpu", weights_only=True)
+    state = torch.load(run / "pytorch_model.bin.1", map_location="cpu", weights_only=True)
     assert "clip.logit_scale" in state and "transformerClip.resblocks.0.attn.in_proj_weight" in state
-    assert (run / "pytorch_opt.bin.0").is_file()
+    assert (run / "pytorch_opt.bin.1").is_file()
+    # Only the last epoch's checkpoint is kept.
+    assert not (run / "pytorch_model.bin.0").exists() and not (run / "pytorch_opt.bin.0").exists()
 
-    test_record = json.loads((run / "metrics_epoch0.json").read_text())
-    assert (test_record["sim_header"], test_record["num_texts"], test_record["num_videos"]) == ("seqTransf", 8, 8)
-    check_metrics(test_record, 8)
+    for epoch in (0, 1):
+        test_record = json.loads((run / f"metrics_epoch{epoch}.json").read_text())
+        assert (test_record["sim_header"], test_record["num_texts"], test_record["num_videos"]) == ("seqTransf", 8, 8)
+        check_metrics(test_record, 8)
 
     order_record = json.loads((run / "order" / "metrics_eval.json").read_text())
     meta = json.loads(next(out.glob("data_*/synthetic_meta.json")).read_text())
     twins = sum(1 for v in meta["videos"].values() if v["split"] == "test" and v["twin"] is not None)
     assert twins >= 2 and order_record["num_videos"] == twins
-    assert order_record["model_file"] == str(run / "pytorch_model.bin.0")
+    assert order_record["model_file"] == str(run / "pytorch_model.bin.1")
     check_metrics(order_record, twins)
 
 
 def test_demo_prints_metric_lines_and_table(demo_run):
     out, stdout, log = demo_run
     lines = [tuple(map(float, m.groups())) for m in METRIC_LINE.finditer(log)]
-    assert len(lines) == 1  # the training run's evaluation; the order evaluation goes to its log file
-    record = json.loads((out / "run_seqTransf" / "metrics_epoch0.json").read_text())["text_to_video"]
-    assert lines[0] == pytest.approx(tuple(round(record[k], 1) for k in ("R1", "R5", "R10", "MR", "MeanR")))
-    assert "Epoch: 1/1, Step: 1/2" in log  # 16 videos in batches of 8, logged every step
+    assert len(lines) == 2  # one per training epoch; the order evaluation goes to its own log file
+    for epoch, line in enumerate(lines):
+        record = json.loads((out / "run_seqTransf" / f"metrics_epoch{epoch}.json").read_text())["text_to_video"]
+        assert line == pytest.approx(tuple(round(record[k], 1) for k in ("R1", "R5", "R10", "MR", "MeanR")))
+    assert "Epoch: 2/2, Step: 2/2" in log  # 16 videos in batches of 8, logged every step
 
     table = stdout[stdout.index("== CLIP4Clip seqTransf"):].splitlines()
     assert table[1].startswith("| split") and len(table) == 5
