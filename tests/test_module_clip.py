@@ -263,6 +263,21 @@ def test_encoders_match_open_clip(which, tiny_clip_state_dict, tiny_fp32):
         torch.testing.assert_close(logits_per_text, logits_per_image.t())
 
 
+def test_full_size_vit_b32_matches_open_clip():
+    """Random ViT-B/32 weights at full size (OpenAI's initialisation, 12+12 layers): encoders agree to 1e-4."""
+    torch.manual_seed(32)
+    ours = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                transformer_layers=12).eval()
+    state_dict = ours.state_dict()
+    assert len(state_dict) == 302
+    reference = open_clip_reference(state_dict)
+    image, ids = images(2, 224), make_texts([5, 77])
+    with torch.no_grad():
+        assert (ours.encode_image(image) - reference.encode_image(image)).abs().max() < 1e-4
+        assert (ours.encode_text(ids) - reference.encode_text(ids)).abs().max() < 1e-4
+
+
 def test_3d_patch_with_centre_init_equals_2d(tiny_clip_state_dict, tiny_fp32):
     model_3d = fp32_clip(tiny_clip_state_dict, linear_patch="3d")
     conv1 = tiny_clip_state_dict["visual.conv1.weight"]
