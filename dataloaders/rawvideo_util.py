@@ -28,6 +28,10 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from torchvision.transforms import v2
 
+# Decoding runs in DataLoader worker processes, which already use every core: OpenCV's own thread pool would only
+# oversubscribe them, and a pool started before the workers fork is not fork-safe.
+cv2.setNumThreads(1)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
