@@ -65,16 +65,17 @@ AttnMask = Union[None, torch.Tensor, Callable[[int], torch.Tensor]]
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm block: x + attn(ln_1 x), then x + mlp(ln_2 x). Input is (L, N, D)."""
 
-    def __init__(self, d_model: int, n_head: int, attn_mask: AttnMask = None):
+    def __init__(self, d_model: int, n_head: int, attn_mask: AttnMask = None, norm_layer: type = None):
         super().__init__()
+        norm_layer = norm_layer or LayerNorm
         self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = LayerNorm(d_model)
+        self.ln_1 = norm_layer(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
             ("gelu", QuickGELU()),
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
-        self.ln_2 = LayerNorm(d_model)
+        self.ln_2 = norm_layer(d_model)
         # A callable builds the mask for the actual sequence length (the text tower's causal mask).
         self.attn_mask = attn_mask
 

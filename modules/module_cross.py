@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from modules import module_clip as clip_blocks
+from modules.module_clip import QuickGELU
 from modules.until_module import LayerNorm, PreTrainedModel, is_log_rank
 
 logger = logging.getLogger(__name__)
@@ -100,24 +101,11 @@ class CrossConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class ResidualAttentionBlock(nn.Module):
-    """CLIP's pre-norm block with TF-style LayerNorms and an additive (B, L, L) attention mask."""
+class ResidualAttentionBlock(clip_blocks.ResidualAttentionBlock):
+    """CLIP's pre-norm block with TF-style LayerNorms and an additive (B, L, L) attention mask given per call."""
 
     def __init__(self, d_model: int, n_head: int):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
-        ]))
-        self.ln_2 = LayerNorm(d_model)
+        super().__init__(d_model, n_head, norm_layer=LayerNorm)
         self.n_head = n_head
 
     def attention(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
