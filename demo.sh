@@ -24,12 +24,15 @@ SEED="${SEED:-0}"                      # data set seed
 OUT="${OUT:-demo_output}"              # data, checkpoints, logs and metrics (git-ignored)
 INSTALL="${INSTALL:-1}"                # 0: do not touch the Python packages
 
-# --sim_header and --epochs among the extra arguments win over the variables (they name the run folder and the
-# checkpoint evaluated last).
+# --sim_header, --epochs and --output_dir among the extra arguments win over the variables (they name the run folder
+# and the checkpoint evaluated last).
 prev=
+RUN=
 for arg in "$@"; do
-    case "$prev" in --sim_header) SIM_HEADER="$arg" ;; --epochs) EPOCHS="$arg" ;; esac
-    case "$arg" in --sim_header=*) SIM_HEADER="${arg#*=}" ;; --epochs=*) EPOCHS="${arg#*=}" ;; esac
+    case "$prev" in --sim_header) SIM_HEADER="$arg" ;; --epochs) EPOCHS="$arg" ;; --output_dir) RUN="$arg" ;; esac
+    case "$arg" in
+        --sim_header=*) SIM_HEADER="${arg#*=}" ;; --epochs=*) EPOCHS="${arg#*=}" ;; --output_dir=*) RUN="${arg#*=}" ;;
+    esac
     prev="$arg"
 done
 
@@ -46,7 +49,7 @@ if [ ! -f "$DATA/synthetic_meta.json" ]; then  # written last, so its presence m
 fi
 MSRVTT="$DATA/msrvtt"
 
-RUN="$OUT/run_${SIM_HEADER}"
+RUN="${RUN:-$OUT/run_${SIM_HEADER}}"
 mkdir -p "$RUN"
 rm -f "$RUN"/pytorch_model.bin.* "$RUN"/pytorch_opt.bin.* "$RUN"/metrics_*.json "$RUN"/log.txt
 rm -rf "$RUN/order"
@@ -70,12 +73,13 @@ LAST=$((EPOCHS - 1))
 for ((e = 0; e < LAST; e++)); do rm -f "$RUN/pytorch_model.bin.$e" "$RUN/pytorch_opt.bin.$e"; done
 
 echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test captions"
-"$PYTHON" main_task_retrieval.py --do_eval --datatype msrvtt \
-    --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --features_path "$MSRVTT/videos" \
+# The extra arguments come before the checkpoint, split and folder here: those three are this step's own.
+"$PYTHON" main_task_retrieval.py --do_eval --datatype msrvtt --features_path "$MSRVTT/videos" \
     --frame_cache "$OUT/frame_cache" --num_thread_reader 1 \
     --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" $LOOSE \
     --cross_num_hidden_layers 2 --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 \
-    --batch_size_val 100 --init_model "$RUN/pytorch_model.bin.$LAST" --output_dir "$RUN/order" "$@" \
+    --batch_size_val 100 "$@" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" \
+    --init_model "$RUN/pytorch_model.bin.$LAST" --output_dir "$RUN/order" \
     > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
 
 "$PYTHON" - "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json" <<'EOF'

@@ -34,15 +34,18 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), EPOCHS="2", NUM_TRAIN="16",
                NUM_TEST="8", SIM_HEADER="seqTransf")
+    # --output_dir among the extra arguments moves the run; the order evaluation must follow it.
     result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8",
-                             "--n_display", "1"], env=env, capture_output=True, text=True, timeout=300)
+                             "--n_display", "1", "--output_dir", str(out / "my_run")],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout, result.stdout + result.stderr
 
 
 def test_demo_writes_checkpoint_and_metrics(demo_run):
     out, _, _ = demo_run
-    run = out / "run_seqTransf"
+    run = out / "my_run"
+    assert not (out / "run_seqTransf").exists()
     state = torch.load(run / "pytorch_model.bin.1", map_location="cpu", weights_only=True)
     assert "clip.logit_scale" in state and "transformerClip.resblocks.0.attn.in_proj_weight" in state
     assert (run / "pytorch_opt.bin.1").is_file()
@@ -67,13 +70,13 @@ def test_demo_prints_metric_lines_and_table(demo_run):
     lines = [tuple(map(float, m.groups())) for m in METRIC_LINE.finditer(log)]
     assert len(lines) == 2  # one per training epoch; the order evaluation goes to its own log file
     for epoch, line in enumerate(lines):
-        record = json.loads((out / "run_seqTransf" / f"metrics_epoch{epoch}.json").read_text())["text_to_video"]
+        record = json.loads((out / "my_run" / f"metrics_epoch{epoch}.json").read_text())["text_to_video"]
         assert line == pytest.approx(tuple(round(record[k], 1) for k in ("R1", "R5", "R10", "MR", "MeanR")))
     assert "Epoch: 2/2, Step: 2/2" in log  # 16 videos in batches of 8, logged every step
 
     table = stdout[stdout.index("== CLIP4Clip seqTransf"):].splitlines()
     assert table[1].startswith("| split") and len(table) == 5
     order_row = [c.strip() for c in table[4].split("|")[1:-1]]
-    order_record = json.loads((out / "run_seqTransf" / "order" / "metrics_eval.json").read_text())
+    order_record = json.loads((out / "my_run" / "order" / "metrics_eval.json").read_text())
     assert order_row[0] == "test, order-dependent only" and int(order_row[1]) == order_record["num_videos"]
     assert float(order_row[3]) == pytest.approx(order_record["text_to_video"]["R1"], abs=0.05)
