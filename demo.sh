@@ -54,19 +54,17 @@ mkdir -p "$RUN"
 rm -f "$RUN"/pytorch_model.bin.* "$RUN"/pytorch_opt.bin.* "$RUN"/metrics_*.json "$RUN"/log.txt
 rm -rf "$RUN/order"
 
-LOOSE=--loose_type
-[ "$SIM_HEADER" = tightTransf ] && LOOSE=
+# What training and the order evaluation share, so the two cannot drift apart.
+SHARED=(--datatype msrvtt --features_path "$MSRVTT/videos" --frame_cache "$OUT/frame_cache" --num_thread_reader 1
+        --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" --cross_num_hidden_layers 2
+        --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 --batch_size_val 100)
+[ "$SIM_HEADER" = tightTransf ] || SHARED+=(--loose_type)
 
 echo "== training CLIP4Clip ($SIM_HEADER, tiny random CLIP, $EPOCHS epochs) into $RUN"
-"$PYTHON" main_task_retrieval.py --do_train --datatype msrvtt \
+"$PYTHON" main_task_retrieval.py --do_train "${SHARED[@]}" \
     --train_csv "$MSRVTT/MSRVTT_train.9k.csv" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv" \
-    --data_path "$MSRVTT/MSRVTT_data.json" --features_path "$MSRVTT/videos" \
-    --frame_cache "$OUT/frame_cache" --num_thread_reader 1 \
-    --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" $LOOSE \
-    --cross_num_hidden_layers 2 --freeze_layer_num 0 --linear_patch 2d \
-    --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 \
-    --epochs "$EPOCHS" --batch_size 16 --batch_size_val 100 --lr 5e-4 --coef_lr 4 --n_display 50 \
-    --seed 42 --output_dir "$RUN" "$@"
+    --data_path "$MSRVTT/MSRVTT_data.json" --freeze_layer_num 0 --linear_patch 2d \
+    --epochs "$EPOCHS" --batch_size 16 --lr 5e-4 --coef_lr 4 --n_display 50 --seed 42 --output_dir "$RUN" "$@"
 
 LAST=$((EPOCHS - 1))
 # The driver keeps every epoch (about 180 MB each, model and optimizer); the demo needs only the last.
@@ -74,13 +72,9 @@ for ((e = 0; e < LAST; e++)); do rm -f "$RUN/pytorch_model.bin.$e" "$RUN/pytorch
 
 echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test captions"
 # The extra arguments come before the checkpoint, split and folder here: those three are this step's own.
-"$PYTHON" main_task_retrieval.py --do_eval --datatype msrvtt --features_path "$MSRVTT/videos" \
-    --frame_cache "$OUT/frame_cache" --num_thread_reader 1 \
-    --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" $LOOSE \
-    --cross_num_hidden_layers 2 --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 \
-    --batch_size_val 100 "$@" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" \
-    --init_model "$RUN/pytorch_model.bin.$LAST" --output_dir "$RUN/order" \
-    > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
+"$PYTHON" main_task_retrieval.py --do_eval "${SHARED[@]}" "$@" \
+    --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --init_model "$RUN/pytorch_model.bin.$LAST" \
+    --output_dir "$RUN/order" > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
 
 "$PYTHON" - "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json" <<'EOF'
 import json, sys
