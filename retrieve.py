@@ -192,6 +192,12 @@ def checkpoint_head(state_dict: Dict[str, torch.Tensor]) -> Tuple[str, str]:
     return head, ("3d" if "clip.visual.conv2.weight" in state_dict else "2d")
 
 
+def temporal_layers(state_dict: Optional[Dict[str, torch.Tensor]]) -> int:
+    """The seqTransf layer count a checkpoint was trained with (``--cross_num_hidden_layers``); 4 without one."""
+    layers = {int(k.split(".")[2]) for k in state_dict or {} if k.startswith("transformerClip.resblocks.")}
+    return max(layers) + 1 if layers else 4
+
+
 def read_checkpoint(path: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
     """The ``--init_model`` state dict, or None without one."""
     if path is None:
@@ -207,7 +213,8 @@ def load_model(spec: dict, state: Optional[Dict[str, torch.Tensor]], max_frames:
     checkpoint ``state``."""
     config = argparse.Namespace(
         local_rank=0, pretrained_clip_name=spec["pretrained_clip_name"], linear_patch=spec["linear_patch"],
-        sim_header=spec["sim_header"], loose_type=spec["sim_header"] in LOOSE_HEADS, cross_num_hidden_layers=4,
+        sim_header=spec["sim_header"], loose_type=spec["sim_header"] in LOOSE_HEADS,
+        cross_num_hidden_layers=temporal_layers(state),
         max_words=max_words, max_frames=max_frames, precision="fp16-weights" if device.type == "cuda" else "fp32",
         grad_checkpointing=False)
     # Modules the weights do not cover are drawn from the global RNG: seed it so index and search build the same

@@ -114,10 +114,10 @@ def test_checkpoint_head_reads_the_trained_modules():
 
 
 # ----------------------------------------------------------------------------------------------- model-based tests
-def _reference_model(clip_file: Path, head: str = "meanP"):
+def _reference_model(clip_file: Path, head: str = "meanP", temporal_layers: int = 4):
     """CLIP4Clip built directly, as main_task_retrieval.py does, for independent logits."""
     config = argparse.Namespace(local_rank=0, pretrained_clip_name=str(clip_file), linear_patch="2d",
-                                sim_header=head, loose_type=True, cross_num_hidden_layers=4, max_words=32,
+                                sim_header=head, loose_type=True, cross_num_hidden_layers=temporal_layers, max_words=32,
                                 max_frames=MAX_FRAMES, precision="fp32", grad_checkpointing=False)
     torch.manual_seed(123)
     model = CLIP4Clip.from_pretrained("cross-base", state_dict=None, cache_dir=None, type_vocab_size=2,
@@ -279,7 +279,9 @@ def test_reindex_encodes_only_new_and_changed_files(tmp_path, tiny_clip_file, re
 
 
 def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_file):
-    reference = _reference_model(tiny_clip_file, "seqTransf")
+    # Trained with --cross_num_hidden_layers 2 (as the demo): the index must build 2 layers, not the default 4.
+    reference = _reference_model(tiny_clip_file, "seqTransf", temporal_layers=2)
+    assert retrieve.temporal_layers(reference.state_dict()) == 2 and retrieve.temporal_layers(None) == 4
     with torch.no_grad():  # a "trained" head: anything but its initial copy of the text blocks
         reference.transformerClip.resblocks[0].mlp.c_proj.weight.add_(0.05)
     ckpt = tmp_path / "pytorch_model.bin.0"
