@@ -6,9 +6,15 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-import numpy as np
-import pytest
-import torch
+# The suite checks numbers against CPU fp32 references (and the gloo backend for two-process runs). On a GPU machine
+# the code would pick CUDA, fp16 weights and NCCL, so the GPU is hidden from the tests and from the processes they
+# start; set CLIP4CLIP_TEST_KEEP_GPU=1 to leave it visible.
+if os.environ.get("CLIP4CLIP_TEST_KEEP_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
