@@ -5,6 +5,7 @@ Nothing is downloaded: the user puts the weight file in ``modules/`` (see README
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -33,6 +34,10 @@ TINY_MODELS: Dict[str, dict] = {
     ),
 }
 _TINY_SEED = 0
+# Every OpenAI checkpoint, which is what CLIP4Clip fine-tunes, carries a logit scale of 100. The CLIP class's own
+# start value (1, so logits are cosines times e) only exists to be overwritten by such a file; a tiny CLIP left at
+# it trains with a 37x softer softmax and learns retrieval far more slowly (README, "Demo").
+_TINY_LOGIT_SCALE = math.log(100.0)
 
 # Entries of OpenAI's TorchScript archives that are not model parameters.
 _JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
@@ -386,8 +391,10 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 
 def _tiny_state_dict(name: str) -> Dict[str, torch.Tensor]:
-    """A freshly initialised tiny CLIP, seeded locally so the caller's RNG stream is untouched."""
+    """A freshly initialised tiny CLIP with logit scale 100, seeded locally so the caller's RNG stream is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
         model = CLIP(**TINY_MODELS[name])
-    return dict(model.state_dict())
+    state = dict(model.state_dict())
+    state["logit_scale"] = torch.tensor(_TINY_LOGIT_SCALE)
+    return state

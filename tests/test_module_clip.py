@@ -366,6 +366,8 @@ def test_tiny_named_architecture_is_deterministic_and_leaves_rng_alone():
     # OpenAI's initialisation: token embedding std 0.02, text projection std width ** -0.5.
     assert abs(first["token_embedding.weight"].std().item() - 0.02) < 1e-3
     assert abs(first["text_projection"].std().item() - 512 ** -0.5) < 2e-3
+    # The logit scale of OpenAI's checkpoints, not the class's placeholder exp(1).
+    assert first["logit_scale"].dtype == torch.float32 and first["logit_scale"].exp().item() == pytest.approx(100.0)
     model = build_model(first)
     assert model.visual.input_resolution == 64
     with torch.no_grad():
