@@ -2,13 +2,15 @@
 # First run of CLIP4Clip, on CPU, with nothing downloaded but the Python requirements:
 #   1. install requirements.txt (a no-op when already satisfied),
 #   2. write the synthetic data set (preprocess/make_synthetic_dataset.py) into $OUT,
-#   3. train + evaluate CLIP4Clip with the tiny random CLIP (main_task_retrieval.py, one process),
-#   4. evaluate the last checkpoint on the order-dependent test captions, and print the metric table.
+#   3. stage 1, standing in for CLIP's pre-training: train CLIP4Clip meanP from the tiny random CLIP (cached in $OUT,
+#      shared by all heads),
+#   4. stage 2: fine-tune CLIP4Clip with the chosen head from the stage-1 checkpoint, evaluating every epoch,
+#   5. evaluate the last checkpoint on the order-dependent test captions, and print the metric table.
 #
 #   bash demo.sh                          # meanP head, about 6 minutes on 2 cores
-#   SIM_HEADER=seqTransf bash demo.sh     # the temporal head
+#   SIM_HEADER=seqTransf bash demo.sh     # the temporal head (about 2.5 more minutes: stage 1 is reused)
 #   EPOCHS=2 OUT=/tmp/demo bash demo.sh   # settings below are environment variables
-#   bash demo.sh --lr 1e-3                # extra arguments go to main_task_retrieval.py (the last one wins)
+#   bash demo.sh --lr 1e-3                # extra arguments go to stage 2's main_task_retrieval.py (the last one wins)
 #
 # The hyper-parameters are not the paper's: the tiny CLIP is random, so it has to learn from scratch at a much
 # larger learning rate (README, "Demo: the synthetic benchmark").
@@ -17,7 +19,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON="${PYTHON:-python3}"
 SIM_HEADER="${SIM_HEADER:-meanP}"      # meanP, seqLSTM, seqTransf or tightTransf
-EPOCHS="${EPOCHS:-18}"
+PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-18}"  # stage 1 (meanP from the random CLIP)
+EPOCHS="${EPOCHS:-10}"                    # stage 2 (the chosen head, from stage 1)
 NUM_TRAIN="${NUM_TRAIN:-1000}"         # training videos (the test videos do not depend on it)
 NUM_TEST="${NUM_TEST:-100}"            # test videos, half of them in order-reversed twin pairs
 SEED="${SEED:-0}"                      # data set seed
@@ -49,30 +52,48 @@ if [ ! -f "$DATA/synthetic_meta.json" ]; then  # written last, so its presence m
 fi
 MSRVTT="$DATA/msrvtt"
 
+# What every command shares; the head and its --loose_type are added per command.
+COMMON=(--datatype msrvtt --features_path "$MSRVTT/videos" --frame_cache "$OUT/frame_cache" --num_thread_reader 1
+        --pretrained_clip_name tiny-random-ViT/16 --cross_num_hidden_layers 2 --max_words 20 --max_frames 4
+        --feature_framerate 1 --slice_framepos 2 --batch_size_val 100)
+TRAIN=(--do_train --train_csv "$MSRVTT/MSRVTT_train.9k.csv" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv"
+       --data_path "$MSRVTT/MSRVTT_data.json" --freeze_layer_num 0 --linear_patch 2d --batch_size 16 --n_display 50)
+HEAD=(--sim_header "$SIM_HEADER")
+[ "$SIM_HEADER" = tightTransf ] || HEAD+=(--loose_type)
+
+# Keep only the last epoch's model (the driver saves model and optimizer every epoch, about 180 MB each).
+keep_last() {
+    local dir=$1 last=$(($2 - 1)) e
+    for ((e = 0; e < last; e++)); do rm -f "$dir/pytorch_model.bin.$e" "$dir/pytorch_opt.bin.$e"; done
+}
+
+PRE="$OUT/pretrain_seed${SEED}_train${NUM_TRAIN}_test${NUM_TEST}_epochs${PRETRAIN_EPOCHS}"
+PRE_MODEL="$PRE/pytorch_model.bin.$((PRETRAIN_EPOCHS - 1))"
+if [ -f "$PRE_MODEL" ]; then  # checkpoints are written atomically, so the last epoch's file means stage 1 finished
+    echo "== stage 1: reusing $PRE_MODEL"
+else
+    echo "== stage 1: training CLIP4Clip meanP from the tiny random CLIP ($PRETRAIN_EPOCHS epochs) into $PRE"
+    "$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" --sim_header meanP --loose_type \
+        --epochs "$PRETRAIN_EPOCHS" --lr 5e-4 --coef_lr 4 --seed 42 --output_dir "$PRE"
+    keep_last "$PRE" "$PRETRAIN_EPOCHS"
+    rm -f "$PRE"/pytorch_opt.bin.*  # stage 2 starts a fresh optimizer
+fi
+
 RUN="${RUN:-$OUT/run_${SIM_HEADER}}"
 mkdir -p "$RUN"
 rm -f "$RUN"/pytorch_model.bin.* "$RUN"/pytorch_opt.bin.* "$RUN"/metrics_*.json "$RUN"/log.txt
 rm -rf "$RUN/order"
 
-# What training and the order evaluation share, so the two cannot drift apart.
-SHARED=(--datatype msrvtt --features_path "$MSRVTT/videos" --frame_cache "$OUT/frame_cache" --num_thread_reader 1
-        --pretrained_clip_name tiny-random-ViT/16 --sim_header "$SIM_HEADER" --cross_num_hidden_layers 2
-        --max_words 20 --max_frames 4 --feature_framerate 1 --slice_framepos 2 --batch_size_val 100)
-[ "$SIM_HEADER" = tightTransf ] || SHARED+=(--loose_type)
-
-echo "== training CLIP4Clip ($SIM_HEADER, tiny random CLIP, $EPOCHS epochs) into $RUN"
-"$PYTHON" main_task_retrieval.py --do_train "${SHARED[@]}" \
-    --train_csv "$MSRVTT/MSRVTT_train.9k.csv" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv" \
-    --data_path "$MSRVTT/MSRVTT_data.json" --freeze_layer_num 0 --linear_patch 2d \
-    --epochs "$EPOCHS" --batch_size 16 --lr 5e-4 --coef_lr 4 --n_display 50 --seed 42 --output_dir "$RUN" "$@"
+echo "== stage 2: fine-tuning CLIP4Clip $SIM_HEADER from stage 1 ($EPOCHS epochs) into $RUN"
+"$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" "${HEAD[@]}" --init_model "$PRE_MODEL" \
+    --epochs "$EPOCHS" --lr 2e-3 --coef_lr 1 --seed 42 --output_dir "$RUN" "$@"
 
 LAST=$((EPOCHS - 1))
-# The driver keeps every epoch (about 180 MB each, model and optimizer); the demo needs only the last.
-for ((e = 0; e < LAST; e++)); do rm -f "$RUN/pytorch_model.bin.$e" "$RUN/pytorch_opt.bin.$e"; done
+keep_last "$RUN" "$EPOCHS"
 
 echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test captions"
 # The extra arguments come before the checkpoint, split and folder here: those three are this step's own.
-"$PYTHON" main_task_retrieval.py --do_eval "${SHARED[@]}" "$@" \
+"$PYTHON" main_task_retrieval.py --do_eval "${COMMON[@]}" "${HEAD[@]}" "$@" \
     --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --init_model "$RUN/pytorch_model.bin.$LAST" \
     --output_dir "$RUN/order" > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
 
@@ -80,7 +101,7 @@ echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test cap
 import json, sys
 
 rows = [("test (all captions)", sys.argv[1]), ("test, order-dependent only", sys.argv[2])]
-print(f"\n== CLIP4Clip {json.load(open(sys.argv[1]))['sim_header']}, text-to-video, last epoch")
+print(f"\n== CLIP4Clip {json.load(open(sys.argv[1]))['sim_header']}, text-to-video, last epoch of stage 2")
 print(f"| {'split':<27}| videos | chance R@1 | R@1   | R@5   | R@10  | MdR  | MnR  |")
 print(f"|{'-' * 28}|--------|------------|-------|-------|-------|------|------|")
 for name, path in rows:

@@ -1,6 +1,7 @@
-"""End-to-end smoke run of demo.sh: data set, training, evaluation, order-dependent evaluation, table.
+"""End-to-end smoke run of demo.sh: data set, stage 1 (meanP), stage 2 (the head, from stage 1), evaluation,
+order-dependent evaluation, table; then a second head that reuses stage 1.
 
-Tiny settings (16 train and 8 test videos, 2 epochs, 2 frames): it checks that the path runs and writes sane
+Tiny settings (16 train and 8 test videos, 1 + 2 epochs, 2 frames): it checks that the path runs and writes sane
 files, not that the model learns (the full demo's figures are in the README).
 """
 from __future__ import annotations
@@ -32,14 +33,36 @@ def check_metrics(record: dict, num_videos: int) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), EPOCHS="2", NUM_TRAIN="16",
-               NUM_TEST="8", SIM_HEADER="seqTransf")
+    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), PRETRAIN_EPOCHS="1", EPOCHS="2",
+               NUM_TRAIN="16", NUM_TEST="8", SIM_HEADER="seqTransf")
     # --output_dir among the extra arguments moves the run; the order evaluation must follow it.
     result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8",
                              "--n_display", "1", "--output_dir", str(out / "my_run")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout, result.stdout + result.stderr
+
+
+def test_stage_two_starts_from_stage_one(demo_run):
+    out, stdout, _ = demo_run
+    pre = out / "pretrain_seed0_train16_test8_epochs1"
+    state = torch.load(pre / "pytorch_model.bin.0", map_location="cpu", weights_only=True)
+    assert "clip.logit_scale" in state and not any(k.startswith("transformerClip.") for k in state)  # meanP
+    assert not list(pre.glob("pytorch_opt.bin.*"))
+    assert json.loads((pre / "metrics_epoch0.json").read_text())["sim_header"] == "meanP"
+    assert f"init_model: {pre / 'pytorch_model.bin.0'}" in (out / "my_run" / "log.txt").read_text()
+    assert "== stage 1: training" in stdout
+
+    # A second head reuses stage 1 instead of training it again.
+    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), PRETRAIN_EPOCHS="1", EPOCHS="1",
+               NUM_TRAIN="16", NUM_TEST="8")
+    before = (pre / "pytorch_model.bin.0").stat().st_mtime_ns
+    result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"== stage 1: reusing {pre / 'pytorch_model.bin.0'}" in result.stdout
+    assert (pre / "pytorch_model.bin.0").stat().st_mtime_ns == before
+    assert json.loads((out / "run_meanP" / "metrics_epoch0.json").read_text())["sim_header"] == "meanP"
 
 
 def test_demo_writes_checkpoint_and_metrics(demo_run):
@@ -68,9 +91,10 @@ def test_demo_writes_checkpoint_and_metrics(demo_run):
 def test_demo_prints_metric_lines_and_table(demo_run):
     out, stdout, log = demo_run
     lines = [tuple(map(float, m.groups())) for m in METRIC_LINE.finditer(log)]
-    assert len(lines) == 2  # one per training epoch; the order evaluation goes to its own log file
+    assert len(lines) == 1 + 2  # one per training epoch (stage 1, stage 2); the order evaluation logs to its own file
     for epoch, line in enumerate(lines):
-        record = json.loads((out / "my_run" / f"metrics_epoch{epoch}.json").read_text())["text_to_video"]
+        run = out / ("pretrain_seed0_train16_test8_epochs1" if epoch == 0 else "my_run")
+        record = json.loads((run / f"metrics_epoch{max(epoch - 1, 0)}.json").read_text())["text_to_video"]
         assert line == pytest.approx(tuple(round(record[k], 1) for k in ("R1", "R5", "R10", "MR", "MeanR")))
     assert "Epoch: 2/2, Step: 2/2" in log  # 16 videos in batches of 8, logged every step
 
