@@ -8,7 +8,7 @@
 #   5. evaluate the last checkpoint on the order-dependent test captions, and print the metric table.
 #
 #   bash demo.sh                          # meanP head, about 6 minutes on 2 cores
-#   SIM_HEADER=seqTransf bash demo.sh     # the temporal head (about 2.5 more minutes: stage 1 is reused)
+#   SIM_HEADER=seqTransf bash demo.sh     # the temporal head (about 3 more minutes: stage 1 is reused)
 #   EPOCHS=2 OUT=/tmp/demo bash demo.sh   # settings below are environment variables
 #   bash demo.sh --lr 1e-3                # extra arguments go to stage 2's main_task_retrieval.py (the last one wins)
 #
