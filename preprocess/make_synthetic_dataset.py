@@ -190,7 +190,7 @@ def _sequence_states(rng: np.random.Generator, first: Tuple[str, str], second: T
 
 
 def _captions(spec: VideoSpec, rng: np.random.Generator, twin: bool) -> List[str]:
-    """Paraphrases naming what is seen; a sequence twin's name only its last shape (LAST_SHAPE_TEMPLATES)."""
+    """Paraphrases naming what is seen; a sequence twin's captions name only its last shape (LAST_SHAPE_TEMPLATES)."""
     b = spec.background
     if spec.kind == "motion":
         ((shape, colour),) = spec.objects
