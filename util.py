@@ -1,4 +1,5 @@
-"""Process-level helpers: logger, distributed setup, rank helpers, seeding and RNG state, atomic file writes."""
+"""Process-level helpers: logger, distributed setup, rank and device helpers, seeding and RNG state, file reads
+and atomic file writes."""
 from __future__ import annotations
 
 import logging
@@ -67,7 +68,7 @@ def init_distributed(local_rank_flag: int = 0) -> DistInfo:
     """
     use_cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        device = default_device()
         if use_cuda:
             torch.cuda.set_device(device)
         return DistInfo(rank=0, local_rank=0, world_size=1, device=device, initialized=False)
@@ -107,9 +108,9 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
+def default_device() -> torch.device:
+    """CUDA when a GPU is visible, else the CPU: where a lone process (no launcher) runs."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def all_gather_objects(obj: Any) -> List[Any]:
@@ -144,7 +145,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 def set_seed(seed: int) -> None:
-    """Seed python, numpy, torch and CUDA alike on every rank; deterministic cuDNN (SPEC §7.1)."""
+    """Seed python, numpy, torch and CUDA alike on every rank; deterministic cuDNN, as the original."""
     random.seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     np.random.seed(seed)
@@ -194,6 +195,33 @@ def preserved_rng() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------------
+
+class UsageError(ValueError):
+    """A bad flag, path or input file found before the work starts; entry points print it as one line."""
+
+
+def read_torch_file(path: Union[str, Path], flag: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; an unreadable file is a :class:`UsageError` naming ``flag``.
+
+    ``weights_only`` accepts tensors and plain containers only, so loading never runs code stored in the file.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{flag} {path}: cannot read it as a torch.save file ({reason})") from error
+
+
+def read_state_dict(path: Union[str, Path], flag: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint's flat name → tensor mapping (this project's, the original's or the UniPT fork's files)."""
+    state = read_torch_file(path, flag)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UsageError(f"{flag} {path}: expected a state dict (name → tensor), got {type(state).__name__}")
+    return state
+
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it.

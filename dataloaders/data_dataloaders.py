@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from util import get_rank, get_world_size
 
 from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader
 from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
@@ -32,11 +33,7 @@ def _dataset_kwargs(args, tokenizer, frame_order: int) -> dict:
 
 def _train_loader(dataset: Dataset, args) -> Tuple[DataLoader, int, DistributedSampler]:
     """Shuffled by a DistributedSampler (seed 0 + epoch; call ``set_epoch``), ``batch_size // n_gpu`` per process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    else:
-        replicas, rank = 1, 0
-    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank)
+    sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
     loader = DataLoader(dataset, batch_size=args.batch_size // args.n_gpu, num_workers=args.num_thread_reader,
                         pin_memory=False, sampler=sampler, drop_last=True)
     return loader, len(dataset), sampler

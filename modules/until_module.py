@@ -9,17 +9,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from util import get_rank, get_world_size
+
 logger = logging.getLogger(__name__)
-
-
-def get_rank() -> int:
-    """This process's rank, or 0 when no process group is running."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    """The process-group size, or 1 when no process group is running."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_log_rank(task_config: Any = None) -> bool:
