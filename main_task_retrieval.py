@@ -1,4 +1,4 @@
-"""CLIP4Clip video-text retrieval: train and evaluate (the original's command line, SPEC §2, §4, §6, §7).
+"""CLIP4Clip video-text retrieval: train and evaluate, with the original's command line, logs and checkpoints.
 
 Launch with ``torchrun --nproc_per_node=G main_task_retrieval.py ...`` (one or many nodes), the legacy
 ``python -m torch.distributed.launch``, or plainly ``python main_task_retrieval.py ...`` for one process.
@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,11 +23,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import util
 from dataloaders.data_dataloaders import DATALOADER_DICT
 from dataloaders.dataset_util import encode_caption
-from metrics import compute_metrics, dual_softmax_rerank, tensor_text_to_video_metrics, tensor_video_to_text_sim
-from modules.modeling import CLIP4Clip, freeze_clip_layers, resolve_precision
+from metrics import dual_softmax_rerank, retrieval_metrics
+from modules.modeling import (LOOSE_HEADERS, SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers,
+                              implied_by_state_dict, resolve_precision)
 from modules.module_clip import available_models
 from modules.optimization import BertAdam
 from modules.tokenization_clip import SimpleTokenizer as ClipTokenizer
+from util import UsageError
 
 logger = logging.getLogger("logger")
 
@@ -36,10 +38,6 @@ SIM_BLOCK_ELEMENTS = 1 << 22
 # ... or this many (text, video) pairs through the cross encoder (tightTransf).
 TIGHT_PAIRS_PER_BLOCK = 2048
 TIGHT_VIDEOS_PER_BLOCK = 64
-
-
-class UsageError(ValueError):
-    """A bad flag or path, reported as one line and a non-zero exit."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,10 +85,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(available_models())} (read from modules/), or a weights file")
     g.add_argument("--cross_model", default="cross-base", help="cross config folder under modules/")
     g.add_argument("--init_model", default=None, help="state dict whose keys override the CLIP initialisation")
-    g.add_argument("--sim_header", default="meanP", choices=["meanP", "seqLSTM", "seqTransf", "tightTransf"],
+    g.add_argument("--sim_header", default="meanP", choices=SIM_HEADERS,
                    help="similarity head")
     g.add_argument("--loose_type", action="store_true",
-                   help="dot-product similarity; required by meanP, seqLSTM, seqTransf")
+                   help="dot-product similarity; required by meanP, seqLSTM, seqTransf, ignored by tightTransf")
     g.add_argument("--cross_num_hidden_layers", type=int, default=4,
                    help="layers of the seqTransf transformer and of the tightTransf cross encoder")
     g.add_argument("--linear_patch", default="2d", choices=["2d", "3d"], help="patch embedding")
@@ -142,7 +140,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and run the original's checks (SPEC §2, in its order), then check every path."""
+    """Parse and run the original's checks (in its order), then check every path."""
     args = get_parser().parse_args(argv)
     if args.sim_header == "tightTransf":
         args.loose_type = False
@@ -152,7 +150,7 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not args.do_train and not args.do_eval:
         raise UsageError("At least one of `do_train` or `do_eval` must be True.")
     # The original fails on the first similarity instead; same rule, said before anything is loaded.
-    if args.sim_header != "tightTransf" and not args.loose_type:
+    if args.sim_header in LOOSE_HEADERS and not args.loose_type:
         raise UsageError(f"--sim_header {args.sim_header} needs --loose_type (only tightTransf runs without it)")
     for name in ("epochs", "batch_size", "batch_size_val", "n_display", "max_words", "max_frames",
                  "feature_framerate"):
@@ -207,29 +205,37 @@ def check_paths(args: argparse.Namespace) -> None:
 # Model and optimizer
 # ---------------------------------------------------------------------------------------------------------------
 
-def read_init_model(path: str) -> Dict[str, torch.Tensor]:
-    """A checkpoint written by this script or the original (a flat name → tensor mapping)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"--init_model {path}: cannot read it as a torch.save state dict "
-                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--init_model {path}: expected a state dict (name → tensor), got {type(state).__name__}")
-    return state
-
-
 def init_model(args: argparse.Namespace, device: torch.device) -> CLIP4Clip:
-    model_state_dict = read_init_model(args.init_model) if args.init_model else None
-    cache_dir = args.cache_dir or None
-    model = CLIP4Clip.from_pretrained(args.cross_model, cache_dir=cache_dir, state_dict=model_state_dict,
-                                      task_config=args)
+    """The run's model: CLIP, then ``--init_model`` over it. Evaluating a checkpoint as another head is refused."""
+    config = CLIP4ClipConfig.from_args(args)
+    state_dict = util.read_state_dict(args.init_model, "--init_model") if args.init_model else None
+    if state_dict is not None and not args.do_train:
+        check_trained_as(config, state_dict, args.init_model)
+    model = CLIP4Clip.from_pretrained(args.cross_model, cache_dir=args.cache_dir or None, state_dict=state_dict,
+                                      task_config=config, checkpoint_name=f"--init_model {args.init_model}")
     return model.to(device)
+
+
+def check_trained_as(config: CLIP4ClipConfig, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """A checkpoint evaluated with the head, layer count and patch it was trained with, or a one-line error.
+
+    Training may start from another head's checkpoint (meanP → seqTransf is a documented use; the missing head
+    weights are logged); an evaluation would report metrics of a head that was never trained.
+    """
+    implied = implied_by_state_dict(state_dict)
+    if implied.get("cross_num_hidden_layers") is None:
+        implied["cross_num_hidden_layers"] = config.cross_num_hidden_layers
+    differ = {key: value for key, value in implied.items() if getattr(config, key) != value}
+    if differ:
+        flags = " ".join(f"--{key} {value}" for key, value in implied.items())
+        asked = ", ".join(f"--{key} {getattr(config, key)}" for key in differ)
+        raise UsageError(f"--init_model {path} was trained with {flags}; evaluating it with {asked} would score "
+                         f"untrained weights. Pass the flags it was trained with.")
 
 
 def prep_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_train_optimization_steps: float,
                    coef_lr: float = 1.0) -> BertAdam:
-    """BertAdam over the four groups of SPEC §4: (decay, no-decay) × (CLIP at lr·coef_lr, the rest at lr)."""
+    """BertAdam over the original's four groups: (decay, no-decay) × (CLIP at lr·coef_lr, the rest at lr)."""
     model = getattr(model, "module", model)
     param_optimizer = list(model.named_parameters())
     no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
@@ -284,11 +290,7 @@ def save_model(epoch: int, args: argparse.Namespace, model: torch.nn.Module, opt
 
 
 def load_resume_state(path: str) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"--resume_model {path}: cannot read it "
-                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+    checkpoint = util.read_torch_file(path, "--resume_model")
     if not isinstance(checkpoint, dict) or not {"epoch", "optimizer_state_dict"} <= set(checkpoint):
         raise UsageError(f"--resume_model {path}: expected a pytorch_opt.bin.N file with 'epoch' and "
                          f"'optimizer_state_dict'")
@@ -315,7 +317,7 @@ def previous_best(output_dir: str, before_epoch: int) -> Tuple[float, str]:
 def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, train_dataloader: DataLoader,
                 device: torch.device, optimizer: BertAdam, scaler: torch.amp.GradScaler, global_step: int
                 ) -> Tuple[float, int]:
-    """One pass over the loader (SPEC §7.2); returns the mean batch loss and the global step."""
+    """One pass over the loader, as the original's loop; returns the mean batch loss and the global step."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model.train()
@@ -460,24 +462,6 @@ def _plain(m: dict) -> dict:
     return {k: float(v) for k, v in m.items() if k in ("R1", "R5", "R10", "MR", "MedianR", "MeanR", "Std_Rank")}
 
 
-def multi_sentence_tensor(sim: np.ndarray, cut_off_points: Sequence[int]) -> np.ndarray:
-    """[captions, videos] → [videos, max captions, videos], each video's caption rows padded with −inf (float64)."""
-    ends = list(cut_off_points)
-    starts = [0] + ends[:-1]
-    max_length = max(e - s for s, e in zip(starts, ends))
-    blocks = [np.concatenate((sim[s:e], np.full((max_length - e + s, sim.shape[1]), -np.inf)), axis=0)
-              for s, e in zip(starts, ends)]
-    return np.stack(blocks, axis=0)
-
-
-def retrieval_metrics(sim: np.ndarray, cut_off_points: Optional[Sequence[int]]) -> Tuple[dict, dict]:
-    """(text-to-video, video-to-text) metrics of a [captions, videos] matrix (SPEC §6)."""
-    if cut_off_points is None:
-        return compute_metrics(sim), compute_metrics(sim.T)
-    tensor = multi_sentence_tensor(sim, cut_off_points)
-    return tensor_text_to_video_metrics(tensor), compute_metrics(tensor_video_to_text_sim(tensor))
-
-
 def eval_epoch(args: argparse.Namespace, model: torch.nn.Module, test_dataloader: DataLoader,
                device: torch.device, tag: str, model_file: Optional[str] = None) -> float:
     """Every rank encodes its shard and scores its videos' columns; rank 0 logs the metrics and writes
@@ -538,7 +522,7 @@ def eval_epoch(args: argparse.Namespace, model: torch.nn.Module, test_dataloader
 # ---------------------------------------------------------------------------------------------------------------
 
 def prepare(args: argparse.Namespace) -> Tuple[util.DistInfo, CLIP4Clip, ClipTokenizer]:
-    """Process group, seeding, logger, precision, batch check, tokenizer, model and freezing (SPEC §7.1 order)."""
+    """Process group, seeding, logger, precision, batch check, tokenizer, model and freezing (the original's order)."""
     dist_info = util.init_distributed(args.local_rank)
     util.set_seed(args.seed)
     args.local_rank, args.rank, args.world_size = dist_info.local_rank, dist_info.rank, dist_info.world_size
@@ -547,7 +531,8 @@ def prepare(args: argparse.Namespace) -> Tuple[util.DistInfo, CLIP4Clip, ClipTok
     logger = util.get_logger(os.path.join(args.output_dir, "log.txt") if dist_info.rank == 0 else None)
 
     args.precision = resolve_precision(args.precision, dist_info.device)
-    # One process per device: the per-process batch is batch_size // world_size [fix-ok of the visible-GPU count].
+    # Differs from the original, which divides by the visible GPU count (8 visible GPUs with 4 processes gave a
+    # quarter batch): one process per device, so the per-process batch is batch_size // world_size.
     args.n_gpu = dist_info.world_size
     if args.batch_size % args.n_gpu != 0:
         raise UsageError(f"Invalid batch_size parameter: {args.batch_size} (after gradient accumulation) is not a "
@@ -565,66 +550,83 @@ def prepare(args: argparse.Namespace) -> Tuple[util.DistInfo, CLIP4Clip, ClipTok
     return dist_info, model, tokenizer
 
 
-def run(args: argparse.Namespace) -> None:
-    dist_info, model, tokenizer = prepare(args)
-    device = dist_info.device
-    is_main = dist_info.rank == 0
+@contextmanager
+def startup_checks() -> Iterator[None]:
+    """Errors raised while a run is set up come from its flags and input files: they become one usage line.
 
-    loaders = DATALOADER_DICT[args.datatype]
-    test_dataloader, test_length = None, 0
-    if loaders["test"] is not None:
-        test_dataloader, test_length = loaders["test"](args, tokenizer)
-    val_dataloader, val_length = loaders["val"](args, tokenizer, subset="val")
-    if test_dataloader is None:
-        test_dataloader, test_length = val_dataloader, val_length
-    if is_main:
-        logger.info("***** Running test *****")
-        logger.info("  Num examples = %d", test_length)
-        logger.info("  Batch size = %d", args.batch_size_val)
-        logger.info("  Num steps = %d", len(test_dataloader))
-        logger.info("***** Running val *****")
-        logger.info("  Num examples = %d", val_length)
+    Errors raised later, while training or evaluating, keep their traceback.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from error
+
+
+def run(args: argparse.Namespace) -> None:
+    with startup_checks():
+        dist_info, model, tokenizer = prepare(args)
+        device = dist_info.device
+        is_main = dist_info.rank == 0
+
+        loaders = DATALOADER_DICT[args.datatype]
+        test_dataloader, test_length = None, 0
+        if loaders["test"] is not None:
+            test_dataloader, test_length = loaders["test"](args, tokenizer)
+        val_dataloader, val_length = loaders["val"](args, tokenizer, subset="val")
+        if test_dataloader is None:
+            test_dataloader, test_length = val_dataloader, val_length
+        if is_main:
+            logger.info("***** Running test *****")
+            logger.info("  Num examples = %d", test_length)
+            logger.info("  Batch size = %d", args.batch_size_val)
+            logger.info("  Num steps = %d", len(test_dataloader))
+            logger.info("***** Running val *****")
+            logger.info("  Num examples = %d", val_length)
 
     if not args.do_train:
         eval_epoch(args, model, test_dataloader, device, tag="eval", model_file=args.init_model)
         return
 
-    train_dataloader, train_length, train_sampler = loaders["train"](args, tokenizer)
-    if len(train_dataloader) == 0:
-        raise UsageError(f"the training set has {train_length} samples, fewer than one batch of "
-                         f"{args.batch_size // args.n_gpu} per process")
-    gas = args.gradient_accumulation_steps
-    num_train_optimization_steps = (int(len(train_dataloader) + gas - 1) / gas) * args.epochs
-    optimizer = prep_optimizer(args, model, num_train_optimization_steps, coef_lr=args.coef_lr)
-    model = wrap_ddp(model, dist_info)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if is_main:
-        logger.info("***** Running training *****")
-        logger.info("  Num examples = %d", train_length)
-        logger.info("  Batch size = %d", args.batch_size)
-        logger.info("  Num steps = %d", num_train_optimization_steps * gas)
-
-    best_score, best_output_model_file = 0.00001, "None"
-    resumed_epoch, global_step = 0, 0
-    if args.resume_model:
-        checkpoint = load_resume_state(args.resume_model)
-        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        resumed_epoch = checkpoint["epoch"] + 1
-        global_step = checkpoint.get("global_step", 0)
-        if "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-        rng_states = checkpoint.get("rng_states")
-        if rng_states:
-            if len(rng_states) != dist_info.world_size:
-                logger.warning("resuming %d processes from a run of %d: the data order continues, the random "
-                               "streams do not match an uninterrupted run", dist_info.world_size, len(rng_states))
-            util.set_rng_state(rng_states[dist_info.rank % len(rng_states)])
-        elif is_main:
-            logger.warning("%s holds no RNG state (an original checkpoint): training continues, but not "
-                           "bit-identically to an uninterrupted run", args.resume_model)
-        best_score, best_output_model_file = previous_best(args.output_dir, resumed_epoch)
+    with startup_checks():
+        train_dataloader, train_length, train_sampler = loaders["train"](args, tokenizer)
+        if len(train_dataloader) == 0:
+            raise UsageError(f"the training set has {train_length} samples, fewer than one batch of "
+                             f"{args.batch_size // args.n_gpu} per process")
+        gas = args.gradient_accumulation_steps
+        num_train_optimization_steps = (int(len(train_dataloader) + gas - 1) / gas) * args.epochs
+        optimizer = prep_optimizer(args, model, num_train_optimization_steps, coef_lr=args.coef_lr)
+        model = wrap_ddp(model, dist_info)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         if is_main:
-            logger.info("Resumed from %s: continuing at epoch %d", args.resume_model, resumed_epoch + 1)
+            logger.info("***** Running training *****")
+            logger.info("  Num examples = %d", train_length)
+            logger.info("  Batch size = %d", args.batch_size)
+            logger.info("  Num steps = %d", num_train_optimization_steps * gas)
+
+        best_score, best_output_model_file = 0.00001, "None"
+        resumed_epoch, global_step = 0, 0
+        if args.resume_model:
+            checkpoint = load_resume_state(args.resume_model)
+            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+            resumed_epoch = checkpoint["epoch"] + 1
+            global_step = checkpoint.get("global_step", 0)
+            if "scaler" in checkpoint:
+                scaler.load_state_dict(checkpoint["scaler"])
+            rng_states = checkpoint.get("rng_states")
+            if rng_states:
+                if len(rng_states) != dist_info.world_size:
+                    logger.warning("resuming %d processes from a run of %d: the data order continues, the "
+                                   "random streams do not match an uninterrupted run", dist_info.world_size,
+                                   len(rng_states))
+                util.set_rng_state(rng_states[dist_info.rank % len(rng_states)])
+            elif is_main:
+                logger.warning("%s holds no RNG state (an original checkpoint): training continues, but not "
+                               "bit-identically to an uninterrupted run", args.resume_model)
+            best_score, best_output_model_file = previous_best(args.output_dir, resumed_epoch)
+            if is_main:
+                logger.info("Resumed from %s: continuing at epoch %d", args.resume_model, resumed_epoch + 1)
 
     for epoch in range(resumed_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
@@ -651,12 +653,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = get_args(argv)
         run(args)
-    except (UsageError, FileNotFoundError) as error:
+    except UsageError as error:
         print(f"main_task_retrieval.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    except ValueError as error:  # a check of the model or a data set, said where the bad input was seen
-        print(f"main_task_retrieval.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
     finally:
         util.cleanup_distributed()
     return 0

@@ -8,7 +8,7 @@ CLIP4Clip's, so numbers compare with published ones:
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -103,6 +103,24 @@ def tensor_video_to_text_sim(sim_tensor: ArrayLike) -> torch.Tensor:
                          f"got shape {tuple(sim.shape)}")
     sim = torch.where(torch.isnan(sim), torch.full_like(sim, float("-inf")), sim)
     return sim.amax(dim=1).T
+
+
+def multi_sentence_tensor(sim: np.ndarray, cut_off_points: Sequence[int]) -> np.ndarray:
+    """[captions, videos] → [videos, max captions, videos], each video's caption rows padded with −inf (float64)."""
+    ends = list(cut_off_points)
+    starts = [0] + ends[:-1]
+    max_length = max(e - s for s, e in zip(starts, ends))
+    blocks = [np.concatenate((sim[s:e], np.full((max_length - e + s, sim.shape[1]), -np.inf)), axis=0)
+              for s, e in zip(starts, ends)]
+    return np.stack(blocks, axis=0)
+
+
+def retrieval_metrics(sim: np.ndarray, cut_off_points: Optional[Sequence[int]]) -> Tuple[dict, dict]:
+    """(text-to-video, video-to-text) metrics of a [captions, videos] matrix (single or multi-sentence data)."""
+    if cut_off_points is None:
+        return compute_metrics(sim), compute_metrics(sim.T)
+    tensor = multi_sentence_tensor(sim, cut_off_points)
+    return tensor_text_to_video_metrics(tensor), compute_metrics(tensor_video_to_text_sim(tensor))
 
 
 def dual_softmax_rerank(sim: ArrayLike, temperature: float = 1.0) -> ArrayLike:

@@ -39,14 +39,12 @@ from tqdm import tqdm
 
 from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import RawVideoExtractor
-from modules.modeling import CLIP4Clip
+from modules.modeling import SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig, implied_by_state_dict
 from modules.tokenization_clip import SimpleTokenizer
-from util import atomic_write_text
+from util import UsageError, atomic_write_text, default_device, read_state_dict
 
 FORMAT = 1
 MANIFEST = "index.json"
-LOOSE_HEADS = ("meanP", "seqLSTM", "seqTransf")
-HEADS = LOOSE_HEADS + ("tightTransf",)
 DEFAULT_CLIP = "ViT-B/32"
 DEFAULT_SAMPLING = {"max_frames": 12, "feature_framerate": 1, "slice_framepos": 2}
 # Containers FFmpeg (and so cv2) reads; other files in the folder are ignored, not reported.
@@ -54,7 +52,7 @@ VIDEO_SUFFIXES = frozenset(
     ".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv .flv .3gp .ts .mts .m2ts .ogv .vob".split())
 
 
-class RetrieveError(Exception):
+class RetrieveError(UsageError):
     """A problem with the user's input; ``main`` prints it as one line and exits non-zero."""
 
 
@@ -178,53 +176,27 @@ def plan_update(old: Optional[Index], found: Dict[str, Tuple[int, int]]) -> Plan
 # Model, text side and video side
 
 
-def checkpoint_head(state_dict: Dict[str, torch.Tensor]) -> Tuple[str, str]:
-    """(sim_header, linear_patch) a CLIP4Clip checkpoint was trained with, read off the modules it holds."""
-    keys = list(state_dict)
-    if any(k.startswith("cross.") for k in keys):
-        head = "tightTransf"
-    elif any(k.startswith("transformerClip.") for k in keys):
-        head = "seqTransf"
-    elif any(k.startswith("lstm_visual.") for k in keys):
-        head = "seqLSTM"
-    else:
-        head = "meanP"
-    return head, ("3d" if "clip.visual.conv2.weight" in state_dict else "2d")
-
-
-def temporal_layers(state_dict: Optional[Dict[str, torch.Tensor]]) -> int:
-    """The seqTransf layer count a checkpoint was trained with (``--cross_num_hidden_layers``); 4 without one."""
-    layers = {int(k.split(".")[2]) for k in state_dict or {} if k.startswith("transformerClip.resblocks.")}
-    return max(layers) + 1 if layers else 4
-
-
 def read_checkpoint(path: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
     """The ``--init_model`` state dict, or None without one."""
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise RetrieveError(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_state_dict(path, "--init_model") if path is not None else None
 
 
 def load_model(spec: dict, state: Optional[Dict[str, torch.Tensor]], max_frames: int, device: torch.device,
                max_words: int = 32) -> CLIP4Clip:
     """CLIP4Clip in eval mode from ``spec`` (``pretrained_clip_name``, ``sim_header``, ``linear_patch``) and the
-    checkpoint ``state``."""
-    config = argparse.Namespace(
-        local_rank=0, pretrained_clip_name=spec["pretrained_clip_name"], linear_patch=spec["linear_patch"],
-        sim_header=spec["sim_header"], loose_type=spec["sim_header"] in LOOSE_HEADS,
-        cross_num_hidden_layers=temporal_layers(state),
-        max_words=max_words, max_frames=max_frames, precision="fp16-weights" if device.type == "cuda" else "fp32",
-        grad_checkpointing=False)
+    checkpoint ``state`` (which also gives the temporal layer count)."""
     # Modules the weights do not cover are drawn from the global RNG: seed it so index and search build the same
     # model, and fork it so the caller's stream is left as it was. Loading logs go to stderr, keeping stdout for --json.
     try:
+        config = CLIP4ClipConfig.from_state_dict(
+            state or {}, pretrained_clip_name=spec["pretrained_clip_name"], sim_header=spec["sim_header"],
+            linear_patch=spec["linear_patch"], max_words=max_words, max_frames=max_frames)
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
             torch.manual_seed(0)
-            model = CLIP4Clip.from_pretrained("cross-base", state_dict=state, cache_dir=None, type_vocab_size=2,
-                                              task_config=config)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
+            model = CLIP4Clip.from_config(config, state, checkpoint_name=f"--init_model {spec['init_model']}")
+    except ValueError as e:  # the config or the checkpoint, said with the file's name
+        raise RetrieveError(str(e)) from None
+    except (FileNotFoundError, RuntimeError) as e:
         raise RetrieveError(f"cannot build the model ({spec['pretrained_clip_name']}"
                             f"{', ' + spec['init_model'] if spec['init_model'] else ''}): {e}") from None
     return model.to(device).eval()
@@ -371,10 +343,6 @@ class IndexReport:
         return "\n".join(lines)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _with_weights(spec: dict, init_model: Optional[str], pretrained_clip_name: Optional[str]) -> dict:
     """``spec`` with the weight files given; a file is stored by absolute path so the index works from anywhere."""
     spec = dict(spec)
@@ -388,8 +356,9 @@ def _with_weights(spec: dict, init_model: Optional[str], pretrained_clip_name: O
 
 def _complete_head(spec: dict, state: Optional[Dict[str, torch.Tensor]]) -> None:
     """Fill sim_header / linear_patch from the checkpoint (else meanP / 2d); refuse what cannot be indexed."""
-    trained = checkpoint_head(state) if state is not None else ("meanP", "2d")
-    for key, value in zip(("sim_header", "linear_patch"), trained):
+    trained = implied_by_state_dict(state or {})
+    for key in ("sim_header", "linear_patch"):
+        value = trained[key]
         if spec[key] is None:
             spec[key] = value
         elif state is not None and spec[key] != value:
@@ -444,7 +413,7 @@ def build_index(videos: Path, index: Path, init_model: Optional[str] = None,
     if old is None or plan.encode or weights_changed:
         state = read_checkpoint(spec["init_model"])
         _complete_head(spec, state)
-        model = load_model(spec, state, sampling["max_frames"], _device())
+        model = load_model(spec, state, sampling["max_frames"], default_device())
         print_fp = fingerprint(model)
         if old is not None and print_fp != old.settings["model"]["fingerprint"]:
             raise RetrieveError(f"{index} was built with other weights than {_describe(spec)} (their fingerprints "
@@ -484,7 +453,7 @@ def index_model(index: Index, index_dir: Path, init_model: Optional[str] = None,
         raise RetrieveError(f"checkpoint {spec['init_model']}, which built {index_dir}, not found; "
                             f"pass its new location with --init_model")
     model = load_model(spec, read_checkpoint(spec["init_model"]), index.settings["sampling"]["max_frames"],
-                       _device(), max_words)
+                       default_device(), max_words)
     if fingerprint(model) != spec["fingerprint"]:
         raise RetrieveError(f"{_describe(spec)} is not the model that built {index_dir}: the weights differ "
                             f"(fingerprint mismatch), so its text embeddings cannot be compared with the index. "
@@ -575,7 +544,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--videos", required=True, help="folder searched recursively for video files")
     p.add_argument("--index", required=True, help="index directory (created, or updated)")
     weights(p, index_time=True)
-    p.add_argument("--sim_header", choices=HEADS, help="default: the checkpoint's head, meanP without one")
+    p.add_argument("--sim_header", choices=SIM_HEADERS, help="default: the checkpoint's head, meanP without one")
     p.add_argument("--linear_patch", choices=("2d", "3d"), help="default: the checkpoint's, 2d without one")
     p.add_argument("--max_frames", type=int, help=f"default {DEFAULT_SAMPLING['max_frames']}")
     p.add_argument("--feature_framerate", type=int, help=f"default {DEFAULT_SAMPLING['feature_framerate']}")
@@ -636,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(json.dumps(ranked, indent=1))
             else:
                 _print_table(f"video: {ranked['video']}", ranked["results"], "caption")
-    except RetrieveError as e:
+    except UsageError as e:
         print(f"retrieve.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -29,14 +29,13 @@ N_VIDEOS, N_TEXTS, FRAMES, DIM, BATCH = 670, 27763, 12, 512, 16
 def _setup(header: str, device: str):
     sys.path.insert(0, str(ROOT))
     import torch
-    from modules.modeling import CLIP4Clip
+    from modules.modeling import CLIP4Clip, CLIP4ClipConfig
 
     torch.set_num_threads(1)
-    args = argparse.Namespace(pretrained_clip_name="tiny-random-ViT/16", sim_header=header, loose_type=True,
-                              linear_patch="2d", cross_num_hidden_layers=4, max_words=32, max_frames=FRAMES,
-                              local_rank=1, precision="fp32")
+    config = CLIP4ClipConfig(pretrained_clip_name="tiny-random-ViT/16", sim_header=header, cross_num_hidden_layers=4,
+                             max_words=32, max_frames=FRAMES, precision="fp32")
     torch.manual_seed(0)
-    model = CLIP4Clip.from_pretrained("cross-base", task_config=args).to(device).eval()
+    model = CLIP4Clip.from_config(config).to(device).eval()
     gen = torch.Generator().manual_seed(1)
     seq = torch.randn(N_TEXTS, 1, DIM, generator=gen)
     text_mask = torch.ones(N_TEXTS, 32, dtype=torch.long)

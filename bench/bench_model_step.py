@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
-from modules.modeling import CLIP4Clip  # noqa: E402
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 
 VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
@@ -78,11 +77,8 @@ def run_one(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     clip_state_dict = CLIP(**VIT_B_32).state_dict()
-    cfg = types.SimpleNamespace(
-        local_rank=0, linear_patch="2d", sim_header=args.sim_header, loose_type=args.sim_header != "tightTransf",
-        cross_num_hidden_layers=4, max_words=MAX_WORDS, max_frames=args.frames, precision=args.precision,
-        grad_checkpointing=args.checkpointing,
-    )
+    cfg = CLIP4ClipConfig(sim_header=args.sim_header, max_words=MAX_WORDS, max_frames=args.frames,
+                          precision=args.precision, grad_checkpointing=args.checkpointing)
     model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg).to(device).train()
     del clip_state_dict
     inputs = _make_batch(args.batch, args.frames, device)

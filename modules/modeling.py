@@ -1,8 +1,10 @@
 """CLIP4Clip: encode text and video with CLIP, apply a similarity head, and compute the symmetric contrastive loss."""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -11,15 +13,20 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
 from modules.module_cross import CrossConfig, CrossModel, Transformer as TransformerClip
-from modules.until_module import CrossEn, PreTrainedModel, allgather, get_world_size, is_log_rank
+from modules.until_module import CrossEn, PreTrainedModel, allgather, is_log_rank
+from util import default_device, get_world_size
 
 logger = logging.getLogger(__name__)
 
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
+# The dot-product heads: one vector per video, so the similarity is a matrix product (the original's loose_type).
 LOOSE_HEADERS = ("meanP", "seqLSTM", "seqTransf")
 PRECISIONS = ("fp16-weights", "fp32", "bf16", "fp16")
 LINEAR_PATCHES = ("2d", "3d")
-# Guards the norms so an all-zero video mask gives zero logits, not NaN [fix-ok]; far below any real norm.
+# The cross config's max_position_embeddings; the original asserts max_words + max_frames against it.
+MAX_POSITION_EMBEDDINGS = 128
+# Guards the norms so an all-zero video mask gives zero logits, not NaN (the original divides by a zero norm);
+# far below any real norm.
 NORM_EPS = 1e-6
 
 
@@ -38,8 +45,102 @@ def resolve_precision(precision: Optional[str], device: Any) -> str:
     return precision
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _resblock_count(state_dict: Mapping[str, Any], prefix: str) -> Optional[int]:
+    """How many ``<prefix><i>.`` blocks a state dict holds, or None when it holds none."""
+    indices = {int(key[len(prefix):].split(".")[0]) for key in state_dict if key.startswith(prefix)}
+    return max(indices) + 1 if indices else None
+
+
+@dataclass
+class CLIP4ClipConfig:
+    """What a CLIP4Clip model is: the CLIP weights, the similarity head and its size, the input sizes, the precision.
+
+    ``loose_type`` None means "as the head needs" (True for the dot-product heads, False for tightTransf). A loose
+    head built with ``loose_type=False`` gets the cross encoder's modules and cannot score, as in the original.
+    """
+    pretrained_clip_name: str = "ViT-B/32"
+    sim_header: str = "meanP"
+    loose_type: Optional[bool] = None
+    cross_num_hidden_layers: int = 4
+    linear_patch: str = "2d"
+    max_words: int = 32
+    max_frames: int = 12
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    freeze_layer_num: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sim_header not in SIM_HEADERS:
+            raise ValueError(f"sim_header must be one of {SIM_HEADERS}, got {self.sim_header!r}")
+        if self.loose_type is None:
+            self.loose_type = self.sim_header in LOOSE_HEADERS
+        if self.sim_header == "tightTransf" and self.loose_type:
+            raise ValueError("sim_header tightTransf is a cross encoder: loose_type must be False")
+        if self.linear_patch not in LINEAR_PATCHES:
+            raise ValueError(f"linear_patch must be one of {LINEAR_PATCHES}, got {self.linear_patch!r}")
+        if self.precision not in ("auto",) + PRECISIONS:
+            raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("cross_num_hidden_layers", "max_words", "max_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not -1 <= self.freeze_layer_num <= 12:
+            raise ValueError(f"freeze_layer_num must be in -1..12, got {self.freeze_layer_num}")
+        if self.max_words + self.max_frames > MAX_POSITION_EMBEDDINGS:
+            raise ValueError(f"max_words + max_frames = {self.max_words} + {self.max_frames} exceeds the cross "
+                             f"config's max_position_embeddings {MAX_POSITION_EMBEDDINGS}")
+
+    @classmethod
+    def from_args(cls, args: Any) -> "CLIP4ClipConfig":
+        """The config of the driver's flags (or any object with the original's ``task_config`` attributes).
+
+        Attributes the object lacks keep the defaults, so scripts written against the original keep working.
+        """
+        if isinstance(args, cls):
+            return args
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if values.get("precision") is None:
+            values.pop("precision", None)
+        return cls(**values)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], **given: Any) -> "CLIP4ClipConfig":
+        """The config a CLIP4Clip checkpoint implies (head, its layer count, 2d/3d patch), completed by ``given``.
+
+        ``given`` also overrides what the checkpoint implies; what neither says keeps the defaults.
+        """
+        return cls(**{**implied_by_state_dict(state_dict), **given})
+
+    def replace(self, **changes: Any) -> "CLIP4ClipConfig":
+        return dataclasses.replace(self, **changes)
+
+    def check_clip(self, clip_state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+        """CLIP's architecture (:func:`clip_config_from_state_dict`), once it is known to carry this config."""
+        if "visual.proj" not in clip_state_dict:
+            raise ValueError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
+        clip_kwargs = clip_config_from_state_dict(clip_state_dict)
+        n_positions = 1 + self.max_frames if self.sim_header == "tightTransf" else self.max_frames
+        if self.sim_header in ("seqTransf", "tightTransf") and n_positions > clip_kwargs["context_length"]:
+            raise ValueError(
+                f"sim_header {self.sim_header} with max_frames {self.max_frames} needs {n_positions} positions, "
+                f"but the position tables have CLIP's context_length {clip_kwargs['context_length']}")
+        return clip_kwargs
+
+
+def implied_by_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """The config fields a checkpoint's keys decide: the head, its layer count and the patch embedding."""
+    implied: Dict[str, Any] = {"linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d"}
+    if any(key.startswith("cross.") for key in state_dict):
+        implied["sim_header"] = "tightTransf"
+        layers = _resblock_count(state_dict, "cross.transformer.resblocks.")
+    elif any(key.startswith("transformerClip.") for key in state_dict):
+        implied["sim_header"] = "seqTransf"
+        layers = _resblock_count(state_dict, "transformerClip.resblocks.")
+    else:
+        implied["sim_header"] = "seqLSTM" if any(key.startswith("lstm_visual.") for key in state_dict) else "meanP"
+        layers = None
+    if layers is not None:
+        implied["cross_num_hidden_layers"] = layers
+    return implied
 
 
 def _flatten_video(video: Any) -> Tuple[torch.Tensor, int]:
@@ -72,29 +173,80 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         cache_dir: Optional[str] = None,
         type_vocab_size: int = 2,
         *inputs,
+        task_config: Any = None,
+        checkpoint_name: str = "the checkpoint",
         **kwargs,
     ) -> "CLIP4ClipPreTrainedModel":
         """Load CLIP (``task_config.pretrained_clip_name``), build the model, initialise the heads, load weights.
 
-        ``state_dict`` (the ``--init_model`` checkpoint) wins over the CLIP file key by key. ``task_config`` must be
-        passed as a keyword.
+        ``task_config`` (keyword only) is a :class:`CLIP4ClipConfig` or the original's argument namespace.
+        ``state_dict`` (the ``--init_model`` checkpoint) wins over the CLIP file key by key; a checkpoint that
+        does not fit the model is refused (see :func:`check_checkpoint`).
         """
-        task_config = kwargs.get("task_config")
         if task_config is None:
-            raise ValueError(f"{cls.__name__}.from_pretrained needs task_config=<the run's arguments>")
-        if getattr(task_config, "local_rank", -1) == -1:
-            task_config.local_rank = 0
-
-        state_dict = dict(state_dict) if state_dict is not None else {}
-        pretrained_clip_name = getattr(task_config, "pretrained_clip_name", "ViT-B/32")
-        clip_state_dict = CLIP.get_config(pretrained_clip_name)
+            raise ValueError(f"{cls.__name__}.from_pretrained needs task_config=<a CLIP4ClipConfig or the run's "
+                             f"arguments>")
+        config = CLIP4ClipConfig.from_args(task_config)
+        checkpoint = dict(state_dict) if state_dict is not None else {}
+        clip_state_dict = CLIP.get_config(config.pretrained_clip_name)
+        merged = dict(checkpoint)
         for key, val in clip_state_dict.items():
-            state_dict.setdefault("clip." + key, val.clone())
+            merged.setdefault("clip." + key, val.clone())
 
-        cross_config = CrossConfig.get_config(cross_model_name, cache_dir, type_vocab_size, task_config=task_config)
-        model = cls(cross_config, clip_state_dict, *inputs, **kwargs)
-        _add_initialisation_copies(model, state_dict, clip_state_dict, task_config.cross_num_hidden_layers)
-        return cls.init_preweight(model, state_dict, task_config=task_config)
+        cross_config = CrossConfig.get_config(cross_model_name, cache_dir, type_vocab_size, task_config=config)
+        model = cls(cross_config, clip_state_dict, *inputs, task_config=config, **kwargs)
+        if state_dict is not None:
+            check_checkpoint(model, checkpoint, checkpoint_name)
+        _add_initialisation_copies(model, merged, clip_state_dict, config.cross_num_hidden_layers)
+        return cls.init_preweight(model, merged, task_config=config)
+
+    @classmethod
+    def from_config(cls, config: "CLIP4ClipConfig", state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                    checkpoint_name: str = "the checkpoint") -> "CLIP4ClipPreTrainedModel":
+        """The model of ``config``, with ``state_dict`` (a CLIP4Clip checkpoint) loaded over CLIP's weights."""
+        return cls.from_pretrained("cross-base", state_dict=state_dict, task_config=config,
+                                   checkpoint_name=checkpoint_name)
+
+
+def _preview(keys: List[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse a checkpoint that cannot be this model's; warn about what of the model it leaves at initialisation.
+
+    Errors: none of its weights is one of the model's, or it holds CLIP weights (clip.*) and none of them is one of
+    the model's (another architecture, or not a CLIP4Clip file), or a weight has another shape. Warnings: head
+    weights it lacks (they start from their initialisation, e.g. a meanP checkpoint fine-tuned with seqTransf, a
+    documented use), weights it holds that the model does not use, and CLIP weights it lacks (they keep the CLIP
+    file's values).
+    """
+    own = model.state_dict()
+    keys = {key.replace("gamma", "weight").replace("beta", "bias"): key for key in state_dict}
+    clip_keys = [key for key in keys if key.startswith("clip.")]
+    if not any(key in own for key in keys) or (clip_keys and not any(key in own for key in clip_keys)):
+        raise ValueError(f"{name}: none of its {len(clip_keys) or len(keys)} {'CLIP ' if clip_keys else ''}weights "
+                         f"is one of this model's; it is not a CLIP4Clip checkpoint of this CLIP (its first keys: "
+                         f"{_preview(list(keys), 3)})")
+    for key, original in keys.items():
+        if key in own and tuple(own[key].shape) != tuple(state_dict[original].shape):
+            raise ValueError(f"{name}: {original} has shape {tuple(state_dict[original].shape)}, the model expects "
+                             f"{tuple(own[key].shape)} (a checkpoint of another CLIP or head size?)")
+    if not is_log_rank(getattr(model, "task_config", None)):
+        return
+    missing_head = [key for key in own if not key.startswith("clip.") and key not in keys]
+    missing_clip = [key for key in own if key.startswith("clip.") and key not in keys]
+    unused = [original for key, original in keys.items() if key not in own]
+    if missing_head:
+        logger.warning("%s has no weights for %d parameters of the %s head; they start from their initialisation: "
+                       "%s", name, len(missing_head), getattr(model, "sim_header", "?"), _preview(missing_head))
+    if unused:
+        logger.warning("%s holds %d weights this model does not use (trained with another head or layer count?): "
+                       "%s", name, len(unused), _preview(unused))
+    if missing_clip:
+        logger.warning("%s lacks %d CLIP weights; they keep the CLIP file's values: %s",
+                       name, len(missing_clip), _preview(missing_clip))
 
 
 def _add_initialisation_copies(
@@ -103,7 +255,7 @@ def _add_initialisation_copies(
     clip_state_dict: Dict[str, torch.Tensor],
     cross_num_hidden_layers: int,
 ) -> None:
-    """SPEC §3.6: fill head weights that ``state_dict`` lacks from CLIP, in place.
+    """As the original at load time: fill head weights that ``state_dict`` lacks from CLIP, in place.
 
     The 3d kernel comes from the merged dict's conv1 (so a fine-tuned one when ``--init_model`` has it); the
     text-tower copies always come from the CLIP file itself.
@@ -139,65 +291,38 @@ def _add_initialisation_copies(
 
 
 class CLIP4Clip(CLIP4ClipPreTrainedModel):
-    """CLIP towers plus one of four similarity heads (SPEC §3.4–3.7).
+    """CLIP towers plus one of four similarity heads: meanP, seqLSTM, seqTransf (loose) or tightTransf (cross).
 
-    task_config fields read: local_rank, pretrained_clip_name (via from_pretrained), linear_patch, sim_header,
-    loose_type, cross_num_hidden_layers, max_words, max_frames, and optionally precision ('auto', 'fp16-weights',
-    'fp32', 'bf16', 'fp16') and grad_checkpointing (bool).
+    ``task_config`` is a :class:`CLIP4ClipConfig`, or the original's argument namespace (converted).
     """
 
     def __init__(self, cross_config: CrossConfig, clip_state_dict: Dict[str, torch.Tensor], task_config: Any):
         super().__init__(cross_config)
-        self.task_config = task_config
-        log = is_log_rank(task_config)
-
-        max_words, max_frames = task_config.max_words, task_config.max_frames
-        if max_words + max_frames > cross_config.max_position_embeddings:
-            raise ValueError(
-                f"max_words + max_frames = {max_words} + {max_frames} exceeds the cross config's "
-                f"max_position_embeddings {cross_config.max_position_embeddings}"
-            )
-        self.loose_type = bool(getattr(task_config, "loose_type", False))
-        if "visual.proj" not in clip_state_dict:
-            raise ValueError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
-
-        clip_kwargs = clip_config_from_state_dict(clip_state_dict)
-        if log:
+        config = CLIP4ClipConfig.from_args(task_config)
+        clip_kwargs = config.check_clip(clip_state_dict)
+        self.task_config = config
+        self.loose_type = config.loose_type
+        self.linear_patch = config.linear_patch
+        self.sim_header = config.sim_header
+        self.precision = resolve_precision(config.precision, default_device())
+        if is_log_rank(task_config):
             for key, value in clip_kwargs.items():
                 logger.info("\t %s: %s", key, value)
-
-        self.linear_patch = getattr(task_config, "linear_patch", "2d")
-        if self.linear_patch not in LINEAR_PATCHES:
-            raise ValueError(f"linear_patch must be one of {LINEAR_PATCHES}, got {self.linear_patch!r}")
-        self.sim_header = getattr(task_config, "sim_header", "meanP")
-        if self.sim_header not in SIM_HEADERS:
-            raise ValueError(f"sim_header must be one of {SIM_HEADERS}, got {self.sim_header!r}")
-        if self.sim_header == "tightTransf" and self.loose_type:
-            raise ValueError("sim_header tightTransf is a cross encoder: loose_type must be False")
-        context_length = clip_kwargs["context_length"]
-        # The real position tables have context_length (77) rows; the 128 above only gates max_words + max_frames.
-        n_positions = 1 + max_frames if self.sim_header == "tightTransf" else max_frames
-        if self.sim_header in ("seqTransf", "tightTransf") and n_positions > context_length:
-            raise ValueError(
-                f"sim_header {self.sim_header} with max_frames {max_frames} needs {n_positions} positions, "
-                f"but the position tables have CLIP's context_length {context_length}"
-            )
-
-        self.precision = resolve_precision(getattr(task_config, "precision", None), _default_device())
-        if log:
             logger.info("\t linear_patch: %s, sim_header: %s, loose_type: %s, precision: %s",
                         self.linear_patch, self.sim_header, self.loose_type, self.precision)
 
-        # Construction order fixes the RNG draws of the heads that stay random (SPEC §3.4).
+        # As the original: the construction order fixes the RNG draws of the heads that stay random.
         self.clip = CLIP(**clip_kwargs, linear_patch=self.linear_patch).float()
         if self.precision == "fp16-weights":
             convert_weights(self.clip)
 
-        cross_config.max_position_embeddings = context_length
+        # The real position tables have CLIP's context_length (77) rows; the 128 of the cross config only gates
+        # max_words + max_frames.
+        cross_config.max_position_embeddings = clip_kwargs["context_length"]
         transformer_width = clip_kwargs["transformer_width"]
         transformer_heads = clip_kwargs["transformer_heads"]
         if not self.loose_type:
-            cross_config.num_hidden_layers = task_config.cross_num_hidden_layers
+            cross_config.num_hidden_layers = config.cross_num_hidden_layers
             self.cross = CrossModel(cross_config)
             self.similarity_dense = nn.Linear(cross_config.hidden_size, 1)
         if self.sim_header in ("seqLSTM", "seqTransf"):
@@ -205,7 +330,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
                                                           cross_config.hidden_size)
         if self.sim_header == "seqTransf":
             self.transformerClip = TransformerClip(width=transformer_width,
-                                                   layers=task_config.cross_num_hidden_layers,
+                                                   layers=config.cross_num_hidden_layers,
                                                    heads=transformer_heads)
         if self.sim_header == "seqLSTM":
             self.lstm_visual = nn.LSTM(input_size=cross_config.hidden_size, hidden_size=cross_config.hidden_size,
@@ -213,7 +338,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         self.loss_fct = CrossEn()
         self.apply(self.init_weights)
 
-        if getattr(task_config, "grad_checkpointing", False):
+        if config.grad_checkpointing:
             self.clip.set_grad_checkpointing(True)
 
     def forward(self, input_ids, token_type_ids, attention_mask, video, video_mask=None) -> Optional[torch.Tensor]:
@@ -259,7 +384,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
 
     def _apply_video_head(self, visual_output: torch.Tensor, video_mask: torch.Tensor,
                           sim_header: str) -> torch.Tensor:
-        """SPEC §3.7 step 1: the temporal head on (B, F, 512) frame features (meanP: identity)."""
+        """The temporal head on (B, F, 512) frame features, with a residual connection (meanP: identity)."""
         if sim_header == "seqLSTM":
             original = visual_output
             # A row with no valid frame is given length 1 so packing works; its mean pooling masks it out anyway.
@@ -284,7 +409,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
 
     @staticmethod
     def _pool_video(visual_output: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        """SPEC §3.7 step 3: unit frames, masked mean over frames, unit video → (B, 512)."""
+        """Unit frames, masked mean over frames, unit video → (B, 512)."""
         visual_output = _l2_normalize(visual_output)
         mask = video_mask.to(dtype=torch.float).unsqueeze(-1)
         mask_sum = mask.sum(dim=1)
@@ -305,7 +430,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
 
     @staticmethod
     def get_text_embedding(sequence_output: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 512) end-token features → (B, 512) unit text embeddings (SPEC §3.7 step 4)."""
+        """(B, 1, 512) end-token features → (B, 512) unit text embeddings."""
         return _l2_normalize(sequence_output.squeeze(1))
 
     def _loose_similarity(self, sequence_output, visual_output, attention_mask, video_mask,
@@ -380,11 +505,12 @@ def _clip_param_trains(name: str, freeze_layer_num: int) -> bool:
 
 
 def freeze_clip_layers(model: nn.Module, freeze_layer_num: int, linear_patch: str) -> Tuple[int, int]:
-    """Freeze CLIP as SPEC §3.8 and return (trainable, total) parameter element counts of the whole model.
+    """Freeze CLIP as the original does and return (trainable, total) parameter element counts of the whole model.
 
     -1 freezes nothing. Otherwise blocks below ``freeze_layer_num``, the embeddings, conv1 and ln_pre are frozen;
     ln_final, text_projection, logit_scale, visual.ln_post and visual.proj always train. In 3d mode the original's
-    test (the truthiness of ``name.find("conv2.")``) is true for every name, so nothing is frozen [faithful].
+    test (the truthiness of ``name.find("conv2.")``) is true for every name, so nothing is frozen; kept as the
+    original, since its published results were trained that way.
     """
     if not -1 <= freeze_layer_num <= 12:
         raise ValueError(f"freeze_layer_num must be in -1..12, got {freeze_layer_num}")

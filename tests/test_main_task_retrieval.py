@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "main_task_retrieval.py")
 
 import main_task_retrieval as mtr  # noqa: E402
-from metrics import compute_metrics  # noqa: E402
-from modules.modeling import CLIP4Clip  # noqa: E402
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 
 
 def _env():
@@ -94,29 +93,11 @@ def weights(path):
 
 # ----------------------------------------------------------------------------------------------- pure pieces
 
-def test_multi_sentence_tensor_and_metrics_by_hand():
-    # 2 videos; video 0 has captions 0, 1 and video 1 has caption 2 (cut_off_points = cumulative counts).
-    sim = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]], dtype=np.float32)
-    tensor = mtr.multi_sentence_tensor(sim, [2, 3])
-    assert tensor.shape == (2, 2, 2) and tensor.dtype == np.float64
-    assert np.array_equal(tensor[0], sim[:2]) and np.array_equal(tensor[1, 0], sim[2])
-    assert np.all(np.isneginf(tensor[1, 1]))
-    tv, vt = mtr.retrieval_metrics(sim, [2, 3])
-    # captions: 0 → video 0 rank 1, 1 → video 0 rank 2, 2 → video 1 rank 1
-    assert tv["R1"] == pytest.approx(200 / 3) and tv["MR"] == 1.0 and tv["MeanR"] == pytest.approx(4 / 3)
-    # video→text scores the caption groups by their best caption: video 0 sees (group 0: 0.9, group 1: 0.3),
-    # rank 1; video 1 sees (group 0: max(0.1, 0.8), group 1: 0.7), rank 2
-    assert vt["R1"] == 50.0 and vt["MeanR"] == 1.5
-    single_tv, single_vt = mtr.retrieval_metrics(sim[:2], None)
-    assert single_tv == compute_metrics(sim[:2]) and single_vt == compute_metrics(sim[:2].T)
-
-
 def _tiny_model(header, clip_file):
-    args = argparse.Namespace(pretrained_clip_name=str(clip_file), sim_header=header,
-                              loose_type=header != "tightTransf", linear_patch="2d", cross_num_hidden_layers=2,
-                              max_words=8, max_frames=4, local_rank=0, precision="fp32")
+    config = CLIP4ClipConfig(pretrained_clip_name=str(clip_file), sim_header=header, cross_num_hidden_layers=2,
+                             max_words=8, max_frames=4, precision="fp32")
     torch.manual_seed(0)
-    return CLIP4Clip.from_pretrained("cross-base", task_config=args).eval()
+    return CLIP4Clip.from_config(config).eval()
 
 
 @pytest.mark.parametrize("header", ["meanP", "seqLSTM", "seqTransf", "tightTransf"])
@@ -270,11 +251,42 @@ def test_eval_only_of_saved_checkpoint(run_a, setup):
     assert read_metrics(out / "metrics_eval.json")["num_texts"] == 6
 
 
+def test_checkpoints_that_do_not_fit_give_one_line(run_a, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    meanp = run_a / "pytorch_model.bin.1"
+    resnet = tmp_path / "resnet.bin"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, resnet)
+    misshaped = tmp_path / "misshaped.bin"
+    torch.save(dict(weights(meanp), **{"clip.visual.proj": torch.zeros(3, 512)}), misshaped)
+    cases = [(["--init_model", str(meanp), "--sim_header", "seqTransf"],
+              f"--init_model {meanp} was trained with --linear_patch 2d --sim_header meanP"),
+             (["--init_model", str(resnet)], f"--init_model {resnet}: none of its 2 weights is one of this model's"),
+             (["--init_model", str(misshaped)], "clip.visual.proj has shape (3, 512)")]
+    for extra, message in cases:
+        assert mtr.main(["--do_eval", *msvd_args(paths, clip, tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("main_task_retrieval.py: error:") and message in err, err
+
+
+def test_an_error_while_training_keeps_its_traceback(setup, tmp_path):
+    _, paths, clip = setup
+    # A ValueError raised mid-run is a failure of the run, not a bad flag: traceback and exit 1, not one line and 2.
+    code = ("import sys, main_task_retrieval as m\n"
+            "def broken(*args, **kwargs):\n    raise ValueError('video 3 became unreadable')\n"
+            "m.train_epoch = broken\nsys.exit(m.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--do_train", "--epochs", "1",
+                           *msvd_args(paths, clip, tmp_path / "out")], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
+    assert "ValueError: video 3 became unreadable" in proc.stderr
+
+
 def test_two_process_training_and_evaluation(run_a, setup):
     root, paths, clip = setup
     out = root / "run_2proc"
     # Global batch 4 = 2 per process; the DistributedSampler gives the two ranks' batches the samples of the
-    # single process's batch, and every rank computes the loss of the gathered batch (SPEC §3.9).
+    # single process's batch, and every rank computes the loss of the gathered batch (as the original's AllGather).
     run_cli(["--do_train", "--epochs", "1", *msvd_args(paths, clip, out)], nproc=2)
     two = step_losses((out / "log.txt").read_text())
     one = step_losses((run_a / "log.txt").read_text())

@@ -10,7 +10,9 @@ import torch
 from metrics import (
     compute_metrics,
     dual_softmax_rerank,
+    multi_sentence_tensor,
     print_computed_metrics,
+    retrieval_metrics,
     tensor_text_to_video_metrics,
     tensor_video_to_text_sim,
 )
@@ -205,3 +207,20 @@ def test_dual_softmax_matches_loop_and_reranks():
     assert compute_metrics(sim)["R1"] == 50.0 and compute_metrics(out)["R1"] == 100.0
     with pytest.raises(ValueError, match="temperature"):
         dual_softmax_rerank(sim, temperature=0)
+
+
+def test_multi_sentence_tensor_and_metrics_by_hand():
+    # 2 videos; video 0 has captions 0, 1 and video 1 has caption 2 (cut_off_points = cumulative counts).
+    sim = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]], dtype=np.float32)
+    tensor = multi_sentence_tensor(sim, [2, 3])
+    assert tensor.shape == (2, 2, 2) and tensor.dtype == np.float64
+    assert np.array_equal(tensor[0], sim[:2]) and np.array_equal(tensor[1, 0], sim[2])
+    assert np.all(np.isneginf(tensor[1, 1]))
+    tv, vt = retrieval_metrics(sim, [2, 3])
+    # captions: 0 → video 0 rank 1, 1 → video 0 rank 2, 2 → video 1 rank 1
+    assert tv["R1"] == pytest.approx(200 / 3) and tv["MR"] == 1.0 and tv["MeanR"] == pytest.approx(4 / 3)
+    # video→text scores the caption groups by their best caption: video 0 sees (group 0: 0.9, group 1: 0.3),
+    # rank 1; video 1 sees (group 0: max(0.1, 0.8), group 1: 0.7), rank 2
+    assert vt["R1"] == 50.0 and vt["MeanR"] == 1.5
+    single_tv, single_vt = retrieval_metrics(sim[:2], None)
+    assert single_tv == compute_metrics(sim[:2]) and single_vt == compute_metrics(sim[:2].T)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_clip_state_dict
 from modules.module_cross import CrossConfig
-from modules.modeling import CLIP4Clip, freeze_clip_layers, resolve_precision
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers, implied_by_state_dict, resolve_precision
 
 HEADS = ["meanP", "seqLSTM", "seqTransf", "tightTransf"]
 LOOSE = ["meanP", "seqLSTM", "seqTransf"]
@@ -49,13 +49,10 @@ HEAD_KEYS: Dict[str, List[str]] = {
 }
 
 
-def make_config(clip_file, head: str, linear_patch: str = "2d", **overrides) -> types.SimpleNamespace:
-    cfg = types.SimpleNamespace(
-        local_rank=0, pretrained_clip_name=str(clip_file), linear_patch=linear_patch, sim_header=head,
-        loose_type=head != "tightTransf", cross_num_hidden_layers=2, max_words=MAX_WORDS, max_frames=MAX_FRAMES,
-    )
-    cfg.__dict__.update(overrides)
-    return cfg
+def make_config(clip_file, head: str, linear_patch: str = "2d", **overrides) -> CLIP4ClipConfig:
+    fields = dict(pretrained_clip_name=str(clip_file), linear_patch=linear_patch, sim_header=head,
+                  cross_num_hidden_layers=2, max_words=MAX_WORDS, max_frames=MAX_FRAMES)
+    return CLIP4ClipConfig(**{**fields, **overrides})
 
 
 def build(clip_file, head: str, linear_patch: str = "2d", state_dict=None, seed: int = 0, **overrides) -> CLIP4Clip:
@@ -481,7 +478,7 @@ def test_bad_configurations_raise_clear_errors(clip_file, clip_state_dict, model
     with pytest.raises(ValueError, match="visual.proj"):
         CLIP4Clip(CrossConfig.get_config("cross-base"), no_proj, cfg)
 
-    # meanP built without --loose_type has the cross encoder's keys but cannot score (SPEC §2 check 9).
+    # meanP built without --loose_type has the cross encoder's keys but cannot score, as in the original.
     strict_meanp = build(clip_file, "meanP", loose_type=False)
     assert "similarity_dense.weight" in strict_meanp.state_dict()
     ids, seg, am, video, vm = make_inputs(2, 2)
@@ -545,3 +542,69 @@ def test_temporal_heads_learn_an_order_that_mean_pooling_cannot_see(clip_file, h
     assert before < 0.7  # seqTransf starts close to mean pooling; an untrained LSTM prefers the other order
     after = pair_accuracy(model)
     assert after > 0.9, (before, after)
+
+
+# --- the typed config --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("linear_patch", ["2d", "3d"])
+@pytest.mark.parametrize("head", HEADS)
+def test_config_round_trips_through_the_model_it_builds(clip_file, model_of, head, linear_patch):
+    config = make_config(clip_file, head, linear_patch)
+    model = model_of(head, linear_patch)
+    assert model.task_config == config and model.sim_header == head and model.linear_patch == linear_patch
+    assert model.loose_type is (head != "tightTransf")
+    # What a checkpoint cannot say (the CLIP file, the input sizes) is given; the rest comes from its keys.
+    implied = CLIP4ClipConfig.from_state_dict(model.state_dict(), pretrained_clip_name=str(clip_file),
+                                              max_words=MAX_WORDS, max_frames=MAX_FRAMES)
+    if head in ("meanP", "seqLSTM"):  # no layer count in these heads' keys: the default stands
+        implied = implied.replace(cross_num_hidden_layers=config.cross_num_hidden_layers)
+    assert implied == config
+
+
+def test_config_reads_the_original_namespace_and_checks_itself():
+    original = types.SimpleNamespace(local_rank=0, sim_header="seqTransf", loose_type=True, linear_patch="3d",
+                                     cross_num_hidden_layers=3, max_words=20, max_frames=8, n_gpu=4, lr=1e-4)
+    config = CLIP4ClipConfig.from_args(original)
+    assert (config.sim_header, config.linear_patch, config.cross_num_hidden_layers) == ("seqTransf", "3d", 3)
+    assert (config.max_words, config.max_frames, config.precision, config.pretrained_clip_name) == (
+        20, 8, "auto", "ViT-B/32")
+    assert CLIP4ClipConfig.from_args(config) is config
+    assert CLIP4ClipConfig(sim_header="tightTransf").loose_type is False
+    assert implied_by_state_dict({"cross.transformer.resblocks.2.ln_1.weight": torch.zeros(1)}) == {
+        "linear_patch": "2d", "sim_header": "tightTransf", "cross_num_hidden_layers": 3}
+    w = torch.zeros(1)
+    assert implied_by_state_dict({"clip.visual.proj": w}) == {"linear_patch": "2d", "sim_header": "meanP"}
+    assert implied_by_state_dict({"lstm_visual.weight_ih_l0": w, "clip.visual.conv2.weight": w}) == {
+        "linear_patch": "3d", "sim_header": "seqLSTM"}
+    for bad, message in [(dict(linear_patch="4d"), "linear_patch"), (dict(precision="fp64"), "precision"),
+                         (dict(max_frames=0), "max_frames"), (dict(freeze_layer_num=13), "freeze_layer_num")]:
+        with pytest.raises(ValueError, match=message):
+            CLIP4ClipConfig(**bad)
+
+
+def test_checkpoints_that_do_not_fit_are_refused(clip_file, model_of):
+    meanp = model_of("meanP").state_dict()
+    resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64), "fc.weight": torch.zeros(10, 512)}
+    with pytest.raises(ValueError, match="none of its 3 weights is one of this model's"):
+        build(clip_file, "meanP", state_dict=resnet)
+    other_clip = {"clip.visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "frame_position_embeddings.weight":
+                  torch.zeros(77, 512)}
+    with pytest.raises(ValueError, match="none of its 1 CLIP weights"):
+        build(clip_file, "seqLSTM", state_dict=other_clip)
+    misshaped = dict(meanp, **{"clip.visual.proj": torch.zeros(32, 512)})
+    with pytest.raises(ValueError, match=r"clip.visual.proj has shape \(32, 512\), the model expects \(64, 512\)"):
+        build(clip_file, "meanP", state_dict=misshaped)
+
+
+def test_another_heads_checkpoint_loads_with_a_warning(clip_file, model_of, caplog):
+    meanp = model_of("meanP").state_dict()
+    with caplog.at_level("WARNING", logger="modules.modeling"):
+        seq = build(clip_file, "seqTransf", state_dict=meanp)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("has no weights for 25 parameters of the seqTransf head" in w and "frame_position_embeddings.weight"
+               in w for w in warnings), warnings
+    assert torch.equal(seq.clip.visual.proj, meanp["clip.visual.proj"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modules.modeling"):
+        build(clip_file, "meanP", state_dict=model_of("seqTransf").state_dict())
+    assert any("holds 25 weights this model does not use" in r.getMessage() for r in caplog.records)

@@ -1,7 +1,6 @@
 """retrieve.py: the index files, the incremental bookkeeping, and search scores against the model's own logits."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 import retrieve
 from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import RawVideoExtractor
-from modules.modeling import CLIP4Clip
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig, implied_by_state_dict
 from modules.tokenization_clip import SimpleTokenizer
 from conftest import make_clip_state_dict, write_video
 from retrieve import Index, RetrieveError, load_index, plan_update, save_index, top_k
@@ -104,25 +103,14 @@ def test_top_k_matches_a_full_sort_and_orders_ties_by_index():
     assert idx_all.shape == (2, 3)
 
 
-def test_checkpoint_head_reads_the_trained_modules():
-    w = torch.zeros(1)
-    assert retrieve.checkpoint_head({"clip.visual.proj": w}) == ("meanP", "2d")
-    assert retrieve.checkpoint_head({"transformerClip.resblocks.0.ln_1.weight": w,
-                                     "clip.visual.conv2.weight": w}) == ("seqTransf", "3d")
-    assert retrieve.checkpoint_head({"lstm_visual.weight_ih_l0": w}) == ("seqLSTM", "2d")
-    assert retrieve.checkpoint_head({"cross.pooler.dense.weight": w}) == ("tightTransf", "2d")
-
-
 # ----------------------------------------------------------------------------------------------- model-based tests
 def _reference_model(clip_file: Path, head: str = "meanP", temporal_layers: int = 4):
     """CLIP4Clip built directly, as main_task_retrieval.py does, for independent logits."""
-    config = argparse.Namespace(local_rank=0, pretrained_clip_name=str(clip_file), linear_patch="2d",
-                                sim_header=head, loose_type=True, cross_num_hidden_layers=temporal_layers, max_words=32,
-                                max_frames=MAX_FRAMES, precision="fp32", grad_checkpointing=False)
+    config = CLIP4ClipConfig(pretrained_clip_name=str(clip_file), sim_header=head,
+                             cross_num_hidden_layers=temporal_layers, max_words=32, max_frames=MAX_FRAMES,
+                             precision="fp32")
     torch.manual_seed(123)
-    model = CLIP4Clip.from_pretrained("cross-base", state_dict=None, cache_dir=None, type_vocab_size=2,
-                                      task_config=config)
-    return model.eval()
+    return CLIP4Clip.from_config(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -281,12 +269,11 @@ def test_reindex_encodes_only_new_and_changed_files(tmp_path, tiny_clip_file, re
 def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_file):
     # Trained with --cross_num_hidden_layers 2 (as the demo): the index must build 2 layers, not the default 4.
     reference = _reference_model(tiny_clip_file, "seqTransf", temporal_layers=2)
-    assert retrieve.temporal_layers(reference.state_dict()) == 2 and retrieve.temporal_layers(None) == 4
+    assert implied_by_state_dict(reference.state_dict())["cross_num_hidden_layers"] == 2
     with torch.no_grad():  # a "trained" head: anything but its initial copy of the text blocks
         reference.transformerClip.resblocks[0].mlp.c_proj.weight.add_(0.05)
     ckpt = tmp_path / "pytorch_model.bin.0"
-    # The clip.* weights equal the CLIP file's, which fills them in at load: leave them out to keep the file small.
-    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("clip.")}, ckpt)
+    torch.save(reference.state_dict(), ckpt)
     root = tmp_path / "videos"
     for rel, seed in CONTENT.items():
         write_video(root / rel, n_frames=12, fps=4, seed=seed)
