@@ -52,14 +52,14 @@ if [ ! -f "$DATA/synthetic_meta.json" ]; then  # written last, so its presence m
 fi
 MSRVTT="$DATA/msrvtt"
 
-# What every command shares; the head and its --loose_type are added per command.
+# What every command shares (--loose_type is ignored by tightTransf, as in the original); the head is added per
+# command.
 COMMON=(--datatype msrvtt --features_path "$MSRVTT/videos" --frame_cache "$OUT/frame_cache" --num_thread_reader 1
         --pretrained_clip_name tiny-random-ViT/16 --cross_num_hidden_layers 2 --max_words 20 --max_frames 4
-        --feature_framerate 1 --slice_framepos 2 --batch_size_val 100)
+        --feature_framerate 1 --slice_framepos 2 --batch_size_val 100 --loose_type)
 TRAIN=(--do_train --train_csv "$MSRVTT/MSRVTT_train.9k.csv" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv"
        --data_path "$MSRVTT/MSRVTT_data.json" --freeze_layer_num 0 --linear_patch 2d --batch_size 16 --n_display 50)
 HEAD=(--sim_header "$SIM_HEADER")
-[ "$SIM_HEADER" = tightTransf ] || HEAD+=(--loose_type)
 
 # Keep only the last epoch's model (the driver saves model and optimizer every epoch, about 180 MB each).
 keep_last() {
@@ -73,7 +73,7 @@ if [ -f "$PRE_MODEL" ]; then  # checkpoints are written atomically, so the last 
     echo "== stage 1: reusing $PRE_MODEL"
 else
     echo "== stage 1: training CLIP4Clip meanP from the tiny random CLIP ($PRETRAIN_EPOCHS epochs) into $PRE"
-    "$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" --sim_header meanP --loose_type \
+    "$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" --sim_header meanP \
         --epochs "$PRETRAIN_EPOCHS" --lr 5e-4 --coef_lr 4 --seed 42 --output_dir "$PRE"
     keep_last "$PRE" "$PRETRAIN_EPOCHS"
     rm -f "$PRE"/pytorch_opt.bin.*  # stage 2 starts a fresh optimizer

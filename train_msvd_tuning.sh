@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fine-tune CLIP4Clip on MSVD (multi-sentence test) with the original README's hyper-parameters (SPEC §7.4).
+# Fine-tune CLIP4Clip on MSVD (multi-sentence test) with the original README's hyper-parameters.
 # Extra arguments are passed through and win over the ones below, e.g.
 #   ./train_msvd_tuning.sh --epochs 1 --precision bf16
 set -euo pipefail
@@ -14,9 +14,6 @@ OUTPUT_DIR=${OUTPUT_DIR:-ckpts/${SAVE_NAME}}
 MASTER_PORT=${MASTER_PORT:-9988}
 
 cd "$(dirname "$0")"
-# tightTransf is a cross encoder; every other head is a dot product and needs --loose_type.
-LOOSE=(--loose_type)
-[ "${SIM_ENC}" = tightTransf ] && LOOSE=()
 
 torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" \
   main_task_retrieval.py --do_train --num_thread_reader=4 \
@@ -28,6 +25,6 @@ torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" \
   --datatype msvd \
   --feature_framerate 1 --coef_lr 1e-3 \
   --freeze_layer_num 0 --slice_framepos 2 \
-  "${LOOSE[@]}" --linear_patch 2d --sim_header "${SIM_ENC}" \
+  --loose_type --linear_patch 2d --sim_header "${SIM_ENC}" \
   --pretrained_clip_name "${CLIP_NAME}" \
   "$@"
