@@ -1,4 +1,4 @@
-"""Write a small, seeded video-text retrieval data set in the MSR-VTT and the MSVD layouts (SPEC §5.4).
+"""Write a small, seeded video-text retrieval data set in the MSR-VTT and the MSVD layouts (the files the original reads).
 
     python preprocess/make_synthetic_dataset.py --output_dir data/synthetic
 

@@ -1,4 +1,4 @@
-"""CLIP tokenizer: vocabulary layout, SPEC §9 vectors, and id-for-id agreement with open_clip's copy of OpenAI's."""
+"""CLIP tokenizer: vocabulary layout, hand-checked vectors, and id-for-id agreement with open_clip's copy of OpenAI's."""
 from __future__ import annotations
 
 import csv
