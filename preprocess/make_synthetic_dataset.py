@@ -1,4 +1,4 @@
-"""Write a small, seeded video-text retrieval data set in the MSR-VTT and the MSVD layouts (the files the original reads).
+"""Write a small, seeded video-text retrieval data set in the files of the MSR-VTT and the MSVD layouts.
 
     python preprocess/make_synthetic_dataset.py --output_dir data/synthetic
 
