@@ -5,9 +5,11 @@ Nothing is downloaded: the user puts the weight file in ``modules/`` (see README
 """
 from __future__ import annotations
 
+import io
 import math
 import os
-import warnings
+import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
@@ -364,29 +366,129 @@ def build_model(state_dict: Mapping[str, torch.Tensor]) -> CLIP:
     return model.eval()
 
 
+class _ScriptObject:
+    """Stands in for any ``__torch__.*`` class of a TorchScript archive: it keeps the pickled state and runs nothing
+    (the archive's own ``__setstate__``, which is TorchScript code, is never looked at)."""
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+def _restore_type_tag(value, _type_name: str):
+    """TorchScript tags typed containers (``Dict[str, Tensor]``) with their type; the value is all we need."""
+    return value
+
+
+# What a TorchScript ``data.pkl`` may refer to besides its own classes: the tensor rebuild functions, the empty
+# ``OrderedDict`` of backward hooks, the container type tag, and the storage types. Anything else is refused before
+# it is looked up.
+_ARCHIVE_GLOBALS = {
+    ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("collections", "OrderedDict"): OrderedDict,
+}
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's ``data.pkl`` the way ``weights_only`` reads a plain file: tensors are rebuilt
+    from the storages stored beside it in the zip, module objects become inert :class:`_ScriptObject` s."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if (module, name) in _ARCHIVE_GLOBALS:
+            return _ARCHIVE_GLOBALS[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # the storage reference below only needs its dtype
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a weights archive never needs")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected storage reference {pid!r}")
+        _, dtype, key, _location, numel = pid
+        if not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"storage {key} has no known storage type")
+        raw = self.archive.read(f"{self.prefix}/data/{key}")
+        if len(raw) != numel * torch.empty((), dtype=dtype).element_size():
+            raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, expected {numel} {dtype} values")
+        untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _named_tensors(obj, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Every tensor of an unpickled module tree under its dotted attribute name (positions name the entries of a
+    module whose state is a tuple)."""
+    state = obj.state if isinstance(obj, _ScriptObject) else obj
+    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) \
+        else ()
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = value.detach()
+        elif isinstance(value, (_ScriptObject, Mapping, list, tuple)):
+            out.update(_named_tensors(value, name + "."))
+    return out
+
+
+def read_torchscript_archive(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive (OpenAI's ``ViT-B-32.pt``) without running any of its code.
+
+    Differs from the original, which calls ``torch.jit.load``: that runs the archive's TorchScript (``__setstate__``
+    methods) at load time, so a hostile file could act. Here only ``data.pkl`` is unpickled, with the restricted
+    unpickler above. An archive made by tracing (OpenAI's) gives exactly ``torch.jit.load(path).state_dict()``.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        data_pkl = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(data_pkl) != 1:
+            raise pickle.UnpicklingError("no data.pkl at the top of the archive")
+        prefix = data_pkl[0].split("/")[0]
+        if f"{prefix}/byteorder" in names and archive.read(f"{prefix}/byteorder").strip() not in (b"", b"little"):
+            raise pickle.UnpicklingError("stored big-endian; only little-endian archives are read")
+        root = _ArchiveUnpickler(archive.read(data_pkl[0]), archive, prefix).load()
+    return _named_tensors(root)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip holding TorchScript code (a ``torch.save`` file is a zip too, but has no ``code/`` folder)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in archive.namelist())
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Read a CLIP weight file: OpenAI's TorchScript archive or a ``torch.save`` state dict."""
+    """Read a CLIP weight file: OpenAI's TorchScript archive (without running its code) or a ``torch.save`` state
+    dict (``weights_only``). An unreadable file is a ValueError naming it."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():  # torch warns that TorchScript is deprecated; OpenAI's files are TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    except (RuntimeError, ValueError) as jit_error:
-        jit_message = str(jit_error).splitlines()[0] if str(jit_error) else type(jit_error).__name__
-    try:
+        if _is_torchscript(path):
+            return read_torchscript_archive(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeError(
-            f"cannot read CLIP weights from {path}: it is neither a TorchScript archive ({jit_message}) nor a "
-            f"torch.save state dict ({first}). The file may be truncated or corrupt; download it again "
-            f"(see README, 'CLIP weights').") from error
+    except Exception as error:  # whatever a damaged file raises, the user needs the same one line
+        raise ValueError(f"cannot read CLIP weights from {path} ({_first_line(error)}): expected OpenAI's "
+                         f"TorchScript archive or a torch.save state dict; the file may be truncated or corrupt, "
+                         f"download it again (see README, 'CLIP weights')") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RuntimeError(f"{path} does not hold a CLIP state dict (a mapping of names to tensors); "
-                           f"got {type(obj).__name__}")
+        raise ValueError(f"{path} does not hold a CLIP state dict (a mapping of names to tensors); "
+                         f"got {type(obj).__name__}")
     return dict(obj)
 
 

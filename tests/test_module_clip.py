@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import pickle
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Dict
@@ -14,7 +16,7 @@ from conftest import make_clip_state_dict
 from modules import module_clip
 from modules.module_clip import (
     CLIP, TINY_MODELS, LayerNorm, QuickGELU, available_models, build_model, clip_config_from_state_dict,
-    convert_weights,
+    convert_weights, load_state_dict_file,
 )
 
 open_clip_model = pytest.importorskip("open_clip.model")
@@ -147,6 +149,73 @@ def save_torchscript(state_dict: Dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+class _Hostile(nn.Module):
+    """A module whose TorchScript ``__setstate__`` prints a marker when ``torch.jit.load`` restores it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.arange(6, dtype=torch.float32).view(3, 2))
+        self.register_buffer("scale", torch.tensor([0.5, -2.0], dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+    @torch.jit.export
+    def __getstate__(self) -> Dict[str, torch.Tensor]:
+        return {"weight": self.weight, "scale": self.scale}
+
+    @torch.jit.export
+    def __setstate__(self, state: Dict[str, torch.Tensor]) -> None:
+        print("HOSTILE-SETSTATE-RAN")
+        self.weight = state["weight"]
+        self.scale = state["scale"]
+        self.training = False
+
+
+class _HostileHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Hostile()
+        self.proj = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + self.proj(x)
+
+
+def test_torchscript_archive_is_read_without_running_its_code(tmp_path, capfd):
+    torch.manual_seed(0)
+    holder = _HostileHolder()
+    path = tmp_path / "hostile.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(holder).save(str(path))
+        torch.jit.load(str(path))
+    assert "HOSTILE-SETSTATE-RAN" in capfd.readouterr().out  # the archive really runs code under torch.jit.load
+
+    loaded = load_state_dict_file(path)
+    assert "HOSTILE-SETSTATE-RAN" not in capfd.readouterr().out
+    expected = {"inner.weight": holder.inner.weight, "inner.scale": holder.inner.scale,
+                "proj.weight": holder.proj.weight, "proj.bias": holder.proj.bias}
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value.detach())
+
+
+def test_torchscript_archive_refers_only_to_tensors(tmp_path):
+    sd = make_clip_state_dict(seed=1)
+    path = save_torchscript(sd, tmp_path / "jit.pt")
+    # Rewrite data.pkl so it names os.system: the reader refuses it instead of looking it up.
+    with zipfile.ZipFile(path) as archive:
+        entries = {n: archive.read(n) for n in archive.namelist()}
+    data_pkl = next(n for n in entries if n.endswith("/data.pkl"))
+    entries[data_pkl] = pickle.dumps(__import__("os").system, protocol=2)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    with pytest.raises(ValueError, match="jit.pt .*refers to (posix|nt).system"):
+        load_state_dict_file(path)
+
+
 def test_torchscript_and_plain_files_load_identically(tmp_path):
     sd = make_clip_state_dict(jit_extras=True, seed=3)
     jit_file = save_torchscript(sd, tmp_path / "jit.pt")
@@ -191,13 +260,17 @@ def test_get_config_errors(tmp_path, monkeypatch, tiny_clip_file):
     garbage.write_bytes(b"this is not a weights file" * 10)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_clip_file.read_bytes()[:100_000])
-    for bad in (garbage, truncated):
-        with pytest.raises(RuntimeError, match="cannot read CLIP weights from .*" + bad.name):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    jit_truncated = tmp_path / "jit-truncated.pt"
+    jit_truncated.write_bytes(save_torchscript(make_clip_state_dict(), tmp_path / "jit.pt").read_bytes()[:50_000])
+    for bad in (garbage, truncated, empty, jit_truncated):
+        with pytest.raises(ValueError, match="cannot read CLIP weights from .*" + bad.name):
             CLIP.get_config(str(bad))
 
     not_dict = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], not_dict)
-    with pytest.raises(RuntimeError, match="list.pt does not hold a CLIP state dict"):
+    with pytest.raises(ValueError, match="list.pt does not hold a CLIP state dict"):
         CLIP.get_config(str(not_dict))
 
 
