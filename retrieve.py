@@ -509,9 +509,10 @@ def rank_captions(index_dir: Path, video: Path, captions: Sequence[str], top: Op
 
 
 def _read_lines(path: str, what: str) -> List[str]:
-    """Non-blank lines of a UTF-8 text file, one query or caption each."""
+    """Non-blank lines of a UTF-8 text file, one query or caption each; lines end only at \\n, \\r\\n or \\r (not at
+    the other separators ``str.splitlines`` knows, which a caption may hold)."""
     try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").split("\n")]
     except FileNotFoundError:
         raise RetrieveError(f"{what} file {path} not found") from None
     except UnicodeDecodeError as e:

@@ -1,12 +1,15 @@
 """ActivityNet Captions: a video's sentences joined into one paragraph, read over the whole video."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Optional
 
 from dataloaders.dataset_util import (VideoTextDataset, annotation_error, clip_window, find_videos, read_json,
                                       require_keys, require_str)
+
+logger = logging.getLogger(__name__)
 
 ID_FILES = {"train": "train_ids.json", "val": "val_ids.json"}
 CAPTION_FILES = {"train": "train.json", "val": "val_1.json"}
@@ -28,19 +31,19 @@ class ActivityNet_DataLoader(VideoTextDataset):
         ids_path = os.path.join(data_path, ID_FILES[subset])
         captions_path = os.path.join(data_path, CAPTION_FILES[subset])
 
-        print(f"Loading json: {ids_path}")
+        logger.info(f"Loading json: {ids_path}")
         pseudo_ids = _read_ids(ids_path)
         paragraphs = _read_paragraphs(captions_path)
-        print(f"video id list: {len(pseudo_ids)}")
-        print(f"pseudo caption dict: {len(paragraphs)}")
+        logger.info(f"video id list: {len(pseudo_ids)}")
+        logger.info(f"pseudo caption dict: {len(paragraphs)}")
 
         without_captions = [p for p in pseudo_ids if p not in paragraphs]
         if without_captions:
-            print(f"{len(without_captions)} ids of {ids_path} have no entry in {captions_path}; skipped as in the "
-                  f"original (first: {without_captions[0]})")
+            logger.warning(f"{len(without_captions)} ids of {ids_path} have no entry in {captions_path}; skipped as "
+                           f"in the original (first: {without_captions[0]})")
         video_ids = [p[2:] for p in pseudo_ids if p in paragraphs]  # "v_<stem>" → "<stem>"
         self.video_dict = find_videos(features_path, video_ids)
-        print(f"video dict: {len(self.video_dict)}")
+        logger.info(f"video dict: {len(self.video_dict)}")
         kept = set(self._keep_present(video_ids, ids_path))
 
         for pseudo_id in pseudo_ids:
@@ -59,7 +62,7 @@ def _read_ids(path: str) -> list:
     for i, pseudo_id in enumerate(data):
         require_str(pseudo_id, path, f"item {i}")
         if pseudo_id in seen:
-            print("reduplicate.")
+            logger.info("reduplicate.")
             continue
         seen.add(pseudo_id)
         ids.append(pseudo_id)

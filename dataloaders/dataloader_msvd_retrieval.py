@@ -1,10 +1,13 @@
 """MSVD: train/val/test id lists and ``raw-captions.pkl``; every caption of every listed video is a sample."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, load_raw_captions, read_id_list
+
+logger = logging.getLogger(__name__)
 
 SUBSETS = ("train", "val", "test")
 
@@ -44,7 +47,7 @@ class MSVD_DataLoader(VideoTextDataset):
         if subset in ("val", "test"):
             self.sentence_num = len(self._pairs)
             self.video_num = len(video_ids)
-            print(f"For {subset}, sentence number: {self.sentence_num}")
-            print(f"For {subset}, video number: {self.video_num}")
-        print(f"Video number: {len(self.video_dict)}")
-        print(f"Total Paire: {len(self._pairs)}")
+            logger.info(f"For {subset}, sentence number: {self.sentence_num}")
+            logger.info(f"For {subset}, video number: {self.video_num}")
+        logger.info(f"Video number: {len(self.video_dict)}")
+        logger.info(f"Total Paire: {len(self._pairs)}")

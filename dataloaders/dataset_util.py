@@ -69,10 +69,14 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def read_lines(path: str) -> List[str]:
-    """A text file's lines, without line ends (UTF-8)."""
+    """A text file's lines, without line ends (UTF-8).
+
+    As the original (``for line in fp.readlines()``): lines end only at ``\\n``, ``\\r\\n`` or ``\\r``. Not
+    ``str.splitlines``, which also splits at U+2028, U+0085, form feeds and other separators a caption may hold.
+    """
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return f.read().splitlines()
+            return [line.rstrip("\n") for line in f]
     except UnicodeDecodeError as exc:
         raise annotation_error(path, f"byte {exc.start}", "UTF-8 text") from None
 
@@ -254,7 +258,6 @@ class VideoTextDataset(Dataset):
         else:
             note = f"evaluating on {len(kept)} of {total} videos ({message})"
             logger.warning(note)
-            print(note)
         return kept
 
     def _get_text(self, caption: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

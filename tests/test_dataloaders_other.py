@@ -108,10 +108,11 @@ def write_activitynet(root, clip):
     link(root / "videos", ["aaa.mp4", "bbb.mkv", "ccc.mp4", "ddd.webm"], clip)
 
 
-def test_activitynet_paragraphs_windows_and_order(tmp_path, clip, tokenizer, reference, capsys):
+def test_activitynet_paragraphs_windows_and_order(tmp_path, clip, tokenizer, reference, caplog):
     write_activitynet(tmp_path, clip)
-    ds = ActivityNet_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, **SMALL)
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="dataloaders"):
+        ds = ActivityNet_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, **SMALL)
+    out = caplog.text
     assert "reduplicate." in out and "video id list: 4" in out and "pseudo caption dict: 3" in out
     assert list(ds.all_pairs()) == [("aaa", " A man runs.  He stops.", 0, 13),   # ceil(12.3)
                                     ("bbb", "A dog barks.", 0, 7),
