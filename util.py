@@ -34,7 +34,8 @@ def get_logger(filename: Optional[Union[str, Path]] = None) -> logging.Logger:
             root.removeHandler(handler)
             handler.close()
     if filename is not None:
-        handler = logging.FileHandler(filename)
+        # backslashreplace: a file name that is not UTF-8 (bytes Python keeps as surrogates) is logged, not an error
+        handler = logging.FileHandler(filename, errors="backslashreplace")
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter(FILE_FORMAT))
         handler.clip4clip_log_file = True

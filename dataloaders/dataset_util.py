@@ -104,6 +104,8 @@ def read_csv(path: str, columns: Sequence[str]) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise annotation_error(path, "parsing", f"a CSV file with header columns {list(columns)} ({exc})") from None
+    if frame.empty:  # refused here, at start-up, not when the first epoch is over and the evaluation finds nothing
+        raise annotation_error(path, "line 2", "at least one row after the header", "no rows")
     absent = [c for c in columns if c not in frame.columns]
     if absent:
         raise annotation_error(path, "line 1 (header)", f"columns {list(columns)}", list(frame.columns))
@@ -239,6 +241,8 @@ class VideoTextDataset(Dataset):
     def _keep_present(self, video_ids: Sequence[str], source: str) -> List[str]:
         """The ids that have a file. Missing ones raise one error listing them, unless ``skip_missing``: then they
         are dropped and reported (training) or the reduced benchmark is announced (evaluation)."""
+        if not video_ids:
+            raise annotation_error(source, "contents", "at least one video", "none")
         missing = [v for v in video_ids if v not in self.video_dict]
         self.missing_videos = missing
         if not missing:
@@ -253,6 +257,8 @@ class VideoTextDataset(Dataset):
             raise FileNotFoundError(f"{message}. Check the layout with preprocess/check_dataset.py, or pass "
                                     f"--skip_missing_videos to {action}.")
         kept = [v for v in video_ids if v in self.video_dict]
+        if not kept:
+            raise FileNotFoundError(f"{message}: nothing is left to {'train on' if self.training else 'evaluate'}")
         if self.training:
             logger.warning("%s; training without them (%d videos kept)", message, len(kept))
         else:

@@ -151,10 +151,34 @@ class FrameTransform:
         return normalize_uint8(self.resize_crop(np.array(image.convert("RGB"))[None]))[0]
 
 
+def open_capture(video_path: str, *args) -> cv2.VideoCapture:
+    """``cv2.VideoCapture(video_path, *args)`` for any file name.
+
+    OpenCV crashes the process (a segfault, not an exception) on a name that is not valid UTF-8, which Linux allows
+    (Python holds the bad bytes as surrogate escapes). Such a file is opened through ``/proc/self/fd``, whose name is
+    plain ASCII; FFmpeg opens its own descriptor, so ours is closed straight away.
+    """
+    try:
+        video_path.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return cv2.VideoCapture(video_path, *args)
+    fd = os.open(video_path, os.O_RDONLY)
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        if not os.path.exists(alias):
+            raise ValueError(f"{video_path!r}: the file name is not valid UTF-8, which OpenCV cannot open on this "
+                             f"system; rename the file")
+        return cv2.VideoCapture(alias, *args)
+    finally:
+        os.close(fd)
+
+
 def _open(video_path: str) -> cv2.VideoCapture:
     if not os.path.isfile(video_path):
         raise FileNotFoundError(f"video file not found: {video_path}")
-    return cv2.VideoCapture(video_path)
+    return open_capture(video_path)
 
 
 def _read_seek_per_frame(cap: cv2.VideoCapture, indices: Sequence[int]) -> List[np.ndarray]:
@@ -171,7 +195,7 @@ def _read_seek_per_frame(cap: cv2.VideoCapture, indices: Sequence[int]) -> List[
 
 def _scan_packets(video_path: str) -> Tuple[int, List[int]]:
     """Number of video packets and the positions of keyframe packets, without decoding (cv2 raw mode)."""
-    cap = cv2.VideoCapture(video_path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
+    cap = open_capture(video_path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
     n, keyframes = 0, []
     try:
         while cap.grab():

@@ -14,8 +14,6 @@ yields no frame; 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import os
 import sys
@@ -31,19 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader  # noqa: E402
-from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader  # noqa: E402
-from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader  # noqa: E402
-from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader  # noqa: E402
-from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader  # noqa: E402
-from dataloaders.rawvideo_util import RawVideoExtractor  # noqa: E402
+from dataloaders.data_dataloaders import DATALOADER_DICT  # noqa: E402
+from dataloaders.rawvideo_util import RawVideoExtractor, open_capture  # noqa: E402
 from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
 
-SUBSET_CLASSES = {"msvd": (MSVD_DataLoader, ("train", "val", "test")),
-                  "lsmdc": (LSMDC_DataLoader, ("train", "val", "test")),
-                  "activity": (ActivityNet_DataLoader, ("train", "val")),
-                  "didemo": (DiDeMo_DataLoader, ("train", "val", "test"))}
-DATATYPES = ("msrvtt",) + tuple(SUBSET_CLASSES)
+DATATYPES = tuple(DATALOADER_DICT)
 LISTED = 10
 
 Request = Tuple[str, Optional[int], Optional[int]]  # video file, start second, end second
@@ -75,29 +65,31 @@ class Split:
     error: Optional[str] = None
 
 
+def _loader_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The training flags ``DATALOADER_DICT``'s builders read: this tool's, plus loader settings that do not change
+    which items a data set holds. ``skip_missing`` so that all missing files are collected, not only the first."""
+    return argparse.Namespace(**vars(args), skip_missing=True, frame_cache=None, train_frame_order=0,
+                              eval_frame_order=0, batch_size=1, n_gpu=1, batch_size_val=1, num_thread_reader=0)
+
+
 def build_splits(args: argparse.Namespace) -> List[Split]:
-    """Every split of ``--datatype``, built with ``skip_missing`` so that all missing files are collected."""
+    """Every split of ``--datatype``, built by the training code's own ``DATALOADER_DICT`` builders."""
     tokenizer = SimpleTokenizer()
-    common = dict(features_path=args.features_path, tokenizer=tokenizer, max_words=args.max_words,
-                  feature_framerate=args.feature_framerate, max_frames=args.max_frames,
-                  image_resolution=args.image_resolution, slice_framepos=args.slice_framepos, skip_missing=True)
-    if args.datatype == "msrvtt":
-        makers = {"train": lambda: MSRVTT_TrainDataLoader(csv_path=args.train_csv, json_path=args.data_path,
-                                                          unfold_sentences=args.expand_msrvtt_sentences, **common),
-                  "test": lambda: MSRVTT_DataLoader(csv_path=args.val_csv, **common)}
-    else:
-        cls, subsets = SUBSET_CLASSES[args.datatype]
-        makers = {s: (lambda s=s: cls(subset=s, data_path=args.data_path, **common)) for s in subsets}
+    flags = _loader_flags(args)
+    builders = DATALOADER_DICT[args.datatype]
     splits = []
     dataset_logger = logging.getLogger("dataloaders")
-    for name, make in makers.items():
+    for name in ("train", "val", "test"):
+        if builders[name] is None:  # the val builder serves as the test set
+            continue
         split = Split(name)
-        # The datasets print and log what this report states anyway; keep the report readable.
+        # The datasets log what this report states anyway; keep the report readable.
         level = dataset_logger.level
         dataset_logger.setLevel(logging.ERROR)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                split.dataset = make()
+            loader = builders[name](flags, tokenizer) if name == "train" else builders[name](flags, tokenizer,
+                                                                                              subset=name)
+            split.dataset = loader[0].dataset
         except (ValueError, FileNotFoundError, OSError) as exc:
             split.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -124,13 +116,14 @@ def probe(request: Request) -> Dict[str, object]:
     import cv2
 
     path, start, end = request
-    capture = cv2.VideoCapture(path)
-    fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
-    frames = capture.get(cv2.CAP_PROP_FRAME_COUNT) if capture.isOpened() else 0.0
-    capture.release()
-    result: Dict[str, object] = {"fps": fps, "duration": frames / fps if fps > 0 else None, "error": None}
+    result: Dict[str, object] = {"fps": 0.0, "duration": None, "error": None}
     max_frames, slice_framepos = _sample_args
     try:
+        capture = open_capture(path)
+        if capture.isOpened():
+            result["fps"] = fps = capture.get(cv2.CAP_PROP_FPS)
+            result["duration"] = capture.get(cv2.CAP_PROP_FRAME_COUNT) / fps if fps > 0 else None
+        capture.release()
         result["n_frames"] = _extractor.get_video_sample(path, max_frames, slice_framepos, 0, start, end)[2]
     except Exception as exc:  # the report lists every failure; one bad file must not stop the check
         result["n_frames"] = 0
@@ -161,6 +154,7 @@ def _listing(names: List[str]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is shown, not a crash
     splits = build_splits(args)
 
     print(f"Data set {args.datatype}: annotations {args.data_path}, videos {args.features_path}")

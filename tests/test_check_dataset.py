@@ -80,3 +80,25 @@ def test_runs_as_a_script_from_the_repository_root(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "not a directory" in done.stdout and "--features_path" in done.stdout
+
+
+def test_file_name_that_is_not_utf8_is_probed_not_a_crash(tmp_path):
+    clip = write_video(tmp_path / "clip.avi", n_frames=30, fps=10, size=(40, 32))
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/odd\xff.avi")  # cv2 segfaults on this name as a str
+    os.symlink(clip, odd)
+    check_dataset._init_worker(1, 32, 4, 0)
+    result = check_dataset.probe((odd, None, None))
+    # seconds 0..3 inclusive at one frame each: frames 0, 10, 20; frame 30 does not exist
+    assert result == {"fps": 10.0, "duration": 3.0, "error": None, "n_frames": 3}
+
+
+def test_header_only_csv_is_an_annotation_error(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "val.csv").write_text("key,vid_key,video_id,sentence\n")
+    code = check_dataset.main(["--datatype", "msrvtt", "--val_csv", str(tmp_path / "val.csv"), "--train_csv",
+                               str(tmp_path / "val.csv"), "--data_path", str(tmp_path / "none.json"),
+                               "--features_path", str(tmp_path / "videos"), "--num_workers", "0"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"val  : annotation error: ValueError: {tmp_path / 'val.csv'}, line 2: expected at least one row " \
+           f"after the header, got 'no rows'" in out

@@ -165,7 +165,7 @@ def test_train_errors_name_file_and_place(tmp_path, clip, tokenizer):
         MSRVTT_DataLoader(str(tmp_path / "test.csv"), str(tmp_path / "videos"), tokenizer)
 
 
-def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, caplog, capsys):
+def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, caplog):
     write_small_split(tmp_path, clip)
     os.remove(tmp_path / "videos" / "video0.mp4")
     csv, data, videos = str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos")
@@ -183,6 +183,19 @@ def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, ca
                                        "ret0,msr0,video0,a b\nret1,msr1,video1,c d\nret2,msr2,video2,e f\n")
     with pytest.raises(FileNotFoundError, match="evaluate on the videos present"):
         MSRVTT_DataLoader(str(tmp_path / "test.csv"), videos, tokenizer)
-    ds = MSRVTT_DataLoader(str(tmp_path / "test.csv"), videos, tokenizer, skip_missing=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dataloaders"):
+        ds = MSRVTT_DataLoader(str(tmp_path / "test.csv"), videos, tokenizer, skip_missing=True)
     assert len(ds) == 2 and ds.data["video_id"].tolist() == ["video1", "video2"]
-    assert "evaluating on 2 of 3 videos" in capsys.readouterr().out
+    assert "evaluating on 2 of 3 videos" in caplog.text
+
+
+def test_header_only_csv_fails_when_read(tmp_path, clip, tokenizer):
+    write_small_split(tmp_path, clip)
+    (tmp_path / "test.csv").write_text("key,vid_key,video_id,sentence\n")
+    with pytest.raises(ValueError, match=r"test\.csv, line 2: expected at least one row after the header"):
+        MSRVTT_DataLoader(str(tmp_path / "test.csv"), str(tmp_path / "videos"), tokenizer)
+    (tmp_path / "train.csv").write_text("video_id\n")
+    with pytest.raises(ValueError, match=r"train\.csv, line 2: expected at least one row after the header"):
+        MSRVTT_TrainDataLoader(str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"),
+                               str(tmp_path / "videos"), tokenizer)

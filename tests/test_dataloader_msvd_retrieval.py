@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 
@@ -34,10 +35,11 @@ def msvd(real_annotations, tmp_path_factory):
     return root, captions
 
 
-def test_real_test_split(msvd, tokenizer, capsys):
+def test_real_test_split(msvd, tokenizer, caplog):
     root, captions = msvd
-    ds = MSVD_DataLoader("test", str(root), str(root / "videos"), tokenizer, **SMALL)
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="dataloaders"):
+        ds = MSVD_DataLoader("test", str(root), str(root / "videos"), tokenizer, **SMALL)
+    out = "\n".join(r.getMessage() for r in caplog.records)
     assert len(ds) == ds.sentence_num == 27763 and ds.video_num == 670
     assert len(ds.cut_off_points) == 670 and ds.cut_off_points[-1] == 27763
     assert ds.multi_sentence_per_video is True
@@ -60,13 +62,14 @@ def test_real_test_split(msvd, tokenizer, capsys):
 
 
 @pytest.mark.parametrize("subset, videos, sentences", [("train", 1200, 48774), ("val", 100, 4290)])
-def test_real_train_and_val_counts(msvd, tokenizer, capsys, subset, videos, sentences):
+def test_real_train_and_val_counts(msvd, tokenizer, caplog, subset, videos, sentences):
     root, _captions = msvd
-    ds = MSVD_DataLoader(subset, str(root), str(root / "videos"), tokenizer, **SMALL)
+    with caplog.at_level(logging.INFO, logger="dataloaders"):
+        ds = MSVD_DataLoader(subset, str(root), str(root / "videos"), tokenizer, **SMALL)
     assert len(ds) == sentences and len(ds.cut_off_points) == videos and ds.cut_off_points[-1] == sentences
     assert ds.multi_sentence_per_video is True   # set for train too, as the original
     assert hasattr(ds, "sentence_num") == (subset == "val")
-    assert f"Total Paire: {sentences}" in capsys.readouterr().out
+    assert f"Total Paire: {sentences}" in caplog.text
 
 
 def test_listed_video_without_captions_names_the_files(tmp_path, tokenizer):

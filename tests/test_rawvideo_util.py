@@ -166,6 +166,19 @@ def test_zero_frame_video_gives_zeros(tmp_path):
     assert ex.get_video_sample(path, max_frames=4)[2] == 0
 
 
+def test_file_name_that_is_not_utf8_is_read_like_any_other(videos, tmp_path):
+    # cv2.VideoCapture segfaults on such a name; the bytes 0xff never occur in UTF-8.
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/odd\xff name.mp4")
+    with open(videos["h264_gop"], "rb") as src, open(odd, "wb") as dst:
+        dst.write(src.read())
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    video, mask, n = ex.get_video_sample(odd, max_frames=4, slice_framepos=2)
+    ref_video, ref_mask, ref_n = ex.get_video_sample(str(videos["h264_gop"]), max_frames=4, slice_framepos=2)
+    assert n == ref_n == 4
+    assert np.array_equal(video, ref_video) and np.array_equal(mask, ref_mask)
+    assert torch.equal(ex.get_video_data(odd)["video"], ex.get_video_data(str(videos["h264_gop"]))["video"])
+
+
 def test_missing_file_is_named(tmp_path):
     ex = RawVideoExtractor(size=SIZE, framerate=1)
     missing = str(tmp_path / "nope.mp4")
