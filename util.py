@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,31 +226,68 @@ def read_state_dict(path: Union[str, Path], flag: str) -> Dict[str, torch.Tensor
     return state
 
 
-def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it.
+# A temporary file is ``.<name>.<pid>.<random>.tmp<suffix>`` beside its target: the suffix stays, since some writers
+# (ffmpeg) choose the format from it, and the pid tells the next run whether the writer is gone.
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 
-    A run killed mid-write leaves the previous file (or none), never a truncated one.
+
+def temporary_path(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: Union[str, Path], sync: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; renamed over ``path`` when the block ends, removed
+    when it raises (or is interrupted). ``sync`` flushes it to disk first, so a crash never leaves a truncated file.
+
+    A reader sees the previous file (or none) until the rename, never a partial one. Nested blocks commit in reverse
+    order, the innermost first: put the file that marks a set complete outermost.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(text: str, path: Union[str, Path]) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """UTF-8 text through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _process_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(directory: Union[str, Path]) -> List[Path]:
+    """Delete the temporary files of :func:`atomic_path` in ``directory`` whose writer process is gone (a save killed
+    mid-write); those of running processes are left alone. Returns what was removed."""
+    removed = []
+    for entry in sorted(Path(directory).glob(".*.tmp*")):
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_file() and _process_gone(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

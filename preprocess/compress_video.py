@@ -5,22 +5,29 @@
 Every file found by a recursive walk of ``--input_root`` goes to ``--output_root/<file name>`` (flat, same name and
 extension). Outputs that already exist and are non-empty are skipped, so an interrupted run can be resumed.
 Where ffmpeg fails, the source file is copied in its place, as the original tool does; each such failure is
-reported with ffmpeg's last error line and listed in the final summary.
+reported with ffmpeg's last error line, listed in the final summary, and recorded in ``--output_root/.failed.json``,
+so that a re-run reports it again (and exits 1) instead of counting the copy as done. Delete a copied output to have
+it re-encoded.
 
 Differences from the original:
 - portrait videos get width 224 and height 224/aspect (the original computed 224*aspect and squashed them);
 - two inputs with the same file name are refused before anything is written (the original overwrote one);
 - outputs are written under a temporary name and renamed, so an interrupted run leaves no truncated file behind
   that a later run would skip; a folder for the outputs inside ``--input_root`` is not itself walked;
+- Ctrl-C (or an ffmpeg killed by a signal) is not a failure to copy over: the run stops, removes its partial
+  outputs and exits 130;
 - exit status 1 when any file failed (its source was still copied), 0 otherwise, 2 for bad arguments.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script from anywhere: the package root is this file's parent folder
+    sys.path.insert(0, ROOT)
+
+from util import atomic_path, atomic_write_text, remove_stale_temporaries  # noqa: E402
+
 FPS = 3
+FAILED_MANIFEST = ".failed.json"
+# ffmpeg exits 255 when a signal (Ctrl-C reaches the whole process group) stopped it.
+FFMPEG_INTERRUPTED = 255
 SHORT_SIDE = 224
 
 # a = input width / height. Landscape (a > 1): height 224, width the even number at or below 224*a.
@@ -42,6 +58,10 @@ SCALE_FILTER = (
 
 class NameCollisionError(ValueError):
     """Two input files would be written to the same output path."""
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C, or ffmpeg killed by a signal); not a failure of the file."""
 
 
 @dataclass(frozen=True)
@@ -113,25 +133,101 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no error message"
 
 
-def _partial_path(dst: Path) -> Path:
-    # Keep the extension: ffmpeg picks the container from it.
-    return dst.with_name(f".{dst.stem}.partial{dst.suffix}")
+class _Runs:
+    """The ffmpeg processes running now, so that a Ctrl-C can stop them all and start no more."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._procs: set = set()
+
+    def run(self, command: List[str]) -> Tuple[int, str]:
+        """(return code, stderr) of ``command``; Interrupted when the run was stopped or ffmpeg was killed."""
+        with self._lock:
+            if self.stopped.is_set():
+                raise Interrupted()
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    errors="replace")
+            self._procs.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+        if self.stopped.is_set() or proc.returncode < 0 or proc.returncode == FFMPEG_INTERRUPTED:
+            raise Interrupted()
+        return proc.returncode, stderr
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped.set()
+            for proc in self._procs:
+                proc.send_signal(signal.SIGINT)
 
 
-def compress_one(ffmpeg: str, src: Path, dst: Path) -> Outcome:
-    """Re-encode ``src`` to ``dst`` unless ``dst`` is already non-empty; copy ``src`` there if ffmpeg fails."""
+def compress_one(ffmpeg: str, src: Path, dst: Path, runs: Optional[_Runs] = None) -> Outcome:
+    """Re-encode ``src`` to ``dst`` unless ``dst`` is already non-empty; copy ``src`` there if ffmpeg fails.
+
+    Interrupted (and nothing written) when ffmpeg was stopped by a signal rather than failing on the file.
+    """
     if dst.is_file() and dst.stat().st_size > 0:
         return Outcome(src, dst, "skipped")
-    tmp = _partial_path(dst)
-    proc = subprocess.run(build_ffmpeg_command(ffmpeg, src, tmp), capture_output=True, text=True, errors="replace")
-    if proc.returncode == 0 and tmp.is_file() and tmp.stat().st_size > 0:
-        os.replace(tmp, dst)
-        return Outcome(src, dst, "compressed")
-    error = _last_line(proc.stderr) if proc.returncode != 0 else "ffmpeg wrote an empty file"
-    tmp.unlink(missing_ok=True)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    runs = runs or _Runs()
+    with atomic_path(dst, sync=False) as tmp:
+        code, stderr = runs.run(build_ffmpeg_command(ffmpeg, src, tmp))
+        if code == 0 and tmp.is_file() and tmp.stat().st_size > 0:
+            return Outcome(src, dst, "compressed")
+        error = _last_line(stderr) if code != 0 else "ffmpeg wrote an empty file"
+        shutil.copyfile(src, tmp)
     return Outcome(src, dst, "copied", error)
+
+
+def _read_failures(output_root: Path) -> Dict[str, dict]:
+    """{output name: {src, error, size, mtime_ns}} of the copies earlier runs made; {} when there is no record."""
+    path = output_root / FAILED_MANIFEST
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not the JSON this tool writes ({exc}); delete it and the outputs it lists to "
+                         f"redo them") from None
+    if not isinstance(record, dict) or not all(isinstance(v, dict) and {"src", "error", "size", "mtime_ns"} <= set(v)
+                                               for v in record.values()):
+        raise ValueError(f"{path}: expected {{output name: {{src, error, size, mtime_ns}}}}; delete it and the "
+                         f"outputs it lists to redo them")
+    return record
+
+
+def _recorded_failure(src: Path, dst: Path, failures: Dict[str, dict]) -> Optional[Outcome]:
+    """The earlier run's failure for ``dst``, when ``dst`` is still that run's copy (not replaced since)."""
+    entry = failures.get(dst.name)
+    if entry is None or not dst.is_file():
+        return None
+    st = dst.stat()
+    if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+        return None
+    return Outcome(src, dst, "copied", f"{entry['error']} (recorded by an earlier run)")
+
+
+def _write_failures(output_root: Path, outcomes: Sequence[Outcome], earlier: Dict[str, dict]) -> None:
+    """Record this run's copies, and the earlier ones this run did not reach (stopped before them)."""
+    done = {o.dst.name for o in outcomes}
+    record = {name: entry for name, entry in earlier.items()
+              if name not in done and _recorded_failure(Path(entry["src"]), output_root / name, earlier)}
+    for o in outcomes:
+        if o.status == "copied":
+            if _recorded_failure(o.src, o.dst, earlier):
+                record[o.dst.name] = earlier[o.dst.name]
+            else:
+                st = o.dst.stat()
+                record[o.dst.name] = {"src": str(o.src), "error": o.error, "size": st.st_size,
+                                      "mtime_ns": st.st_mtime_ns}
+    path = output_root / FAILED_MANIFEST
+    if record:
+        atomic_write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def default_num_workers() -> int:
@@ -144,19 +240,44 @@ def default_num_workers() -> int:
 def compress_all(
     input_root: Path, output_root: Path, num_workers: Optional[int] = None, ffmpeg: Optional[str] = None
 ) -> List[Outcome]:
-    """Compress every file under ``input_root`` into ``output_root``, ``num_workers`` ffmpeg processes at a time."""
-    pairs = plan_outputs(Path(input_root), Path(output_root))  # raises before anything is written
+    """Compress every file under ``input_root`` into ``output_root``, ``num_workers`` ffmpeg processes at a time.
+
+    Raises Interrupted (or KeyboardInterrupt) when stopped; the files finished so far stay, with their failures
+    recorded, and no partial output is left.
+    """
+    output_root = Path(output_root)
+    pairs = plan_outputs(Path(input_root), output_root)  # raises before anything is written
     ffmpeg = ffmpeg or find_ffmpeg()
-    Path(output_root).mkdir(parents=True, exist_ok=True)
+    output_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_root)  # partial outputs of a run that was killed outright
+    failures = _read_failures(output_root)
     num_workers = num_workers or default_num_workers()
+    runs = _Runs()
     outcomes: List[Outcome] = []
+
+    def one(pair: Tuple[Path, Path]) -> Outcome:
+        return _recorded_failure(*pair, failures) or compress_one(ffmpeg, *pair, runs)
+
     # Threads suffice: the work happens in the ffmpeg child processes.
-    with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        jobs = pool.map(lambda pair: compress_one(ffmpeg, *pair), pairs)
-        for outcome in tqdm(jobs, total=len(pairs), desc="compress", unit="file"):
+    pool = ThreadPoolExecutor(max_workers=num_workers)
+    futures: list = []
+    try:
+        futures = [pool.submit(one, pair) for pair in pairs]
+        for future in tqdm(futures, desc="compress", unit="file"):
+            outcome = future.result()
             if outcome.status == "copied":
                 tqdm.write(f"ffmpeg failed on {outcome.src}: {outcome.error} (copied the source instead)")
             outcomes.append(outcome)
+    except BaseException:
+        runs.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        # Files finished while stopping count too: a copy made then must be recorded like any other.
+        outcomes += [f.result() for f in futures[len(outcomes):]
+                     if f.done() and not f.cancelled() and f.exception() is None]
+        raise
+    finally:
+        pool.shutdown()
+        _write_failures(output_root, outcomes, failures)
     return outcomes
 
 
@@ -180,11 +301,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
+    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is shown, not a crash
     try:
         outcomes = compress_all(Path(args.input_root), Path(args.output_root), args.num_workers)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted):
+        print("interrupted: partial outputs removed, finished files kept; run the same command again to go on",
+              file=sys.stderr)
+        return 130
     print(summarize(outcomes))
     return 1 if any(o.status == "copied" for o in outcomes) else 0
 

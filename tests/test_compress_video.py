@@ -1,8 +1,11 @@
 """preprocess/compress_video.py on tiny generated videos: size, rate, audio, skipping, collisions, failures."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -58,7 +61,8 @@ def compressed(tmp_path_factory):
 
 def test_every_file_lands_flat_in_the_output(compressed):
     _, out, _ = compressed
-    assert sorted(p.name for p in out.iterdir()) == ["corrupt.mp4", "landscape.mp4", "odd.mp4", "portrait.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == [cv.FAILED_MANIFEST, "corrupt.mp4", "landscape.mp4", "odd.mp4",
+                                                     "portrait.mp4"]
 
 
 @pytest.mark.parametrize("name, width, height", [
@@ -97,6 +101,17 @@ def test_summary_counts_and_names_the_failure(tmp_path, capsys):
     failed = [line for line in text.out.splitlines() if line.startswith("  failed:")]
     assert len(failed) == 1 and str(src / "bad.mp4") in failed[0] and "Invalid data" in failed[0]
     assert f"ffmpeg failed on {src / 'bad.mp4'}" in text.out + text.err
+
+    # A re-run does not count the copy as done: it reports the failure again and exits 1.
+    code = cv.main(["--input_root", str(src), "--output_root", str(tmp_path / "out"), "--num_workers", "1"])
+    text = capsys.readouterr()
+    assert code == 1
+    assert "2 files: 0 compressed, 1 skipped (output existed), 1 failed and copied unchanged" in text.out
+    assert "Invalid data" in text.out and "(recorded by an earlier run)" in text.out
+    # Deleting the copy has it redone; replacing it by hand ends the record.
+    (tmp_path / "out" / "bad.mp4").write_bytes(b"fixed by hand")
+    assert cv.main(["--input_root", str(src), "--output_root", str(tmp_path / "out"), "--num_workers", "1"]) == 0
+    assert not (tmp_path / "out" / cv.FAILED_MANIFEST).exists()
 
 
 def test_existing_outputs_are_skipped(tmp_path):
@@ -167,3 +182,43 @@ def test_script_runs_from_the_repo_root(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 files: 1 compressed, 0 skipped (output existed), 0 failed and copied unchanged" in proc.stdout
     assert video_props(tmp_path / "out" / "c.mp4")[1:] == (298, 224)  # 224 * 4/3 = 298.7
+
+
+def test_ctrl_c_stops_removes_partial_output_and_a_rerun_finishes(tmp_path):
+    """Ctrl-C reaches the whole process group, ffmpeg included; the run exits 130 and copies nothing."""
+    root = Path(__file__).resolve().parents[1]
+    src, out, fake = tmp_path / "in", tmp_path / "out", tmp_path / "bin"
+    make_clip(src / "a.mp4", 32, 32, seconds=0.5)
+    make_clip(src / "b.mp4", 32, 32, seconds=0.5)
+    fake.mkdir()
+    # An ffmpeg that writes part of its output, then takes long enough to be interrupted.
+    (fake / "ffmpeg").write_text('#!/bin/sh\nfor last; do :; done\necho partial > "$last"\nexec sleep 60\n')
+    (fake / "ffmpeg").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "preprocess/compress_video.py", "--input_root", str(src),
+                             "--output_root", str(out), "--num_workers", "2"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob(".*.tmp.mp4"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert list(out.iterdir()) == []  # no partial output, no copied source, no failure record
+
+    outcomes = cv.compress_all(src, out, num_workers=2)
+    assert {o.dst.name: o.status for o in outcomes} == {"a.mp4": "compressed", "b.mp4": "compressed"}
+    assert sorted(p.name for p in out.iterdir()) == ["a.mp4", "b.mp4"]
+
+
+def test_ffmpeg_killed_by_a_signal_is_not_a_failure(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_clip(src / "a.mp4", 32, 32, seconds=0.5)
+    out.mkdir()
+    killed = tmp_path / "ffmpeg-killed"
+    killed.write_text("#!/bin/sh\nkill -INT $$\nsleep 1\n")
+    killed.chmod(0o755)
+    with pytest.raises(cv.Interrupted):
+        cv.compress_all(src, out, num_workers=1, ffmpeg=str(killed))
+    assert list(out.iterdir()) == []

@@ -1,8 +1,11 @@
 """util.py: logger formats, launcher detection, seeding and RNG state round trips, atomic writes."""
 import logging
+import os
 import random
 import re
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,3 +122,32 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path):
         util.atomic_torch_save({"bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 0}
     assert [p.name for p in tmp_path.iterdir()] == ["pytorch_opt.bin.0"]
+
+
+def test_nested_atomic_paths_commit_together_or_not_at_all(tmp_path):
+    model, opt = tmp_path / "pytorch_model.bin.1", tmp_path / "pytorch_opt.bin.1"
+    with pytest.raises(OSError, match="disk full"):
+        with util.atomic_path(model) as model_tmp, util.atomic_path(opt) as opt_tmp:
+            model_tmp.write_bytes(b"model")
+            opt_tmp.write_bytes(b"half")
+            raise OSError(28, "disk full")
+    assert list(tmp_path.iterdir()) == []
+    with util.atomic_path(model) as model_tmp, util.atomic_path(opt) as opt_tmp:
+        assert model_tmp.parent == tmp_path and model_tmp.name.startswith(".pytorch_model.bin.1.")
+        model_tmp.write_bytes(b"model")
+        opt_tmp.write_bytes(b"opt")
+        assert not model.exists() and not opt.exists()  # nothing is visible before the block ends
+    assert (model.read_bytes(), opt.read_bytes()) == (b"model", b"opt")
+    assert util.temporary_path(tmp_path / "a.mp4").suffix == ".mp4"  # ffmpeg picks the container from it
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".pytorch_model.bin.0.{dead_pid}.0123abcd.tmp.0"
+    live = tmp_path / f".pytorch_opt.bin.0.{os.getpid()}.0123abcd.tmp.0"
+    mine = tmp_path / ".hidden.tmp"          # not one of ours: no pid and token
+    for path in (stale, live, mine):
+        path.write_bytes(b"x")
+    assert util.remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
