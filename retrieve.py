@@ -11,7 +11,8 @@ An index directory holds two plain files, never a pickle:
   - ``embeddings-<id>.npy``: float32 (n_videos, 512), row i is the i-th file of ``index.json``: the video embedding
     after the similarity head, the per-frame normalisation, the masked mean and the final normalisation.
 ``index.json`` names its embeddings file and is replaced atomically after that file is complete, so an
-interrupted run leaves the previous index intact.
+interrupted run leaves the previous index intact. Two ``index`` runs on one index take turns (a lock file), and a
+reader never opens an embeddings file that a writer is just removing.
 
 For the loose heads (meanP, seqLSTM, seqTransf) the video side does not depend on the text, so a query scores every
 video with one matrix product: ``exp(logit_scale) * text @ videos.T``, the numbers ``get_similarity_logits`` gives.
@@ -41,10 +42,17 @@ from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import RawVideoExtractor
 from modules.modeling import SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig, implied_by_state_dict
 from modules.tokenization_clip import SimpleTokenizer
-from util import UsageError, atomic_write_text, default_device, read_state_dict
+from util import UsageError, atomic_path, atomic_write_text, default_device, read_state_dict
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
 
 FORMAT = 1
 MANIFEST = "index.json"
+WRITE_LOCK = ".write.lock"    # held by an `index` run from start to end: writers of one index take turns
+COMMIT_LOCK = ".commit.lock"  # exclusive while a writer swaps the files, shared while a reader opens them
 DEFAULT_CLIP = "ViT-B/32"
 DEFAULT_SAMPLING = {"max_frames": 12, "feature_framerate": 1, "slice_framepos": 2}
 # Containers FFmpeg (and so cv2) reads; other files in the folder are ignored, not reported.
@@ -73,24 +81,88 @@ class Index:
         return Path(self.settings["videos_root"])
 
 
+@contextlib.contextmanager
+def _locked(path: Path, exclusive: bool, waiting: str = "") -> Iterator[None]:
+    """Hold ``flock`` on ``path`` (created when missing) for the block; ``waiting`` is printed when it must wait.
+
+    A reader that cannot create the lock file (a read-only index, which nobody is writing) reads without it.
+    """
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if exclusive:
+            raise RetrieveError(f"{path.parent}: cannot write to the index directory ({e.strerror})") from None
+        yield
+        return
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr)
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
+
+
 def save_index(directory: Path, index: Index) -> None:
     """Write ``index`` to ``directory``: a new embeddings file first, then the manifest that names it (the commit)."""
     directory.mkdir(parents=True, exist_ok=True)
     emb = np.ascontiguousarray(index.embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(index.videos):
         raise ValueError(f"embeddings of shape {emb.shape} do not match {len(index.videos)} videos")
-    # A fresh name: nothing refers to this file until the manifest is replaced, so it needs no rename of its own.
+    # A fresh name: nothing refers to this file until the manifest is replaced.
     name = f"embeddings-{uuid.uuid4().hex[:12]}.npy"
-    with open(directory / name, "wb") as f:
+    with atomic_path(directory / name) as tmp, open(tmp, "wb") as f:
         np.save(f, emb, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
     manifest = {"format": FORMAT, "embeddings": name, "settings": index.settings,
                 "videos": index.videos, "unreadable": index.unreadable}
-    atomic_write_text(json.dumps(manifest, indent=1), directory / MANIFEST)
-    for old in directory.glob("embeddings-*.npy"):
-        if old.name != name:
-            old.unlink()
+    with _locked(directory / COMMIT_LOCK, exclusive=True):
+        atomic_write_text(json.dumps(manifest, indent=1), directory / MANIFEST)
+        for old in directory.glob("embeddings-*.npy"):
+            if old.name != name:
+                old.unlink()
+
+
+_SETTINGS = {"videos_root": str, "model": dict, "sampling": dict}
+_MODEL_KEYS = {"init_model": (str, type(None)), "pretrained_clip_name": str, "sim_header": str, "linear_patch": str,
+               "fingerprint": str}
+_SAMPLING_KEYS = {"max_frames": int, "feature_framerate": int, "slice_framepos": int}
+_VIDEO_KEYS = {"path": str, "size": int, "mtime_ns": int, "frames": int}
+_UNREADABLE_KEYS = {"path": str, "size": int, "mtime_ns": int, "error": str}
+
+
+def _check_fields(path: Path, where: str, value, fields: dict) -> None:
+    """``value`` is an object holding ``fields`` (name: type), or a RetrieveError naming the file and the place."""
+    if not isinstance(value, dict):
+        raise RetrieveError(f"{path}: {where}: expected an object with {sorted(fields)}, found "
+                            f"{type(value).__name__}; the index is damaged, re-index into a new --index directory")
+    for key, kind in fields.items():
+        if key not in value or not isinstance(value[key], kind) or isinstance(value[key], bool):
+            shown = "missing" if key not in value else f"{value[key]!r}"
+            raise RetrieveError(f"{path}: {where}: expected {key!r} of type "
+                                f"{' or '.join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))}"
+                                f", found {shown}; the index is damaged, re-index into a new --index directory")
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """Every field the commands read, with its type, so a damaged index fails here with one line."""
+    _check_fields(path, "settings", manifest["settings"], _SETTINGS)
+    _check_fields(path, "settings.model", manifest["settings"]["model"], _MODEL_KEYS)
+    _check_fields(path, "settings.sampling", manifest["settings"]["sampling"], _SAMPLING_KEYS)
+    for key, fields in (("videos", _VIDEO_KEYS), ("unreadable", _UNREADABLE_KEYS)):
+        if not isinstance(manifest[key], list):
+            raise RetrieveError(f"{path}: {key}: expected a list, found {type(manifest[key]).__name__}")
+        for i, entry in enumerate(manifest[key]):
+            _check_fields(path, f"{key}[{i}]", entry, fields)
+    name = manifest["embeddings"]
+    if not isinstance(name, str) or Path(name).name != name or not name:
+        raise RetrieveError(f"{path}: embeddings: expected a file name in the index directory, found {name!r}")
 
 
 def load_index(directory: Path, mmap: bool = False) -> Index:
@@ -98,24 +170,27 @@ def load_index(directory: Path, mmap: bool = False) -> Index:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise RetrieveError(f"{directory} is not an index: {MANIFEST} not found (create one with `retrieve.py index`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RetrieveError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise RetrieveError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
-    missing = {"format", "embeddings", "settings", "videos", "unreadable"} - set(manifest)
-    if missing:
-        raise RetrieveError(f"{path}: missing keys {sorted(missing)}")
-    if manifest["format"] != FORMAT:
-        raise RetrieveError(f"{path}: index format {manifest['format']!r}, this retrieve.py reads format {FORMAT}")
-    emb_path = path.parent / manifest["embeddings"]
-    if not emb_path.is_file():
-        raise RetrieveError(f"{path}: names {emb_path.name}, which is missing")
-    try:
-        emb = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise RetrieveError(f"{emb_path}: not a readable .npy array ({e})") from None
+    # Shared with other readers, never while a writer swaps the manifest and removes the embeddings it replaces.
+    with _locked(path.parent / COMMIT_LOCK, exclusive=False):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RetrieveError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise RetrieveError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+        missing = {"format", "embeddings", "settings", "videos", "unreadable"} - set(manifest)
+        if missing:
+            raise RetrieveError(f"{path}: missing keys {sorted(missing)}")
+        if manifest["format"] != FORMAT:
+            raise RetrieveError(f"{path}: index format {manifest['format']!r}, this retrieve.py reads format {FORMAT}")
+        _check_manifest(path, manifest)
+        emb_path = path.parent / manifest["embeddings"]
+        if not emb_path.is_file():
+            raise RetrieveError(f"{path}: names {emb_path.name}, which is missing")
+        try:
+            emb = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise RetrieveError(f"{emb_path}: not a readable .npy array ({str(e) or 'empty file'})") from None
     n = len(manifest["videos"])
     if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] != n:
         raise RetrieveError(f"{emb_path}: expected float32 of shape ({n}, D), found {emb.dtype} {emb.shape}")
@@ -386,6 +461,31 @@ def build_index(videos: Path, index: Path, init_model: Optional[str] = None,
     videos, index = Path(videos), Path(index)
     if not videos.is_dir():
         raise RetrieveError(f"--videos {videos} is not a directory")
+    if index.exists() and not index.is_dir():
+        raise RetrieveError(f"--index {index} exists and is not a directory")
+    created = not index.exists()
+    try:
+        index.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RetrieveError(f"--index {index}: cannot create the directory ({e.strerror})") from None
+    try:
+        with _locked(index / WRITE_LOCK, exclusive=True,
+                     waiting=f"waiting for another `retrieve.py index` run on {index} to finish"):
+            return _update_index(videos, index, init_model, pretrained_clip_name, sim_header, linear_patch,
+                                 max_frames, feature_framerate, slice_framepos, batch_size, num_workers, progress)
+    except BaseException:
+        if created and not (index / MANIFEST).exists():  # a refused first run leaves no directory behind
+            (index / WRITE_LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                index.rmdir()
+        raise
+
+
+def _update_index(videos: Path, index: Path, init_model: Optional[str], pretrained_clip_name: Optional[str],
+                  sim_header: Optional[str], linear_patch: Optional[str], max_frames: Optional[int],
+                  feature_framerate: Optional[int], slice_framepos: Optional[int], batch_size: int, num_workers: int,
+                  progress: bool) -> IndexReport:
+    """:func:`build_index` under the index's write lock."""
     old = load_index(index) if (index / MANIFEST).exists() else None
     if old is None:
         spec = {"init_model": None, "pretrained_clip_name": DEFAULT_CLIP, "sim_header": sim_header,
@@ -454,6 +554,10 @@ def index_model(index: Index, index_dir: Path, init_model: Optional[str] = None,
                             f"pass its new location with --init_model")
     model = load_model(spec, read_checkpoint(spec["init_model"]), index.settings["sampling"]["max_frames"],
                        default_device(), max_words)
+    width = model.clip.text_projection.shape[1]
+    if index.videos and index.embeddings.shape[1] != width:
+        raise RetrieveError(f"{index_dir}: the stored embeddings are {index.embeddings.shape[1]} wide, the model's "
+                            f"{width}; the index is damaged, re-index into a new --index directory")
     if fingerprint(model) != spec["fingerprint"]:
         raise RetrieveError(f"{_describe(spec)} is not the model that built {index_dir}: the weights differ "
                             f"(fingerprint mismatch), so its text embeddings cannot be compared with the index. "
@@ -581,8 +685,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _nonblank(texts: Sequence[str], flag: str) -> List[str]:
+    """``texts`` with their surrounding blanks removed; an empty or whitespace-only one is refused."""
+    stripped = [t.strip() for t in texts]
+    if not all(stripped):
+        raise RetrieveError(f"{flag} is empty (or only whitespace); give the text to "
+                            f"{'search for' if flag == '--query' else 'rank'}")
+    return stripped
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is shown, not a crash
     try:
         if args.command == "index":
             report = build_index(args.videos, args.index, args.init_model, args.pretrained_clip_name,
@@ -590,7 +704,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  args.slice_framepos, args.batch_size, args.num_workers)
             print(report)
         elif args.command == "search":
-            queries = [args.query] if args.query is not None else _read_lines(args.queries, "queries")
+            queries = _nonblank([args.query], "--query") if args.query is not None else _read_lines(args.queries,
+                                                                                                     "queries")
             found = search(args.index, queries, args.top_k, args.max_words, args.init_model,
                            args.pretrained_clip_name)
             if args.json:
@@ -599,7 +714,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for entry in found:
                     _print_table(f"query: {entry['query']}", entry["results"], "path")
         else:
-            captions = args.caption or _read_lines(args.captions, "captions")
+            captions = _nonblank(args.caption, "--caption") if args.caption else _read_lines(args.captions,
+                                                                                              "captions")
             ranked = rank_captions(args.index, args.video, captions, args.top_k, args.max_words, args.init_model,
                                    args.pretrained_clip_name)
             if args.json:

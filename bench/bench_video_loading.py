@@ -33,6 +33,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util import atomic_path  # noqa: E402
 from dataloaders.rawvideo_util import (RawVideoExtractor, normalize_uint8, sample_frame_indices,  # noqa: E402
                                        select_kept)
 
@@ -51,11 +52,11 @@ def make_video(path: Path, width: int, height: int, extra: List[str], seconds: i
         return path
     import imageio_ffmpeg
 
-    tmp = path.with_suffix(".tmp.mp4")
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-                    "-i", f"testsrc2=size={width}x{height}:rate=30,noise=alls=6:allf=t", "-t", str(seconds),
-                    "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", *extra, str(tmp)], check=True)
-    os.replace(tmp, path)
+    with atomic_path(path, sync=False) as tmp:
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                        "-i", f"testsrc2=size={width}x{height}:rate=30,noise=alls=6:allf=t", "-t", str(seconds),
+                        "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", *extra, str(tmp)],
+                       check=True)
     return path
 
 

@@ -18,7 +18,6 @@ import bisect
 import hashlib
 import json
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -27,6 +26,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from torchvision.transforms import v2
+
+from util import atomic_path
 
 # Decoding runs in DataLoader worker processes, which already use every core: OpenCV's own thread pool would only
 # oversubscribe them, and a pool started before the workers fork is not fork-safe.
@@ -405,18 +406,11 @@ def _load_cached(path: str, max_frames: int, size: int) -> Optional[np.ndarray]:
 
 
 def _save_atomic(path: str, frames: np.ndarray) -> None:
-    """Write through a temporary file and rename, so concurrent workers never see a partial file."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, frames, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write through a temporary file and rename, so concurrent workers never see a partial file. Not synced to
+    disk: a cache entry lost in a crash is decoded again."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path, sync=False) as tmp, open(tmp, "wb") as f:
+        np.save(f, frames, allow_pickle=False)
 
 
 RawVideoExtractor = RawVideoExtractorCV2

@@ -26,7 +26,10 @@ def _index(n: int, dim: int = 4, seed: int = 0) -> Index:
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim)).astype(np.float32)
     videos = [{"path": f"v{i}.mp4", "size": 10 + i, "mtime_ns": 100 + i, "frames": 3} for i in range(n)]
-    return Index({"videos_root": "/videos", "model": {}, "sampling": {}}, videos, [], emb)
+    model = {"init_model": None, "pretrained_clip_name": "ViT-B/32", "sim_header": "meanP", "linear_patch": "2d",
+             "fingerprint": "0" * 64}
+    return Index({"videos_root": "/videos", "model": model, "sampling": dict(retrieve.DEFAULT_SAMPLING)}, videos, [],
+                 emb)
 
 
 def test_index_files_are_plain_json_and_npy_and_replaced_whole(tmp_path):
@@ -36,7 +39,7 @@ def test_index_files_are_plain_json_and_npy_and_replaced_whole(tmp_path):
     second.unreadable = [{"path": "bad.mp4", "size": 1, "mtime_ns": 2, "error": "no frame could be decoded"}]
     save_index(tmp_path, second)
 
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != retrieve.COMMIT_LOCK)
     assert len(names) == 2 and names[1] == "index.json" and names[0].startswith("embeddings-")  # old file, no tmp
     manifest = json.loads((tmp_path / "index.json").read_text())
     assert manifest["embeddings"] == names[0] and manifest["unreadable"] == second.unreadable
@@ -57,6 +60,47 @@ def test_load_index_errors_name_the_file(tmp_path):
         load_index(tmp_path)
     (tmp_path / "index.json").write_text("{")
     with pytest.raises(RetrieveError, match="index.json: not valid JSON"):
+        load_index(tmp_path)
+
+
+def _damage(directory: Path, change) -> None:
+    manifest = json.loads((directory / "index.json").read_text())
+    change(manifest)
+    (directory / "index.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["settings"].pop("sampling"), r"settings: expected 'sampling' of type dict, found missing"),
+    (lambda m: m["settings"]["model"].pop("fingerprint"), r"settings\.model: expected 'fingerprint' of type str"),
+    (lambda m: m["settings"]["sampling"].update(max_frames="4"), r"settings\.sampling: expected 'max_frames' of type "
+                                                                 r"int, found '4'"),
+    (lambda m: m["videos"][1].pop("path"), r"videos\[1\]: expected 'path' of type str, found missing"),
+    (lambda m: m["videos"].__setitem__(0, "v0.mp4"), r"videos\[0\]: expected an object with"),
+    (lambda m: m["unreadable"].append({"path": "x.mp4"}), r"unreadable\[0\]: expected 'size' of type int"),
+    (lambda m: m.update(embeddings="../elsewhere.npy"), r"embeddings: expected a file name in the index directory"),
+    (lambda m: m.update(settings=[]), r"settings: expected an object"),
+])
+def test_damaged_manifest_is_one_line_naming_the_file_and_field(tmp_path, change, message):
+    save_index(tmp_path, _index(3))
+    _damage(tmp_path, change)
+    with pytest.raises(RetrieveError, match=r"index\.json: " + message) as err:
+        load_index(tmp_path)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a readable .npy array"),
+    (b"\x93NUMPY garbage", "not a readable .npy array"),
+])
+def test_damaged_embeddings_file_is_named(tmp_path, content, message):
+    save_index(tmp_path, _index(3))
+    emb = next(tmp_path.glob("embeddings-*.npy"))
+    emb.write_bytes(content)
+    with pytest.raises(RetrieveError, match=emb.name + ": " + message):
+        load_index(tmp_path, mmap=True)
+    np.save(emb, np.zeros((3, 4, 1), dtype=np.float32))
+    with pytest.raises(RetrieveError, match=emb.name + r": expected float32 of shape \(3, D\), found float32 "
+                                            r"\(3, 4, 1\)"):
         load_index(tmp_path)
 
 
@@ -309,3 +353,88 @@ def test_refusals_are_clear(built, tmp_path, tiny_clip_file, capsys):
                           str(other)]) == 2
     err = capsys.readouterr().err
     assert "is not the model that built" in err and str(other) in err and len(err.splitlines()) == 1
+
+
+def test_blank_query_or_caption_is_refused_like_an_empty_file(built, tmp_path, capsys):
+    _, index_dir, _ = built
+    for argv in (["search", "--index", str(index_dir), "--query", " \t "],
+                 ["search", "--index", str(index_dir), "--query", ""],
+                 ["captions", "--index", str(index_dir), "--video", "x.mp4", "--caption", "a dog", "  "]):
+        assert retrieve.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is empty (or only whitespace)" in err and len(err.splitlines()) == 1
+    (tmp_path / "q.txt").write_text(" \n\t\n")
+    assert retrieve.main(["search", "--index", str(index_dir), "--queries", str(tmp_path / "q.txt")]) == 2
+    assert "holds no queries" in capsys.readouterr().err
+
+
+def test_embeddings_of_another_width_are_refused(built, tmp_path):
+    _, index_dir, _ = built
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    manifest = json.loads((index_dir / "index.json").read_text())
+    (copy / "index.json").write_text(json.dumps(manifest))
+    np.save(copy / manifest["embeddings"], np.zeros((3, 7), dtype=np.float32))
+    with pytest.raises(RetrieveError, match=r"embeddings are 7 wide, the model's 512"):
+        retrieve.search(copy, ["a red circle"])
+
+
+def test_concurrent_writers_take_turns_and_a_reader_never_sees_a_half_swap(built, tmp_path, tiny_clip_file):
+    """Two index runs on one new index and a reader polling it: no error, one consistent index at the end."""
+    import threading
+
+    root, _, _ = built
+    index_dir = tmp_path / "shared"
+    errors, reports, reads = [], [], []
+    writing = threading.Event()
+
+    def write():
+        try:
+            reports.append(retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file),
+                                                max_frames=MAX_FRAMES, num_workers=0, progress=False))
+        except Exception as e:  # noqa: BLE001 - the test reports whatever went wrong
+            errors.append(e)
+
+    def read():
+        while writing.is_set():
+            if (index_dir / "index.json").exists():
+                try:
+                    reads.append(len(load_index(index_dir, mmap=True).videos))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
+
+    # Without the lock the second run would also find no index and encode everything again.
+    writers = [threading.Thread(target=write) for _ in range(2)]
+    reader = threading.Thread(target=read)
+    writing.set()
+    reader.start()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    # A third writer swaps the files again (a new embeddings file, the old one removed) while the reader polls.
+    for _ in range(3):
+        save_index(index_dir, load_index(index_dir))
+    writing.clear()
+    reader.join()
+    assert errors == []
+    assert sorted(len(r.encoded) for r in reports) == [0, 3]  # the second run found the first one's index
+    assert set(reads) <= {3}
+    assert len(list(index_dir.glob("embeddings-*.npy"))) == 1
+
+
+def test_video_whose_name_is_not_utf8_is_scanned_decoded_and_stored(tmp_path):
+    root = tmp_path / "videos"
+    write_video(root / "ok.mp4", n_frames=12, fps=4)
+    odd = os.fsdecode(b"odd\xff.mp4")  # cv2 segfaults on such a name as a str
+    os.link(root / "ok.mp4", os.fsencode(str(root)) + b"/odd\xff.mp4")
+    found, errors = retrieve.scan_videos(root)
+    assert list(found) == [odd, "ok.mp4"] and errors == {}
+    extractor = RawVideoExtractor(centercrop=False, size=32, framerate=1, cache_dir=None)
+    files = retrieve.VideoFiles(root, list(found), extractor, MAX_FRAMES, slice_framepos=2)
+    (_, odd_video, _, odd_frames, error), (_, ok_video, _, ok_frames, _) = files[0], files[1]
+    assert error == "" and odd_frames == ok_frames == 3 and torch.equal(odd_video, ok_video)
+    index = _index(1)
+    index.videos[0]["path"] = odd
+    save_index(tmp_path / "index", index)
+    assert load_index(tmp_path / "index").videos[0]["path"] == odd
