@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -38,6 +39,10 @@ SIM_BLOCK_ELEMENTS = 1 << 22
 # ... or this many (text, video) pairs through the cross encoder (tightTransf).
 TIGHT_PAIRS_PER_BLOCK = 2048
 TIGHT_VIDEOS_PER_BLOCK = 64
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a checkpoint that could not be written): one line, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,8 +166,17 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.batch_size < args.gradient_accumulation_steps:
         raise UsageError(f"--batch_size {args.batch_size} is smaller than --gradient_accumulation_steps "
                          f"{args.gradient_accumulation_steps}")
-    if args.dsl_temperature <= 0:
-        raise UsageError(f"--dsl_temperature must be positive, got {args.dsl_temperature}")
+    for name in ("lr", "coef_lr", "dsl_temperature"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a positive finite number, got {value}")
+    if not 0 <= args.warmup_proportion < 1:  # NaN fails this too
+        raise UsageError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+    if args.max_words < 3:
+        raise UsageError(f"--max_words must be >= 3 (the start and end tokens and at least one word), got "
+                         f"{args.max_words}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     args.batch_size = int(args.batch_size / args.gradient_accumulation_steps)
     check_paths(args)
     return args
@@ -199,6 +213,20 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--frame_cache {args.frame_cache}: exists and is not a folder")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir}: exists and is not a folder")
+    _need_writable(args.output_dir, "--output_dir")
+    if args.frame_cache is not None:
+        _need_writable(args.frame_cache, "--frame_cache")
+
+
+def _need_writable(directory: str, flag: str) -> None:
+    """Create ``directory`` if needed and write a file there, so a read-only place fails now, not at the first save."""
+    probe = util.temporary_path(os.path.join(directory, "write-test"))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{flag} {directory}: cannot write there ({error.strerror or error})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,20 +301,37 @@ def autocast_for(precision: str, device: torch.device):
 
 def save_model(epoch: int, args: argparse.Namespace, model: torch.nn.Module, optimizer: BertAdam, tr_loss: float,
                extra: dict) -> str:
-    """``pytorch_model.bin.<epoch>`` and ``pytorch_opt.bin.<epoch>``, each written atomically (rank 0 only).
+    """``pytorch_model.bin.<epoch>`` and ``pytorch_opt.bin.<epoch>`` as a pair (rank 0 only).
 
     The opt file holds the original's {epoch, optimizer_state_dict, loss} plus what an exact continuation needs
-    (``extra``: every rank's RNG states, the global step, the grad scaler).
+    (``extra``: every rank's RNG states, the global step, the grad scaler). Both are written to temporary files
+    first and renamed only when both are complete, the model first: an opt file, which is what ``--resume_model``
+    names, always has its model beside it. A failed save (disk full, read-only) leaves neither, and earlier epochs'
+    files untouched.
     """
     model_to_save = getattr(model, "module", model)
     output_model_file = os.path.join(args.output_dir, f"pytorch_model.bin.{epoch}")
     optimizer_state_file = os.path.join(args.output_dir, f"pytorch_opt.bin.{epoch}")
-    util.atomic_torch_save(model_to_save.state_dict(), output_model_file)
-    util.atomic_torch_save({"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(), "loss": tr_loss,
-                            **extra}, optimizer_state_file)
+    try:
+        with util.atomic_path(optimizer_state_file) as opt_tmp, util.atomic_path(output_model_file) as model_tmp:
+            torch.save(model_to_save.state_dict(), model_tmp)
+            torch.save({"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(), "loss": tr_loss, **extra},
+                       opt_tmp)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise RunError(f"cannot save the checkpoint of epoch {epoch} to {args.output_dir} ({reason}); the files of "
+                       f"earlier epochs are untouched") from None
     logger.info("Model saved to %s", output_model_file)
     logger.info("Optimizer saved to %s", optimizer_state_file)
     return output_model_file
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Temporary files of a save that was killed (they never became checkpoints) are deleted, saying so."""
+    removed = util.remove_stale_temporaries(output_dir)
+    if removed:
+        logger.warning("removed %d temporary file(s) of an interrupted save in %s: %s", len(removed), output_dir,
+                       ", ".join(p.name for p in removed))
 
 
 def load_resume_state(path: str) -> dict:
@@ -334,8 +379,14 @@ def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, tr
             loss = model(input_ids, segment_ids, input_mask, video, video_mask)
         if gas > 1:
             loss = loss / gas
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            # Stopped here, before the step and long before a checkpoint of NaN weights could be written.
+            raise RunError(f"the training loss is {loss_value} at epoch {epoch + 1}, step {step + 1} (after "
+                           f"{global_step} optimizer steps); stopping. Lower --lr, or check the data with "
+                           f"preprocess/check_dataset.py")
         scaler.scale(loss).backward()
-        total_loss += float(loss.detach())
+        total_loss += loss_value
         if (step + 1) % gas == 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -352,7 +403,7 @@ def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, tr
                             step + 1, len(train_dataloader), lrs, float(loss.detach()),
                             (time.time() - start_time) / (log_step * gas))
                 start_time = time.time()
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}")
     return total_loss / len(train_dataloader), global_step
 
 
@@ -529,6 +580,8 @@ def prepare(args: argparse.Namespace) -> Tuple[util.DistInfo, CLIP4Clip, ClipTok
     os.makedirs(args.output_dir, exist_ok=True)
     global logger
     logger = util.get_logger(os.path.join(args.output_dir, "log.txt") if dist_info.rank == 0 else None)
+    if dist_info.rank == 0:
+        remove_stale_temporaries(args.output_dir)
 
     args.precision = resolve_precision(args.precision, dist_info.device)
     # Differs from the original, which divides by the visible GPU count (8 visible GPUs with 4 processes gave a
@@ -656,6 +709,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as error:
         print(f"main_task_retrieval.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except RunError as error:  # a run that cannot go on: a non-finite loss, a failed save
+        print(f"main_task_retrieval.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     finally:
         util.cleanup_distributed()
     return 0

@@ -5,6 +5,7 @@ CLIP file are shared by the module.
 """
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -155,6 +156,17 @@ def test_optimizer_groups_follow_spec(setup):
     (["--do_eval", "--sim_header", "meanP", "--loose_type", "--init_model", "missing.bin"], "--init_model"),
     (["--do_eval", "--loose_type", "--pretrained_clip_name", "ViT-X/99"], "--pretrained_clip_name"),
     (["--do_eval", "--loose_type", "--features_path", "/nonexistent/videos"], "--features_path"),
+    (["--do_train", "--loose_type", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+    (["--do_train", "--loose_type", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--do_train", "--loose_type", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--do_train", "--loose_type", "--coef_lr", "-1"], "--coef_lr must be a positive finite number, got -1.0"),
+    (["--do_train", "--loose_type", "--warmup_proportion", "1"], "--warmup_proportion must be in [0, 1), got 1.0"),
+    (["--do_train", "--loose_type", "--warmup_proportion", "-0.1"], "--warmup_proportion must be in [0, 1)"),
+    (["--do_train", "--loose_type", "--warmup_proportion", "nan"], "--warmup_proportion must be in [0, 1), got nan"),
+    (["--do_train", "--loose_type", "--max_words", "2"], "--max_words must be >= 3"),
+    (["--do_train", "--loose_type", "--dsl_temperature", "inf"], "--dsl_temperature must be a positive finite"),
+    (["--do_train", "--loose_type", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--do_train", "--loose_type", "--output_dir", "{clip}/out"], "cannot write there (Not a directory)"),
 ])
 def test_bad_flags_give_one_line(extra, message, setup, capsys, tmp_path):
     _, paths, clip = setup
@@ -351,3 +363,74 @@ def test_two_process_gradients_are_one_over_world_size(setup, tmp_path):
     for name, g1 in one["grads"].items():
         if name != "clip.logit_scale":
             assert (2 * two["grads"][name] - g1).norm() <= 1e-4 * g1.norm() + 1e-12, name
+
+
+# ----------------------------------------------------------------------------------------------- failures mid-run
+
+class _NaNAfterOneStep(torch.nn.Module):
+    """A model whose loss is finite at the first step and NaN from the second on."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip = torch.nn.Module()
+        self.clip.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.w = torch.nn.Parameter(torch.ones(2))
+        self.calls = 0
+
+    def forward(self, *batch):
+        self.calls += 1
+        return self.w.sum() * (1.0 if self.calls == 1 else float("nan"))
+
+
+def test_nan_loss_stops_at_its_step_before_the_update(tmp_path):
+    model = _NaNAfterOneStep()
+    args = argparse.Namespace(n_display=100, gradient_accumulation_steps=1, epochs=1, precision="fp32", lr=0.1,
+                              warmup_proportion=0.0)
+    optimizer = mtr.prep_optimizer(args, model, 10.0)
+    batches = [tuple(torch.zeros(1, 1) for _ in range(5))] * 3
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(mtr.RunError, match=r"the training loss is nan at epoch 1, step 2 \(after 1 optimizer steps\)"):
+        mtr.train_epoch(0, args, model, batches, torch.device("cpu"), optimizer, scaler, 0)
+    assert torch.isfinite(model.w).all() and model.calls == 2  # the NaN never reached the weights
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tiny_optimizer():
+    model = torch.nn.Linear(2, 2)
+    args = argparse.Namespace(lr=1e-3, warmup_proportion=0.1)
+    return model, mtr.prep_optimizer(args, model, 10.0)
+
+
+def test_failed_save_leaves_neither_file_and_the_previous_pair_usable(tmp_path, monkeypatch):
+    model, optimizer = _tiny_optimizer()
+    args = argparse.Namespace(output_dir=str(tmp_path))
+    mtr.save_model(0, args, model, optimizer, 1.0, {"global_step": 1})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_save = torch.save
+
+    def disk_full_at_the_second_file(obj, f):
+        if "pytorch_opt" in str(f):
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_file)
+    with pytest.raises(mtr.RunError, match=r"cannot save the checkpoint of epoch 1 to .* \(No space left on device\)"):
+        mtr.save_model(1, args, model, optimizer, 1.0, {"global_step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before == ["pytorch_model.bin.0", "pytorch_opt.bin.0"]
+    assert weights(tmp_path / "pytorch_opt.bin.0")["global_step"] == 1
+    assert torch.equal(weights(tmp_path / "pytorch_model.bin.0")["weight"], model.weight.detach())
+
+
+def test_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, caplog):
+    # A process killed (SIGKILL, no clean-up of its own) while writing the pair leaves only temporary files.
+    child = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import util\n"
+             f"with util.atomic_path({str(tmp_path / 'pytorch_opt.bin.3')!r}) as o, "
+             f"util.atomic_path({str(tmp_path / 'pytorch_model.bin.3')!r}) as m:\n"
+             f"    m.write_bytes(b'model'); o.write_bytes(b'half'); os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", child]).returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and all(n.startswith(".pytorch_") and ".tmp" in n for n in left)
+    with caplog.at_level(logging.WARNING, logger="logger"):
+        mtr.remove_stale_temporaries(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    assert "removed 2 temporary file(s) of an interrupted save" in caplog.text
