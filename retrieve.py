@@ -682,6 +682,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("top_k", "max_frames", "feature_framerate", "batch_size"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if getattr(args, "max_words", None) is not None and args.max_words < 3:
+        parser.error("--max_words must be at least 3 (the start and end tokens and at least one word)")
+    if getattr(args, "num_workers", None) is not None and args.num_workers < 0:
+        parser.error("--num_workers must be at least 0")
     return args
 
 

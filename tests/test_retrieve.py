@@ -438,3 +438,13 @@ def test_video_whose_name_is_not_utf8_is_scanned_decoded_and_stored(tmp_path):
     index.videos[0]["path"] = odd
     save_index(tmp_path / "index", index)
     assert load_index(tmp_path / "index").videos[0]["path"] == odd
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "--index", "i", "--query", "a", "--max_words", "2"], "--max_words must be at least 3"),
+    (["index", "--videos", "v", "--index", "i", "--num_workers", "-1"], "--num_workers must be at least 0"),
+])
+def test_bad_numbers_are_refused_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        retrieve.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
