@@ -434,3 +434,13 @@ def test_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, caplog):
         mtr.remove_stale_temporaries(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     assert "removed 2 temporary file(s) of an interrupted save" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip"])
+def test_unreadable_clip_weights_give_one_line(content, setup, capsys, tmp_path):
+    _, paths, _ = setup
+    bad = tmp_path / "ViT-B-32.pt"
+    bad.write_bytes(content)
+    assert mtr.main(["--do_eval", *msvd_args(paths, bad, tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"main_task_retrieval.py: error: cannot read CLIP weights from {bad}")
