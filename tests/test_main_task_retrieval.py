@@ -441,6 +441,6 @@ def test_unreadable_clip_weights_give_one_line(content, setup, capsys, tmp_path)
     _, paths, _ = setup
     bad = tmp_path / "ViT-B-32.pt"
     bad.write_bytes(content)
-    assert mtr.main(["--do_eval", *msvd_args(paths, bad, tmp_path / "out")]) == 1
+    assert mtr.main(["--do_eval", *msvd_args(paths, bad, tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"main_task_retrieval.py: error: cannot read CLIP weights from {bad}")
