@@ -213,8 +213,13 @@ def read_torch_file(path: Union[str, Path], flag: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{flag} {path}: cannot read it as a torch.save file ({reason})") from error
+        if "Weights only load failed" in str(error):
+            reason = ("it holds Python objects besides tensors and plain containers; they are not loaded, since "
+                      "loading them could run code")
+        else:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            reason = f"not a torch.save file, or a truncated one: {type(error).__name__} {detail}".strip()
+        raise UsageError(f"{flag} {path}: cannot read it ({reason})") from error
 
 
 def read_state_dict(path: Union[str, Path], flag: str) -> Dict[str, torch.Tensor]:

@@ -151,3 +151,26 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert util.remove_stale_temporaries(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
+
+
+class _Opaque:
+    """Any class: weights_only refuses to rebuild it."""
+
+
+def test_torch_files_are_read_without_code_and_bad_ones_named_in_one_line(tmp_path):
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.arange(3.0)}, good)
+    assert torch.equal(util.read_state_dict(good, "--init_model")["w"], torch.arange(3.0))
+    objects, text, empty, listing = (tmp_path / n for n in ("objects.bin", "text.bin", "empty.bin", "list.bin"))
+    torch.save({"w": _Opaque()}, objects)
+    text.write_text("hello")
+    empty.write_bytes(b"")
+    torch.save([torch.zeros(1)], listing)
+    cases = [(objects, "holds Python objects besides tensors"), (text, "not a torch.save file, or a truncated one"),
+             (empty, "not a torch.save file, or a truncated one: EOFError"),
+             (tmp_path / "missing.bin", "no such file"), (listing, "expected a state dict (name → tensor), got list")]
+    for path, message in cases:
+        with pytest.raises(util.UsageError) as info:
+            util.read_state_dict(path, "--init_model")
+        assert str(info.value).startswith(f"--init_model {path}: ") and message in str(info.value)
+        assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
