@@ -3,7 +3,9 @@
 
     python retrieve.py index    --videos DIR --index IDX [--init_model CKPT | --pretrained_clip_name NAME] ...
     python retrieve.py search   --index IDX (--query TEXT | --queries FILE) [--top_k 5] [--json]
+    python retrieve.py search   --index IDX --video FILE_OR_ID [--top_k 5] [--json]
     python retrieve.py captions --index IDX --video FILE (--caption TEXT ... | --captions FILE) [--json]
+    python retrieve.py serve    --index IDX [--host 127.0.0.1] [--port 8000]    (pip install -r requirements-web.txt)
 
 An index directory holds two plain files, never a pickle:
   - ``index.json``: the settings (weights, head, sampling flags, a fingerprint of the model), the indexed files with
@@ -565,18 +567,90 @@ def index_model(index: Index, index_dir: Path, init_model: Optional[str] = None,
     return model
 
 
-def search(index_dir: Path, queries: Sequence[str], top: int = 5, max_words: int = 32,
-           init_model: Optional[str] = None, pretrained_clip_name: Optional[str] = None) -> List[dict]:
-    """Text → videos: for each query ``{"query", "results": [{"rank", "path", "score"}, ...]}``, best first."""
+def ranked(index: Index, rows: np.ndarray, scores: np.ndarray) -> List[dict]:
+    """One query's ``top_k`` output as ``[{"rank", "id", "path", "score"}, ...]``; ``id`` is the index row."""
+    return [{"rank": r + 1, "id": int(i), "path": str(index.root / index.videos[i]["path"]), "score": float(s)}
+            for r, (i, s) in enumerate(zip(rows, scores))]
+
+
+def rank_texts(index: Index, model, queries: Sequence[str], top: int, max_words: int = 32) -> List[dict]:
+    """Text → videos with a loaded model: for each query ``{"query", "results"}``, best first."""
+    text = text_embeddings(model, queries, max_words).cpu().numpy()
+    rows, scores = top_k(index.embeddings, text, top, logit_scale(model))
+    return [{"query": q, "results": ranked(index, row, score)} for q, row, score in zip(queries, rows, scores)]
+
+
+def rank_similar(index: Index, embedding: np.ndarray, top: int, scale: float,
+                 exclude: Optional[int] = None) -> List[dict]:
+    """Video → videos: the rows nearest ``embedding`` by the score text search uses, best first, without the
+    row ``exclude`` (the query video itself, which would always come first)."""
+    rows, scores = top_k(index.embeddings, embedding[None, :], top + (exclude is not None), scale)
+    keep = rows[0] != exclude
+    return ranked(index, rows[0][keep][:top], scores[0][keep][:top])
+
+
+def find_row(index: Index, video: Path) -> Optional[int]:
+    """The index row of ``video`` (an absolute path), or None when it is not indexed."""
+    root = index.root
+    for i, v in enumerate(index.videos):
+        if root / v["path"] == video:
+            return i
+    return None
+
+
+def query_video(index: Index, model, video: str) -> Tuple[np.ndarray, Optional[int], str]:
+    """(embedding, index row or None, description) of ``--video``: a file, an index id, or a path as indexed.
+
+    An indexed, unchanged file uses its stored embedding; any other file is encoded with the index's settings.
+    """
+    path = Path(video).expanduser()
+    if not path.is_file():
+        if video.isdigit():
+            row = int(video)
+            if row >= len(index.videos):
+                raise RetrieveError(f"--video {video}: the index holds ids 0 to {len(index.videos) - 1}")
+            return np.asarray(index.embeddings[row]), row, str(index.root / index.videos[row]["path"])
+        if (index.root / video).is_file():
+            path = index.root / video
+        else:
+            raise RetrieveError(f"--video {video} is neither a video file nor an index id "
+                                f"(0 to {len(index.videos) - 1})")
+    path = path.resolve()
+    row = find_row(index, path)
+    st = path.stat()
+    if row is not None and (index.videos[row]["size"], index.videos[row]["mtime_ns"]) == (st.st_size,
+                                                                                            st.st_mtime_ns):
+        return np.asarray(index.embeddings[row]), row, str(path)
+    ((_, emb, _, error),) = encode_videos(model, path.parent, [path.name], index.settings["sampling"],
+                                          batch_size=1, progress=False)
+    if error:
+        raise RetrieveError(f"cannot read {path}: {error}")
+    return emb, row, str(path)
+
+
+def _open(index_dir: Path, init_model: Optional[str], pretrained_clip_name: Optional[str],
+          max_words: int) -> Tuple[Index, CLIP4Clip]:
+    """The index (embeddings memory-mapped) and the model that built it."""
     index = load_index(Path(index_dir), mmap=True)
     if not index.videos:
         raise RetrieveError(f"{index_dir} holds no videos")
-    model = index_model(index, index_dir, init_model, pretrained_clip_name, max_words)
-    text = text_embeddings(model, queries, max_words).cpu().numpy()
-    rows, scores = top_k(index.embeddings, text, top, logit_scale(model))
-    return [{"query": q, "results": [{"rank": r + 1, "path": str(index.root / index.videos[i]["path"]),
-                                      "score": float(s)} for r, (i, s) in enumerate(zip(row, score))]}
-            for q, row, score in zip(queries, rows, scores)]
+    return index, index_model(index, index_dir, init_model, pretrained_clip_name, max_words)
+
+
+def search(index_dir: Path, queries: Sequence[str], top: int = 5, max_words: int = 32,
+           init_model: Optional[str] = None, pretrained_clip_name: Optional[str] = None) -> List[dict]:
+    """Text → videos: for each query ``{"query", "results": [{"rank", "id", "path", "score"}, ...]}``, best first."""
+    index, model = _open(index_dir, init_model, pretrained_clip_name, max_words)
+    return rank_texts(index, model, queries, top, max_words)
+
+
+def search_video(index_dir: Path, video: str, top: int = 5, init_model: Optional[str] = None,
+                 pretrained_clip_name: Optional[str] = None) -> dict:
+    """Video → videos: ``{"video", "results": [...]}``, the query video itself left out; the search page's
+    "more like this" ranks the same way."""
+    index, model = _open(index_dir, init_model, pretrained_clip_name, 32)
+    emb, row, described = query_video(index, model, video)
+    return {"video": described, "results": rank_similar(index, emb, top, logit_scale(model), exclude=row)}
 
 
 def rank_captions(index_dir: Path, video: Path, captions: Sequence[str], top: Optional[int] = None,
@@ -587,29 +661,40 @@ def rank_captions(index_dir: Path, video: Path, captions: Sequence[str], top: Op
     An indexed, unchanged video uses its stored embedding; any other file is encoded with the index's settings.
     """
     index = load_index(Path(index_dir))
-    video = Path(video).resolve()
-    if not video.is_file():
-        raise RetrieveError(f"--video {video} not found")
+    if not Path(video).is_file():
+        raise RetrieveError(f"--video {Path(video).resolve()} not found")
     model = index_model(index, index_dir, init_model, pretrained_clip_name, max_words)
-    st = video.stat()
-    stored = [i for i, v in enumerate(index.videos)
-              if index.root / v["path"] == video and (v["size"], v["mtime_ns"]) == (st.st_size, st.st_mtime_ns)]
-    if stored:
-        emb = index.embeddings[stored[0]]
-    else:
-        ((_, emb, _, error),) = encode_videos(model, video.parent, [video.name], index.settings["sampling"],
-                                              batch_size=1, progress=False)
-        if error:
-            raise RetrieveError(f"cannot read {video}: {error}")
+    emb, _, described = query_video(index, model, str(video))
     text = text_embeddings(model, captions, max_words).cpu().numpy()
     # One video against many captions: rank the captions, i.e. the columns of the (captions, 1) score matrix.
     order, col = top_k(text, emb[None, :], top or len(captions), logit_scale(model))
-    return {"video": str(video), "results": [{"rank": r + 1, "caption": captions[i], "score": float(s)}
-                                             for r, (i, s) in enumerate(zip(order[0], col[0]))]}
+    return {"video": described, "results": [{"rank": r + 1, "caption": captions[i], "score": float(s)}
+                                            for r, (i, s) in enumerate(zip(order[0], col[0]))]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
+
+
+def serve(args: argparse.Namespace) -> None:
+    """``retrieve.py serve``: load the index and its model once, then answer the page until interrupted."""
+    try:
+        import uvicorn
+        from search_page import create_app
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise RetrieveError(f"serve needs FastAPI and uvicorn ({e.name} is not installed): "
+                            f"pip install -r requirements-web.txt") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host}: every machine that can reach this one can search the index and "
+              f"download its videos (there is no login)", file=sys.stderr)
+    index, model = _open(args.index, args.init_model, args.pretrained_clip_name, args.max_words)
+    app = create_app(index, Path(args.index), model, args.max_words)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"searching {len(index.videos)} videos of {args.index} at http://{host}:{args.port}/ (Ctrl+C stops)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def _read_lines(path: str, what: str) -> List[str]:
@@ -663,8 +748,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--query", help="one text query")
     q.add_argument("--queries", help="a text file, one query per line")
+    q.add_argument("--video", metavar="FILE_OR_ID",
+                   help="video -> similar videos: a video file, or an index id (as the search page shows)")
     p.add_argument("--top_k", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print a JSON list, one {query, results} per query")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list, one {query, results} per query ({video, results} with --video)")
     p.add_argument("--max_words", type=int, default=32, help="text length in tokens, start and end included")
     weights(p, index_time=False)
 
@@ -678,8 +766,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print a JSON object {video, results}")
     p.add_argument("--max_words", type=int, default=32)
     weights(p, index_time=False)
+
+    p = commands.add_parser("serve", help="a local search page (and JSON API) over an index")
+    p.add_argument("--index", required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but the loopback lets other machines read the videos")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_words", type=int, default=32)
+    weights(p, index_time=False)
     args = parser.parse_args(argv)
-    for name in ("top_k", "max_frames", "feature_framerate", "batch_size"):
+    for name in ("top_k", "max_frames", "feature_framerate", "batch_size", "port"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if getattr(args, "max_words", None) is not None and args.max_words < 3:
@@ -707,6 +803,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  args.sim_header, args.linear_patch, args.max_frames, args.feature_framerate,
                                  args.slice_framepos, args.batch_size, args.num_workers)
             print(report)
+        elif args.command == "search" and args.video is not None:
+            found = search_video(args.index, args.video, args.top_k, args.init_model, args.pretrained_clip_name)
+            if args.json:
+                print(json.dumps(found, indent=1))
+            else:
+                _print_table(f"video: {found['video']}", found["results"], "path")
         elif args.command == "search":
             queries = _nonblank([args.query], "--query") if args.query is not None else _read_lines(args.queries,
                                                                                                      "queries")
@@ -717,6 +819,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 for entry in found:
                     _print_table(f"query: {entry['query']}", entry["results"], "path")
+        elif args.command == "serve":
+            serve(args)
         else:
             captions = _nonblank(args.caption, "--caption") if args.caption else _read_lines(args.captions,
                                                                                               "captions")

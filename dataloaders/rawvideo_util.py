@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -411,6 +412,32 @@ def _save_atomic(path: str, frames: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path, sync=False) as tmp, open(tmp, "wb") as f:
         np.save(f, frames, allow_pickle=False)
+
+
+# ---- pictures of the frames a sample keeps --------------------------------------------------------------------------
+
+def kept_frames_uint8(extractor: "RawVideoExtractorCV2", video_path: str, max_frames: int,
+                      slice_framepos: int) -> np.ndarray:
+    """The frames :meth:`RawVideoExtractorCV2.get_video_sample` keeps, in time order, before normalisation:
+    uint8 RGB [n, 3, size, size] (n = 0 when nothing could be decoded)."""
+    return extractor._kept_frames(video_path, max_frames, slice_framepos, None, None)
+
+
+def thumbnail_strip(frames: np.ndarray, count: int = 4, height: int = 96, quality: int = 85) -> bytes:
+    """``count`` frames spread evenly over uint8 RGB ``frames`` [n, 3, H, W], side by side in one JPEG."""
+    if frames.ndim != 4 or frames.shape[1] != 3 or len(frames) == 0:
+        raise ValueError(f"thumbnail_strip: expected uint8 frames [n>0, 3, H, W], got shape {tuple(frames.shape)}")
+    picks = np.unique(np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int))
+    width = round(height * frames.shape[3] / frames.shape[2])
+    tiles = [Image.fromarray(np.ascontiguousarray(frames[i].transpose(1, 2, 0))).resize((width, height),
+                                                                                         Image.BICUBIC)
+             for i in picks]
+    strip = Image.new("RGB", (width * len(tiles), height))
+    for k, tile in enumerate(tiles):
+        strip.paste(tile, (k * width, 0))
+    out = io.BytesIO()
+    strip.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 RawVideoExtractor = RawVideoExtractorCV2
