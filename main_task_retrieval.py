@@ -6,6 +6,7 @@ Launch with ``torchrun --nproc_per_node=G main_task_retrieval.py ...`` (one or m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -124,6 +125,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_dsl", action="store_true",
                    help="[new] also report dual-softmax re-ranked metrics, on separate lines")
     g.add_argument("--dsl_temperature", type=float, default=1.0, help="[new] temperature of --eval_dsl")
+    g.add_argument("--eval_report", action="store_true",
+                   help="[new] after each evaluation write eval_report.html (metrics, plots, worst captions) into "
+                        "--output_dir; needs matplotlib")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="[new] also write loss, learning rates and metrics to <output_dir>/tensorboard "
+                        "(metrics.jsonl is always written); needs tensorboard")
 
     g = p.add_argument_group("distributed (set by the launcher)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=0,
@@ -179,7 +186,15 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     args.batch_size = int(args.batch_size / args.gradient_accumulation_steps)
     check_paths(args)
+    check_extras(args)
     return args
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """The optional packages the asked-for outputs need, named before anything is loaded."""
+    for flag, package in (("eval_report", "matplotlib"), ("tensorboard", "tensorboard")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--{flag} needs the {package} package: pip install -r requirements-report.txt")
 
 
 def _need(path: Optional[str], flag: str, kind: str = "file") -> None:
@@ -296,6 +311,57 @@ def autocast_for(precision: str, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a run records for plots
+# ---------------------------------------------------------------------------------------------------------------
+
+METRIC_SCALARS = (("R1", "R1"), ("R5", "R5"), ("R10", "R10"), ("MdR", "MR"), ("MnR", "MeanR"))
+
+
+class RunLog:
+    """Rank 0's numbers for plots: one JSON line per logged step, finished epoch and evaluation in
+    ``<output_dir>/metrics.jsonl`` (appended, so a resumed run continues the file), the same as TensorBoard scalars
+    under ``<output_dir>/tensorboard`` with ``--tensorboard``."""
+
+    def __init__(self, output_dir: str, tensorboard: bool = False):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def _write(self, record: dict, scalars: Dict[str, float], step: int) -> None:
+        util.append_line(json.dumps({**record, "time": round(time.time(), 3)}), self.path)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def step(self, epoch: int, step: int, global_step: int, lrs: Sequence[float], loss: float,
+             time_per_step: float) -> None:
+        """The numbers of one ``Epoch: e/E, Step: s/n, Lr: ..., Loss: ...`` log line (e and s 1-based, as logged)."""
+        scalars = {"train/loss": loss, "train/time_per_step": time_per_step}
+        scalars.update({f"train/lr_{i}": lr for i, lr in enumerate(lrs)})
+        self._write({"event": "step", "epoch": epoch, "step": step, "global_step": global_step, "lr": list(lrs),
+                     "loss": loss, "time_per_step": time_per_step}, scalars, global_step)
+
+    def epoch(self, epoch: int, global_step: int, train_loss: float) -> None:
+        self._write({"event": "epoch", "epoch": epoch, "global_step": global_step, "train_loss": train_loss},
+                    {"train/epoch_loss": train_loss}, global_step)
+
+    def evaluation(self, record: dict, global_step: int) -> None:
+        """One evaluation's ``metrics_<tag>.json`` record."""
+        scalars = {f"eval/{side}_{name}": record[key][metric] for side, key in (("t2v", "text_to_video"),
+                                                                               ("v2t", "video_to_text"))
+                   for name, metric in METRIC_SCALARS}
+        self._write({"event": "eval", "global_step": global_step, **record}, scalars, global_step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -360,8 +426,8 @@ def previous_best(output_dir: str, before_epoch: int) -> Tuple[float, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, train_dataloader: DataLoader,
-                device: torch.device, optimizer: BertAdam, scaler: torch.amp.GradScaler, global_step: int
-                ) -> Tuple[float, int]:
+                device: torch.device, optimizer: BertAdam, scaler: torch.amp.GradScaler, global_step: int,
+                run_log: Optional[RunLog] = None) -> Tuple[float, int]:
     """One pass over the loader, as the original's loop; returns the mean batch loss and the global step."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -398,10 +464,13 @@ def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, tr
             torch.clamp_(clip_model.logit_scale.data, max=np.log(100))
             global_step += 1
             if global_step % log_step == 0 and util.is_main_process():
-                lrs = "-".join("%.9f" % lr for lr in sorted(set(optimizer.get_lr())))
+                unique_lrs = sorted(set(optimizer.get_lr()))
+                lrs = "-".join("%.9f" % lr for lr in unique_lrs)
+                step_loss, step_time = float(loss.detach()), (time.time() - start_time) / (log_step * gas)
                 logger.info("Epoch: %d/%s, Step: %d/%d, Lr: %s, Loss: %f, Time/step: %f", epoch + 1, args.epochs,
-                            step + 1, len(train_dataloader), lrs, float(loss.detach()),
-                            (time.time() - start_time) / (log_step * gas))
+                            step + 1, len(train_dataloader), lrs, step_loss, step_time)
+                if run_log is not None:
+                    run_log.step(epoch + 1, step + 1, global_step, unique_lrs, step_loss, step_time)
                 start_time = time.time()
         bar.set_postfix(loss=f"{loss_value:.4f}")
     return total_loss / len(train_dataloader), global_step
@@ -513,10 +582,41 @@ def _plain(m: dict) -> dict:
     return {k: float(v) for k, v in m.items() if k in ("R1", "R5", "R10", "MR", "MedianR", "MeanR", "Std_Rank")}
 
 
+def write_eval_report(args: argparse.Namespace, dataset, sim_matrix: np.ndarray, cut: Optional[List[int]],
+                      tables: Dict[str, dict], tag: str, model_file: Optional[str],
+                      curves: Optional[str]) -> None:
+    """``eval_report.html`` in ``--output_dir`` (replaced by each evaluation), thumbnails from the frames the model
+    saw: the test set's own decoding of each video."""
+    import eval_report
+    from dataloaders.rawvideo_util import kept_frames_uint8
+
+    pairs = list(dataset.all_pairs())
+    if cut is None:  # one caption per video: row i and column i are pair i
+        video_pairs, truth = pairs, np.arange(len(pairs))
+    else:  # caption rows grouped by video; each video is its last caption's pair, as encoded
+        video_pairs = [pairs[c - 1] for c in cut]
+        truth = np.repeat(np.arange(len(cut)), np.diff([0] + list(cut)))
+
+    def frames(j: int) -> np.ndarray:
+        video_id, _, start, end = video_pairs[j]
+        return kept_frames_uint8(dataset.rawVideoExtractor, dataset.video_dict[video_id], dataset.max_frames,
+                                 dataset.slice_framepos, start, end)
+
+    path = os.path.join(args.output_dir, "eval_report.html")
+    details = {"evaluation": tag, "model": model_file or args.pretrained_clip_name, "data set": args.datatype,
+               "head": args.sim_header}
+    eval_report.write_report(path, sim_matrix, truth, [p[1] for p in pairs], [str(p[0]) for p in video_pairs],
+                             tables, frames, title=f"CLIP4Clip evaluation report ({tag})", details=details,
+                             curves=curves)
+    logger.info("Evaluation report written to %s", path)
+
+
 def eval_epoch(args: argparse.Namespace, model: torch.nn.Module, test_dataloader: DataLoader,
-               device: torch.device, tag: str, model_file: Optional[str] = None) -> float:
-    """Every rank encodes its shard and scores its videos' columns; rank 0 logs the metrics and writes
-    ``metrics_<tag>.json``. Returns text-to-video R@1 (on every rank). Draws nothing from the RNGs."""
+               device: torch.device, tag: str, model_file: Optional[str] = None,
+               run_log: Optional[RunLog] = None, global_step: int = 0) -> float:
+    """Every rank encodes its shard and scores its videos' columns; rank 0 logs the metrics, writes
+    ``metrics_<tag>.json``, records them in ``run_log`` and, with ``--eval_report``, writes ``eval_report.html``.
+    Returns text-to-video R@1 (on every rank). Draws nothing from the RNGs."""
     model = getattr(model, "module", model)
     dataset = test_dataloader.dataset
     multi = bool(getattr(dataset, "multi_sentence_per_video", False))
@@ -564,6 +664,14 @@ def eval_epoch(args: argparse.Namespace, model: torch.nn.Module, test_dataloader
                              "video_to_text": _plain(dsl_vt)}
         util.atomic_write_text(json.dumps(record, indent=1) + "\n", os.path.join(args.output_dir,
                                                                                   f"metrics_{tag}.json"))
+        if run_log is not None:
+            run_log.evaluation(record, global_step)
+        if args.eval_report:
+            tables = {"Text-to-Video": tv_metrics, "Video-to-Text": vt_metrics}
+            if args.eval_dsl:
+                tables.update({"Text-to-Video, DSL": dsl_tv, "Video-to-Text, DSL": dsl_vt})
+            write_eval_report(args, dataset, sim_matrix, cut, tables, tag, model_file,
+                              run_log.path if run_log is not None else None)
         R1 = float(tv_metrics["R1"])
     return util.broadcast_object(R1)
 
@@ -638,8 +746,22 @@ def run(args: argparse.Namespace) -> None:
             logger.info("***** Running val *****")
             logger.info("  Num examples = %d", val_length)
 
+    run_log = RunLog(args.output_dir, args.tensorboard) if is_main else None
+    try:
+        train_and_evaluate(args, dist_info, model, tokenizer, loaders, test_dataloader, run_log)
+    finally:
+        if run_log is not None:
+            run_log.close()
+
+
+def train_and_evaluate(args: argparse.Namespace, dist_info: util.DistInfo, model: CLIP4Clip,
+                       tokenizer: ClipTokenizer, loaders: dict, test_dataloader: DataLoader,
+                       run_log: Optional[RunLog]) -> None:
+    """Evaluate the model (``--do_eval``), or train it, evaluating after each epoch (``--do_train``)."""
+    device = dist_info.device
+    is_main = dist_info.rank == 0
     if not args.do_train:
-        eval_epoch(args, model, test_dataloader, device, tag="eval", model_file=args.init_model)
+        eval_epoch(args, model, test_dataloader, device, tag="eval", model_file=args.init_model, run_log=run_log)
         return
 
     with startup_checks():
@@ -685,17 +807,19 @@ def run(args: argparse.Namespace) -> None:
         train_sampler.set_epoch(epoch)
         with logging_redirect_tqdm(loggers=[logger.root]):
             tr_loss, global_step = train_epoch(epoch, args, model, train_dataloader, device, optimizer, scaler,
-                                               global_step)
+                                               global_step, run_log)
         # State of every rank at the start of the next epoch: the evaluation below draws nothing.
         rng_states = util.all_gather_objects(util.get_rng_state())
         output_model_file = None
         if is_main:
             logger.info("Epoch %d/%s Finished, Train Loss: %f", epoch + 1, args.epochs, tr_loss)
+            run_log.epoch(epoch + 1, global_step, tr_loss)
             output_model_file = save_model(epoch, args, model, optimizer, tr_loss,
                                            {"rng_states": rng_states, "global_step": global_step,
                                             "scaler": scaler.state_dict()})
         with logging_redirect_tqdm(loggers=[logger.root]):
-            R1 = eval_epoch(args, model, test_dataloader, device, tag=f"epoch{epoch}", model_file=output_model_file)
+            R1 = eval_epoch(args, model, test_dataloader, device, tag=f"epoch{epoch}", model_file=output_model_file,
+                            run_log=run_log, global_step=global_step)
         if is_main:
             if best_score <= R1:
                 best_score, best_output_model_file = R1, output_model_file

@@ -296,3 +296,16 @@ def remove_stale_temporaries(directory: Union[str, Path]) -> List[Path]:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def append_line(text: str, path: Union[str, Path]) -> None:
+    """Append ``text`` and a newline to ``path`` in one ``write`` on an O_APPEND descriptor: a reader sees whole
+    lines only, and a run killed mid-way leaves every earlier line intact."""
+    data = (text.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)

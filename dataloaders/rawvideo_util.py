@@ -416,11 +416,11 @@ def _save_atomic(path: str, frames: np.ndarray) -> None:
 
 # ---- pictures of the frames a sample keeps --------------------------------------------------------------------------
 
-def kept_frames_uint8(extractor: "RawVideoExtractorCV2", video_path: str, max_frames: int,
-                      slice_framepos: int) -> np.ndarray:
+def kept_frames_uint8(extractor: "RawVideoExtractorCV2", video_path: str, max_frames: int, slice_framepos: int,
+                      start_time: Optional[int] = None, end_time: Optional[int] = None) -> np.ndarray:
     """The frames :meth:`RawVideoExtractorCV2.get_video_sample` keeps, in time order, before normalisation:
     uint8 RGB [n, 3, size, size] (n = 0 when nothing could be decoded)."""
-    return extractor._kept_frames(video_path, max_frames, slice_framepos, None, None)
+    return extractor._kept_frames(video_path, max_frames, slice_framepos, start_time, end_time)
 
 
 def thumbnail_strip(frames: np.ndarray, count: int = 4, height: int = 96, quality: int = 85) -> bytes:
