@@ -187,6 +187,18 @@ def test_bad_checkpoint_contents_give_one_line(setup, capsys, tmp_path):
     assert "\n" not in err and err.startswith("main_task_retrieval.py: error: --init_model") and str(bad) in err
 
 
+@pytest.mark.parametrize("flag, package", [("--eval_report", "matplotlib"), ("--tensorboard", "tensorboard")])
+def test_missing_optional_package_is_named(flag, package, setup, capsys, tmp_path, monkeypatch):
+    _, paths, clip = setup
+    real = mtr.importlib.util.find_spec
+    monkeypatch.setattr(mtr.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    assert mtr.main(["--do_eval", flag, *msvd_args(paths, clip, tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"main_task_retrieval.py: error: {flag} needs the {package} package: "
+                   f"pip install -r requirements-report.txt")
+    assert not (tmp_path / "out").exists()  # said before anything ran
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -219,6 +231,32 @@ def test_train_two_epochs_and_evaluate(run_a):
     assert opt["epoch"] == 1 and opt["global_step"] == 20 and len(opt["rng_states"]) == 1
     state = next(iter(opt["optimizer_state_dict"]["state"].values()))
     assert state["step"] == 20 and set(state) == {"step", "next_m", "next_v"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_metrics_jsonl_equals_the_logged_values(run_a):
+    records = read_jsonl(run_a / "metrics.jsonl")
+    log = (run_a / "log.txt").read_text()
+    logged = re.findall(r"Epoch: (\d+)/2, Step: (\d+)/10, Lr: ([0-9.\-]+), Loss: ([0-9.]+), Time/step: ([0-9.]+)", log)
+    steps = [r for r in records if r["event"] == "step"]
+    assert len(steps) == len(logged) == 20
+    for r, (epoch, step, lrs, loss, per_step) in zip(steps, logged):
+        assert (r["epoch"], r["step"]) == (int(epoch), int(step))
+        assert r["global_step"] == (r["epoch"] - 1) * 10 + r["step"]  # n_display 1: every optimizer step
+        assert "-".join("%.9f" % lr for lr in r["lr"]) == lrs
+        assert "%f" % r["loss"] == loss and "%f" % r["time_per_step"] == per_step
+    epochs = [r for r in records if r["event"] == "epoch"]
+    train_losses = re.findall(r"Epoch (\d)/2 Finished, Train Loss: ([0-9.]+)", log)
+    assert [(str(r["epoch"]), "%f" % r["train_loss"]) for r in epochs] == train_losses
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [(r["tag"], r["global_step"]) for r in evals] == [("epoch0", 10), ("epoch1", 20)]
+    for r in evals:
+        saved = read_metrics(run_a / f"metrics_{r['tag']}.json")
+        assert {k: r[k] for k in saved} == saved
+    assert [e["event"] for e in records] == ["step"] * 10 + ["epoch", "eval"] + ["step"] * 10 + ["epoch", "eval"]
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(run_a, setup):
@@ -292,6 +330,37 @@ def test_an_error_while_training_keeps_its_traceback(setup, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
     assert "ValueError: video 3 became unreadable" in proc.stderr
+
+
+def test_eval_report_and_tensorboard(run_a, setup):
+    pytest.importorskip("matplotlib", reason="--eval_report needs matplotlib: pip install -r requirements-report.txt")
+    pytest.importorskip("tensorboard", reason="--tensorboard needs tensorboard: pip install -r requirements-report.txt")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, paths, clip = setup
+    out = root / "eval_report"
+    assert mtr.main(["--do_eval", "--eval_report", "--tensorboard", "--init_model", str(run_a / "pytorch_model.bin.1"),
+                     *msrvtt_args(paths, clip, out)]) == 0
+    log, page = (out / "log.txt").read_text(), (out / "eval_report.html").read_text()
+    logged = re.findall(r"\t>>>  (?:V2T\$)?R@1: ([0-9.]+) - (?:V2T\$)?R@5: ([0-9.]+) - (?:V2T\$)?R@10: ([0-9.]+) - "
+                        r"(?:V2T\$)?Median R: ([0-9.]+) - (?:V2T\$)?Mean R: ([0-9.]+)", log)
+    table = re.findall(r"<tr><td>([^<]+)</td>((?:<td>[^<]+</td>)+)</tr>", page)
+    assert [name for name, _ in table] == ["Text-to-Video", "Video-to-Text"]
+    assert [tuple(re.findall(r"<td>([^<]+)</td>", cells)) for _, cells in table] == logged
+    assert page.count("data:image/png;base64,") == 2  # the rank plots and the curves (metrics.jsonl has the eval)
+    ranks = [int(r) for r in re.findall(r'data-rank="(\d+)"', page)]
+    assert len(ranks) == 6 and ranks == sorted(ranks, reverse=True)  # every caption of 6, worst first
+    assert page.count('class="right"') == 6 and page.count("data:image/jpeg;base64,") >= 6
+
+    record = read_metrics(out / "metrics_eval.json")
+    assert read_jsonl(out / "metrics.jsonl")[-1]["text_to_video"] == record["text_to_video"]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for name, key in (("R1", "R1"), ("R5", "R5"), ("R10", "R10"), ("MdR", "MR"), ("MnR", "MeanR")):
+        (scalar,) = events.Scalars(f"eval/t2v_{name}")
+        assert scalar.step == 0 and scalar.value == pytest.approx(record["text_to_video"][key])
+        (scalar,) = events.Scalars(f"eval/v2t_{name}")
+        assert scalar.value == pytest.approx(record["video_to_text"][key])
 
 
 def test_two_process_training_and_evaluation(run_a, setup):

@@ -448,3 +448,33 @@ def test_bad_numbers_are_refused_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         retrieve.parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_search_video_ranks_the_other_videos_by_the_stored_embeddings(built, tmp_path, capsys):
+    root, index_dir, _ = built
+    index = load_index(index_dir)
+    scale = 1 / 0.07  # exp(logit_scale) of the tiny CLIP
+    scores = scale * index.embeddings @ index.embeddings[1]
+    expected = [j for j in np.argsort(-scores, kind="stable") if j != 1]  # the query video itself left out
+
+    by_id = retrieve.search_video(index_dir, "1", top=5)
+    assert by_id["video"] == str(root / index.videos[1]["path"])
+    assert [r["id"] for r in by_id["results"]] == expected and [r["rank"] for r in by_id["results"]] == [1, 2]
+    np.testing.assert_allclose([r["score"] for r in by_id["results"]], scores[expected], rtol=1e-5)
+    by_file = retrieve.search_video(index_dir, str(root / index.videos[1]["path"]), top=5)
+    by_relative = retrieve.search_video(index_dir, index.videos[1]["path"], top=5)
+    assert by_file == by_id == by_relative
+
+    outside = tmp_path / "copy.mp4"  # not indexed: encoded now, so its own indexed twin comes first
+    outside.write_bytes((root / "c.mp4").read_bytes())
+    found = retrieve.search_video(index_dir, str(outside), top=3)
+    assert found["results"][0]["path"] == str(root / "c.mp4") and len(found["results"]) == 3
+    assert found["results"][0]["score"] == pytest.approx(scale, rel=1e-4)
+
+    assert retrieve.main(["search", "--index", str(index_dir), "--video", "1", "--top_k", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"video: {by_id['video']}" and out[2].split()[-1] == by_id["results"][0]["path"]
+    for bad, message in (("7", "the index holds ids 0 to 2"), ("nope.mp4", "neither a video file nor an index id")):
+        assert retrieve.main(["search", "--index", str(index_dir), "--video", bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err

@@ -174,3 +174,10 @@ def test_torch_files_are_read_without_code_and_bad_ones_named_in_one_line(tmp_pa
             util.read_state_dict(path, "--init_model")
         assert str(info.value).startswith(f"--init_model {path}: ") and message in str(info.value)
         assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_append_line_adds_whole_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    util.append_line('{"a": 1}', path)
+    util.append_line('{"b": "é"}\n', path)  # a trailing newline is not doubled
+    assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'

@@ -1,0 +1,207 @@
+"""search_page.py: the JSON API against retrieve.py's rankings, refusals, a missing file, and the page in a real
+headless browser (Debian's chromium driven by selenium; skipped with the reason where either is absent)."""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the search page needs FastAPI: pip install -r requirements-web.txt")
+uvicorn = pytest.importorskip("uvicorn", reason="the search page needs uvicorn: pip install -r requirements-web.txt")
+
+import retrieve  # noqa: E402
+from conftest import write_video  # noqa: E402
+from search_page import create_app  # noqa: E402
+
+SCRIPT_NAME = "<script>alert(1)</script>.mp4"   # a folder "<script>alert(1)<" holding "script>.mp4"
+IMG_NAME = "<img src=x onerror=document.title='pwned'>.mp4"
+QUERY = "a red circle moves left"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_clip_file):
+    """An index of five videos (one gone since indexing) behind a real uvicorn server on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "a.mp4", n_frames=12, fps=4, seed=1)
+    write_video(root / SCRIPT_NAME, n_frames=12, fps=4, seed=2)
+    write_video(root / IMG_NAME, n_frames=12, fps=4, seed=3)
+    write_video(root / "play.webm", n_frames=24, fps=8, seed=4, fourcc="VP80")  # VP8: every chromium plays it
+    write_video(root / "gone.mp4", n_frames=12, fps=4, seed=5)
+    index_dir = tmp_path_factory.mktemp("index")
+    retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=4, progress=False)
+    (root / "gone.mp4").unlink()
+
+    index, model = retrieve._open(index_dir, None, None, 32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(index, index_dir, model), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield {"root": root, "index_dir": index_dir, "index": index, "port": port}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def get(served, path: str):
+    """(status, body) of a GET sent as written (no client-side normalisation of ``..``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, body, response.getheader("content-type")
+    finally:
+        conn.close()
+
+
+def api(served, path: str):
+    status, body, _ = get(served, path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def row(served, name: str) -> int:
+    return [v["path"] for v in served["index"].videos].index(name)
+
+
+def test_api_gives_retrieve_search_rankings(served):
+    found = api(served, f"/api/search?q={urllib.parse.quote(QUERY)}&k=3")
+    (expected,) = retrieve.search(served["index_dir"], [QUERY], top=3)
+    assert [r["id"] for r in found["results"]] == [r["id"] for r in expected["results"]]
+    np.testing.assert_allclose([r["score"] for r in found["results"]], [r["score"] for r in expected["results"]],
+                               rtol=1e-5)
+    assert [r["path"] for r in found["results"]] == [r["path"] for r in expected["results"]]
+
+    similar = api(served, "/api/similar?id=0&k=10")
+    expected = retrieve.search_video(served["index_dir"], "0", top=10)
+    assert [r["id"] for r in similar["results"]] == [r["id"] for r in expected["results"]]
+    assert 0 not in [r["id"] for r in similar["results"]] and len(similar["results"]) == 4
+
+
+def test_only_indexed_files_by_id_are_served(served):
+    status, body, kind = get(served, f"/thumbs/{row(served, 'a.mp4')}.jpg")
+    assert status == 200 and kind == "image/jpeg" and body[:2] == b"\xff\xd8"
+    assert list((served["index_dir"] / "thumbs").glob("*.jpg"))  # cached in the index folder
+    status, body, kind = get(served, f"/video/{row(served, 'play.webm')}")
+    assert status == 200 and kind == "video/webm" and body == (served["root"] / "play.webm").read_bytes()
+    for path in ("/video/../../etc/passwd", "/video/..%2F..%2Fetc%2Fpasswd", "/video/%2Fetc%2Fpasswd",
+                 "/video/99", "/video/-1", "/thumbs/99.jpg", "/video/a.mp4", "/static/../retrieve.py",
+                 "/api/similar?id=99"):
+        status, body, _ = get(served, path)
+        assert status in (404, 422), (path, status)
+        assert b"root:" not in body and b"import" not in body
+
+
+def test_a_file_gone_since_indexing_is_shown_missing(served):
+    gone = row(served, "gone.mp4")
+    found = api(served, "/api/search?q=anything&k=10")
+    by_id = {r["id"]: r for r in found["results"]}
+    assert by_id[gone]["missing"] is True and not any(r["missing"] for i, r in by_id.items() if i != gone)
+    status, body, _ = get(served, f"/video/{gone}")
+    assert status == 404 and b"gone since indexing" in body
+    assert api(served, f"/api/similar?id={gone}&k=2")["results"]  # its stored embedding still answers
+
+
+def test_serve_warns_off_loopback_and_names_missing_packages(served, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    assert retrieve.main(["serve", "--index", str(served["index_dir"]), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert calls == [{"host": "0.0.0.0", "port": 8123, "log_level": "warning"}]
+    assert "warning: --host 0.0.0.0" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert retrieve.main(["serve", "--index", str(served["index_dir"])]) == 2
+    assert capsys.readouterr().err.strip() == ("retrieve.py serve: error: serve needs FastAPI and uvicorn (uvicorn is "
+                                               "not installed): pip install -r requirements-web.txt")
+
+
+# ------------------------------------------------------------------------------------------------ in a browser
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    driver.set_script_timeout(20)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, script: str, timeout: float = 15):
+    """Poll a JavaScript expression until it is truthy; return its value."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script("return " + script)
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {script}")
+
+
+def card_ids(driver):
+    return [int(i) for i in driver.execute_script(
+        "return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")]
+
+
+def test_the_page_in_a_browser(served, browser):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    base = f"http://127.0.0.1:{served['port']}"
+    browser.get(base + "/")
+    box = browser.find_element(By.ID, "q")
+    box.send_keys(QUERY)
+    box.submit()
+    wait_for(browser, "document.querySelectorAll('.card').length == 5")
+    (expected,) = retrieve.search(served["index_dir"], [QUERY], top=5)
+    assert card_ids(browser) == [r["id"] for r in expected["results"]]
+
+    # Thumbnails load for every file still there; the gone one says so.
+    gone = row(served, "gone.mp4")
+    wait_for(browser, "[...document.querySelectorAll('.card')].filter(c => c.dataset.id != '%d')"
+                      ".every(c => { const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0 })"
+                      % gone)
+    assert browser.find_element(By.CSS_SELECTOR, f".card[data-id='{gone}'] .missing").text == \
+        "file missing since indexing"
+
+    # Hostile file names are text: shown as written, nothing runs.
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .name")]
+    assert SCRIPT_NAME in names and IMG_NAME in names
+    assert browser.title == "CLIP4Clip search" and not browser.find_elements(By.CSS_SELECTOR, ".card .name *")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+
+    # Play the VP8 file in the page.
+    playable = row(served, "play.webm")
+    browser.find_element(By.CSS_SELECTOR, f".card[data-id='{playable}'] .media").click()
+    wait_for(browser, f"(v => v && v.readyState >= 2 && v.videoWidth == 64)"
+                      f"(document.querySelector(\".card[data-id='{playable}'] video\"))")
+
+    # More like this: the page shows retrieve.py search --video's ranking.
+    first = card_ids(browser)[0]
+    browser.find_element(By.CSS_SELECTOR, f".card[data-id='{first}'] button.more").click()
+    wait_for(browser, f"location.search == '?similar={first}' && document.querySelectorAll('.card').length == 4")
+    expected = retrieve.search_video(served["index_dir"], str(first), top=12)
+    assert card_ids(browser) == [r["id"] for r in expected["results"]]
