@@ -585,7 +585,7 @@ def rank_similar(index: Index, embedding: np.ndarray, top: int, scale: float,
     """Video → videos: the rows nearest ``embedding`` by the score text search uses, best first, without the
     row ``exclude`` (the query video itself, which would always come first)."""
     rows, scores = top_k(index.embeddings, embedding[None, :], top + (exclude is not None), scale)
-    keep = rows[0] != exclude
+    keep = rows[0] != (-1 if exclude is None else exclude)
     return ranked(index, rows[0][keep][:top], scores[0][keep][:top])
 
 
