@@ -628,7 +628,7 @@ def query_video(index: Index, model, video: str) -> Tuple[np.ndarray, Optional[i
     return emb, row, str(path)
 
 
-def _open(index_dir: Path, init_model: Optional[str], pretrained_clip_name: Optional[str],
+def open_index(index_dir: Path, init_model: Optional[str], pretrained_clip_name: Optional[str],
           max_words: int) -> Tuple[Index, CLIP4Clip]:
     """The index (embeddings memory-mapped) and the model that built it."""
     index = load_index(Path(index_dir), mmap=True)
@@ -640,7 +640,7 @@ def _open(index_dir: Path, init_model: Optional[str], pretrained_clip_name: Opti
 def search(index_dir: Path, queries: Sequence[str], top: int = 5, max_words: int = 32,
            init_model: Optional[str] = None, pretrained_clip_name: Optional[str] = None) -> List[dict]:
     """Text → videos: for each query ``{"query", "results": [{"rank", "id", "path", "score"}, ...]}``, best first."""
-    index, model = _open(index_dir, init_model, pretrained_clip_name, max_words)
+    index, model = open_index(index_dir, init_model, pretrained_clip_name, max_words)
     return rank_texts(index, model, queries, top, max_words)
 
 
@@ -648,7 +648,7 @@ def search_video(index_dir: Path, video: str, top: int = 5, init_model: Optional
                  pretrained_clip_name: Optional[str] = None) -> dict:
     """Video → videos: ``{"video", "results": [...]}``, the query video itself left out; the search page's
     "more like this" ranks the same way."""
-    index, model = _open(index_dir, init_model, pretrained_clip_name, 32)
+    index, model = open_index(index_dir, init_model, pretrained_clip_name, 32)
     emb, row, described = query_video(index, model, video)
     return {"video": described, "results": rank_similar(index, emb, top, logit_scale(model), exclude=row)}
 
@@ -689,7 +689,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: every machine that can reach this one can search the index and "
               f"download its videos (there is no login)", file=sys.stderr)
-    index, model = _open(args.index, args.init_model, args.pretrained_clip_name, args.max_words)
+    index, model = open_index(args.index, args.init_model, args.pretrained_clip_name, args.max_words)
     app = create_app(index, Path(args.index), model, args.max_words)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"searching {len(index.videos)} videos of {args.index} at http://{host}:{args.port}/ (Ctrl+C stops)",

@@ -40,7 +40,7 @@ def served(tmp_path_factory, tiny_clip_file):
     retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=4, progress=False)
     (root / "gone.mp4").unlink()
 
-    index, model = retrieve._open(index_dir, None, None, 32)
+    index, model = retrieve.open_index(index_dir, None, None, 32)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
