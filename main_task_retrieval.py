@@ -185,8 +185,8 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not 0 <= args.seed < 2 ** 32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     args.batch_size = int(args.batch_size / args.gradient_accumulation_steps)
-    check_paths(args)
     check_extras(args)
+    check_paths(args)
     return args
 
 
