@@ -143,3 +143,77 @@ def test_param_without_grad_is_skipped_and_groups_keep_their_lr():
     u1 = 0.1 / (math.sqrt(0.001) + 1e-6)
     u2 = 0.19 / (math.sqrt(0.001999) + 1e-6)
     assert torch.allclose(a.detach(), torch.full((2,), 1 - 1e-3 * (u1 + u2)), atol=1e-7)
+
+
+class PerTensorBertAdam(BertAdam):
+    """The original's step: one Python iteration and one clip_grad_norm_ per tensor (the reference for foreach)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.nn.utils import clip_grad_norm_
+        from modules.optimization import _scheduled_lr
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["next_m"] = torch.zeros_like(p)
+                    state["next_v"] = torch.zeros_like(p)
+                next_m, next_v = state["next_m"], state["next_v"]
+                if group["max_grad_norm"] > 0:
+                    clip_grad_norm_(p, group["max_grad_norm"])
+                grad = p.grad
+                next_m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
+                next_v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
+                update = next_m / (next_v.sqrt() + group["e"])
+                if group["weight_decay"] > 0.0:
+                    update += group["weight_decay"] * p
+                p.add_(-(_scheduled_lr(group, state["step"]) * update))
+                state["step"] += 1
+
+
+def _model_like_params(seed: int):
+    """fp16 'CLIP' tensors and fp32 head tensors of several shapes, in the driver's four-group layout."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(8, 6), (6,), (3, 4, 5), (1,), (7,)]
+    clip = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).half()) for s in shapes]
+    head = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    return [{"params": clip[:3] + head[:1], "weight_decay": 0.2, "lr": 1e-3},
+            {"params": head[1:3], "weight_decay": 0.2},
+            {"params": clip[3:], "weight_decay": 0.0, "lr": 1e-3},
+            {"params": head[3:] + clip[:0], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("schedule, t_total", [
+    ("warmup_cosine", 20), ("warmup_constant", 20), ("warmup_linear", 20), ("warmup_linear", -1)])
+def test_foreach_step_equals_per_tensor_step_bit_for_bit(schedule, t_total):
+    runs = []
+    for cls in (BertAdam, PerTensorBertAdam):
+        groups = _model_like_params(seed=3)
+        opt = cls(groups, lr=0.05, warmup=0.1, schedule=schedule, b1=0.9, b2=0.98, e=1e-6, t_total=t_total,
+                  weight_decay=0.2, max_grad_norm=1.0)
+        params = [p for g in groups for p in g["params"]]
+        gen = torch.Generator().manual_seed(4)
+        clipped = 0
+        for step in range(20):
+            for i, p in enumerate(params):
+                # Large gradients so the per-tensor clip is active; one tensor skips odd steps, so the step counts
+                # of the tensors differ and the update is bucketed by step.
+                scale = 3.0 if step % 3 else 0.01
+                g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+                p.grad = None if (i == 1 and step % 2) else g
+                clipped += int(p.grad is not None and float(p.grad.float().norm()) > 1.0)
+            opt.step()
+        assert clipped > 20
+        runs.append(([p.detach().clone() for p in params], opt))
+    (ours, opt_a), (ref, opt_b) = runs
+    assert any(p.dtype == torch.float16 for p in ours)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for pa, pb in zip(opt_a.state.values(), opt_b.state.values()):
+        assert pa["step"] == pb["step"]
+        assert torch.equal(pa["next_m"], pb["next_m"]) and torch.equal(pa["next_v"], pb["next_v"])
+    assert opt_a.get_lr() == opt_b.get_lr()
