@@ -69,6 +69,23 @@ class QuickGELU(nn.Module):
 AttnMask = Union[None, torch.Tensor, Callable[[int], torch.Tensor]]
 
 
+def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``attn(x, x, x, attn_mask=mask)`` on (L, N, D) input, computed with ``scaled_dot_product_attention``.
+
+    The same weights and maths as ``nn.MultiheadAttention`` (its parameters, so the state-dict keys stay), without
+    its input checks, reshapes and mask copies; ``mask`` is additive and broadcasts to (N, heads, L, L): (L, L) for
+    all samples, or (N, 1, L, L) per sample.
+    """
+    length, batch, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(length, batch, 3, heads, width // heads)
+    q, k, v = qkv.permute(2, 1, 3, 0, 4).unbind(0)  # each (N, heads, L, head_dim)
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    out = out.permute(2, 0, 1, 3).reshape(length, batch, width)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm block: x + attn(ln_1 x), then x + mlp(ln_2 x). Input is (L, N, D)."""
 
@@ -91,8 +108,7 @@ class ResidualAttentionBlock(nn.Module):
         if mask is not None:
             # Host-to-device copies may be asynchronous; a blocking one would stall the GPU queue every block.
             mask = mask.to(dtype=x.dtype, device=x.device, non_blocking=True)
-        # need_weights=False lets torch use its fused scaled-dot-product kernel.
-        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        return self_attention(self.attn, x, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.ln_1(x))

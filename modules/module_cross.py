@@ -109,9 +109,8 @@ class ResidualAttentionBlock(clip_blocks.ResidualAttentionBlock):
         self.n_head = n_head
 
     def attention(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        # MHA wants (B*heads, L, L) ordered batch-major: each sample's mask once per head, consecutively.
-        attn_mask = attn_mask.repeat_interleave(self.n_head, dim=0).to(x.dtype)
-        return self.attn(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+        # (B, L, L) -> (B, 1, L, L): one mask per sample, broadcast over the heads instead of copied per head.
+        return clip_blocks.self_attention(self.attn, x, attn_mask.unsqueeze(1).to(x.dtype))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.ln_1(x), attn_mask)

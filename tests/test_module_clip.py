@@ -447,3 +447,20 @@ def test_tiny_named_architecture_is_deterministic_and_leaves_rng_alone():
     assert model.visual.input_resolution == 64
     with torch.no_grad():
         assert model.encode_image(images(1, 64)).shape == (1, 512)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_self_attention_equals_multihead_attention(masked):
+    """The scaled_dot_product_attention path against nn.MultiheadAttention itself: outputs and input gradients."""
+    from modules.module_clip import CLIP, self_attention
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(64, 4)
+    x = torch.randn(7, 3, 64, requires_grad=True)  # (L, N, D)
+    mask = CLIP.build_attention_mask(7) if masked else None
+    ours = self_attention(attn, x, mask)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    ref = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    (grad_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-5)
+    assert torch.allclose(grad_ours, grad_ref, rtol=0, atol=1e-5)

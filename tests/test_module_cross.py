@@ -146,3 +146,17 @@ def test_embedding_dropout_only_in_training():
     model.train()
     c, _ = model(x)
     assert not torch.allclose(a, c)
+
+
+def test_block_attention_equals_multihead_attention_with_per_head_masks():
+    """The per-sample mask broadcast over heads equals MHA given the mask repeated once per head (batch-major)."""
+    from modules.module_cross import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(32, 4)
+    x = torch.randn(5, 3, 32)  # (L, B, D)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    mask = ((1.0 - keep.unsqueeze(1)) * -1000000.0).expand(-1, 5, -1)
+    ours = block.attention(x, mask)
+    ref = block.attn(x, x, x, need_weights=False, attn_mask=mask.repeat_interleave(4, dim=0))[0]
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-5)
