@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import util
 from dataloaders.data_dataloaders import DATALOADER_DICT
 from dataloaders.dataset_util import encode_caption
+from dataloaders.rawvideo_util import normalize_video
 from metrics import dual_softmax_rerank, retrieval_metrics
 from modules.modeling import (LOOSE_HEADERS, SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers,
                               implied_by_state_dict, resolve_precision)
@@ -105,6 +106,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "bf16/fp16: fp32 weights with autocast")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="[new] recompute CLIP activations in backward to save memory")
+    g.add_argument("--compile", action="store_true",
+                   help="[new] torch.compile the training forward (the first steps are slow while it compiles)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", required=True, help="log, checkpoints and metrics go here")
@@ -295,6 +298,26 @@ def prep_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_train_o
                     e=1e-6, t_total=num_train_optimization_steps, weight_decay=weight_decay, max_grad_norm=1.0)
 
 
+def frames_as_uint8(loader: DataLoader) -> DataLoader:
+    """Differs from the original (float64 frames): the loader's batches carry the frames' uint8 pixels, an eighth of
+    the bytes to collate and copy; ``normalize_video`` turns them into the same float32 values on the device."""
+    loader.dataset.uint8_frames = True
+    return loader
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``torch.compile`` the model's forward in place (its state-dict keys stay). What cannot be compiled runs
+    eagerly with a warning instead of stopping the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    try:
+        model.compile()
+    except Exception as error:  # e.g. a Python version this torch cannot compile for
+        logger.warning("--compile: torch.compile is unavailable (%s); training without it",
+                       str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
 def wrap_ddp(model: torch.nn.Module, dist_info: util.DistInfo) -> torch.nn.Module:
     if not dist_info.initialized:
         return model
@@ -441,6 +464,7 @@ def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, tr
                disable=not util.is_main_process(), dynamic_ncols=True)
     for step, batch in enumerate(bar):
         input_ids, input_mask, segment_ids, video, video_mask = (t.to(device, non_blocking=True) for t in batch)
+        video = normalize_video(video, video_mask)
         with autocast_for(args.precision, device):
             loss = model(input_ids, segment_ids, input_mask, video, video_mask)
         if gas > 1:
@@ -488,7 +512,7 @@ def shard(n: int) -> range:
 
 def _loader_like(loader: DataLoader, indices: Sequence[int]) -> DataLoader:
     return DataLoader(Subset(loader.dataset, list(indices)), batch_size=loader.batch_size,
-                      num_workers=loader.num_workers, shuffle=False, drop_last=False)
+                      num_workers=loader.num_workers, shuffle=False, drop_last=False, pin_memory=loader.pin_memory)
 
 
 def encode_test_shard(model: CLIP4Clip, test_dataloader: DataLoader, device: torch.device, precision: str
@@ -516,7 +540,8 @@ def encode_test_shard(model: CLIP4Clip, test_dataloader: DataLoader, device: tor
             last_caption = [c - 1 for c in dataset.cut_off_points]
             video_loader = _loader_like(test_dataloader, [last_caption[i] for i in shard(len(last_caption))])
             for batch in tqdm(video_loader, desc="encode videos", disable=not show, unit="batch"):
-                _, _, _, video, video_mask = (t.to(device) for t in batch)
+                _, _, _, video, video_mask = (t.to(device, non_blocking=True) for t in batch)
+                video = normalize_video(video, video_mask)
                 viss.append(model.get_visual_output(video, video_mask).float().cpu())
                 vmasks.append(video_mask.view(-1, video_mask.shape[-1]).cpu())
         else:
@@ -524,7 +549,8 @@ def encode_test_shard(model: CLIP4Clip, test_dataloader: DataLoader, device: tor
             if util.get_world_size() > 1:
                 loader = _loader_like(test_dataloader, shard(len(dataset)))
             for batch in tqdm(loader, desc="encode test set", disable=not show, unit="batch"):
-                input_ids, input_mask, segment_ids, video, video_mask = (t.to(device) for t in batch)
+                input_ids, input_mask, segment_ids, video, video_mask = (t.to(device, non_blocking=True) for t in batch)
+                video = normalize_video(video, video_mask)
                 seq, vis = model.get_sequence_visual_output(input_ids, segment_ids, input_mask, video, video_mask)
                 seqs.append(seq.float().cpu())
                 tmasks.append(input_mask.view(-1, input_mask.shape[-1]).cpu())
@@ -738,6 +764,8 @@ def run(args: argparse.Namespace) -> None:
         val_dataloader, val_length = loaders["val"](args, tokenizer, subset="val")
         if test_dataloader is None:
             test_dataloader, test_length = val_dataloader, val_length
+        frames_as_uint8(test_dataloader)
+        frames_as_uint8(val_dataloader)
         if is_main:
             logger.info("***** Running test *****")
             logger.info("  Num examples = %d", test_length)
@@ -766,12 +794,15 @@ def train_and_evaluate(args: argparse.Namespace, dist_info: util.DistInfo, model
 
     with startup_checks():
         train_dataloader, train_length, train_sampler = loaders["train"](args, tokenizer)
+        frames_as_uint8(train_dataloader)
         if len(train_dataloader) == 0:
             raise UsageError(f"the training set has {train_length} samples, fewer than one batch of "
                              f"{args.batch_size // args.n_gpu} per process")
         gas = args.gradient_accumulation_steps
         num_train_optimization_steps = (int(len(train_dataloader) + gas - 1) / gas) * args.epochs
         optimizer = prep_optimizer(args, model, num_train_optimization_steps, coef_lr=args.coef_lr)
+        if args.compile:
+            compile_model(model)
         model = wrap_ddp(model, dist_info)
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         if is_main:

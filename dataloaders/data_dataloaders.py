@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -13,6 +14,12 @@ from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
 from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
+
+
+# Differs from the original (pin_memory=False): batches land in page-locked memory when a GPU will read them, so the
+# driver's non_blocking copies overlap the previous step. Persistent workers are not used: re-created workers draw
+# their seeds from the main process's RNG each epoch, and keeping them would change the run's random streams.
+PIN_MEMORY = torch.cuda.is_available()
 
 
 def _dataset_kwargs(args, tokenizer, frame_order: int) -> dict:
@@ -35,13 +42,13 @@ def _train_loader(dataset: Dataset, args) -> Tuple[DataLoader, int, DistributedS
     """Shuffled by a DistributedSampler (seed 0 + epoch; call ``set_epoch``), ``batch_size // n_gpu`` per process."""
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
     loader = DataLoader(dataset, batch_size=args.batch_size // args.n_gpu, num_workers=args.num_thread_reader,
-                        pin_memory=False, sampler=sampler, drop_last=True)
+                        pin_memory=PIN_MEMORY, sampler=sampler, drop_last=True)
     return loader, len(dataset), sampler
 
 
 def _eval_loader(dataset: Dataset, args) -> Tuple[DataLoader, int]:
     loader = DataLoader(dataset, batch_size=args.batch_size_val, num_workers=args.num_thread_reader,
-                        shuffle=False, drop_last=False)
+                        shuffle=False, drop_last=False, pin_memory=PIN_MEMORY)
     return loader, len(dataset)
 
 

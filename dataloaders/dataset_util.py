@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
-from dataloaders.rawvideo_util import RawVideoExtractor
+from dataloaders.rawvideo_util import RawVideoExtractor, empty_video
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,9 @@ class VideoTextDataset(Dataset):
     """
 
     swallow_read_errors = False  # DiDeMo's original prints a read error and goes on with zero frames
+    # True: ``video`` holds the uint8 pixels and the reader normalises them (rawvideo_util.normalize_video), so a
+    # DataLoader moves uint8 instead of float64. False, as the original: the normalised float64 frames.
+    uint8_frames = False
 
     def __init__(self, tokenizer, features_path: str, max_words: int, feature_framerate: float, max_frames: int,
                  image_resolution: int, frame_order: int, slice_framepos: int, frame_cache: Optional[str],
@@ -274,15 +277,14 @@ class VideoTextDataset(Dataset):
         path = self.video_dict[video_id]
         try:
             video, video_mask, n_frames = self.rawVideoExtractor.get_video_sample(
-                path, self.max_frames, self.slice_framepos, self.frame_order, start, end)
+                path, self.max_frames, self.slice_framepos, self.frame_order, start, end, uint8=self.uint8_frames)
         except Exception as exc:
             if not self.swallow_read_errors:
                 logger.error("video path: %s error. video id: %s, start: %s, end: %s", path, video_id, start, end)
                 raise
             logger.warning("video path: %s error. video id: %s, start: %s, end: %s, error: %s",
                            path, video_id, start, end, exc)
-            size = self.rawVideoExtractor.size
-            video = np.zeros((1, self.max_frames, 1, 3, size, size), dtype=np.float64)
+            video = empty_video(self.max_frames, self.rawVideoExtractor.size, self.uint8_frames)
             video_mask = np.zeros((1, self.max_frames), dtype=np.int64)
             n_frames = 0
         if n_frames == 0:

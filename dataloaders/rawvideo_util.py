@@ -116,10 +116,29 @@ def _check_frame_order(frame_order: int) -> None:
 
 def normalize_uint8(frames: np.ndarray) -> torch.Tensor:
     """uint8 RGB frames [T, 3, H, W] -> float32, bit for bit ``ToTensor`` then CLIP ``Normalize``."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float()
-    mean = torch.as_tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.as_tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.div_(255).sub_(mean).div_(std)
+    return _normalize(torch.from_numpy(np.ascontiguousarray(frames)))
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std, on x's device, in float32 as ``Normalize`` does."""
+    shape = (3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(shape)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(shape)
+    return x.float().div_(255).sub_(mean).div_(std)
+
+
+def normalize_video(video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    """A batch's video as the model reads it: uint8 pixels (a loader asked for ``uint8_frames``) -> the normalised
+    float32 frames, with the padded frames (mask 0) zero, exactly what the datasets give as floats; float video is
+    returned unchanged.
+
+    The one place where uint8 frames are normalised for training, evaluation and the benches: called on the device,
+    so the loader copies a quarter of the bytes of float32 (an eighth of the original's float64).
+    """
+    if video.dtype != torch.uint8:
+        return video
+    keep = video_mask.reshape(*video_mask.shape, *([1] * (video.dim() - video_mask.dim()))).bool()
+    return _normalize(video).masked_fill_(~keep, 0.0)
 
 
 class FrameTransform:
@@ -175,6 +194,11 @@ def open_capture(video_path: str, *args) -> cv2.VideoCapture:
         return cv2.VideoCapture(alias, *args)
     finally:
         os.close(fd)
+
+
+def empty_video(max_frames: int, size: int, uint8: bool = False) -> np.ndarray:
+    """A sample's all-padding video [1, max_frames, 1, 3, size, size]: float64 as the original, or uint8 pixels."""
+    return np.zeros((1, max_frames, 1, 3, size, size), dtype=np.uint8 if uint8 else np.float64)
 
 
 def _open(video_path: str) -> cv2.VideoCapture:
@@ -306,24 +330,25 @@ class RawVideoExtractorCV2:
     # ---- the sample path ----------------------------------------------------------------------------------------
 
     def get_video_sample(self, video_path: str, max_frames: int, slice_framepos: int = 0, frame_order: int = 0,
-                         start_time: Optional[int] = None, end_time: Optional[int] = None
+                         start_time: Optional[int] = None, end_time: Optional[int] = None, uint8: bool = False
                          ) -> Tuple[np.ndarray, np.ndarray, int]:
         """One sample's video: float64 [1, max_frames, 1, 3, size, size], int64 mask [1, max_frames], frame count.
 
         Identical to slicing, ordering and copying :meth:`get_video_data`'s frames as the original datasets do.
+        ``uint8=True`` gives the frames' pixels before normalisation instead (uint8, same shape; padding 0), for
+        :func:`normalize_video` to turn into those same floats later, on the device.
         ``n_frames == 0`` means nothing could be decoded (video and mask stay zero); the caller decides what to do.
         """
         select_kept(0, max_frames, slice_framepos)  # validates max_frames and slice_framepos before any work
         _check_frame_order(frame_order)
         frames = self._kept_frames(video_path, max_frames, slice_framepos, start_time, end_time)
-        video = np.zeros((1, max_frames, 1, 3, self.size, self.size), dtype=np.float64)
+        video = empty_video(max_frames, self.size, uint8)
         video_mask = np.zeros((1, max_frames), dtype=np.int64)
         n = len(frames)
         if n:
-            x = normalize_uint8(frames)
             if frame_order != 0:
-                x = x[order_positions(n, frame_order)]
-            video[0, :n, 0] = x.numpy()
+                frames = frames[order_positions(n, frame_order)]
+            video[0, :n, 0] = frames if uint8 else normalize_uint8(frames).numpy()
             video_mask[0, :n] = 1
         return video, video_mask, n
 

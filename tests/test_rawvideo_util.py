@@ -394,3 +394,25 @@ def test_frame_cache_rewrites_a_bad_entry_and_skips_failures(videos, tmp_path):
     assert np.load(entry, allow_pickle=False).shape == (3, 3, SIZE, SIZE)
     assert ex.get_video_sample(videos["corrupt"], 3, 0)[2] == 0
     assert len(list(cache.rglob("*.npy"))) == 1  # an undecodable file is not cached
+
+
+# ---- uint8 samples, normalised later ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("frame_order", [0, 1])
+def test_uint8_sample_normalised_later_equals_float_sample(videos, frame_order):
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    video, mask, n = ex.get_video_sample(videos["mp4v_25"], 6, 0, frame_order)
+    pixels, mask8, n8 = ex.get_video_sample(videos["mp4v_25"], 6, 0, frame_order, uint8=True)
+    assert pixels.dtype == np.uint8 and pixels.shape == video.shape and (n8, n) == (4, 4)
+    assert np.array_equal(mask8, mask) and not pixels[0, n:].any()
+    # a batch of two samples, as a DataLoader collates them
+    batch = torch.from_numpy(np.stack([pixels, pixels]))
+    got = rvu.normalize_video(batch, torch.from_numpy(np.stack([mask8, mask8])))
+    assert got.dtype == torch.float32 and got.shape == batch.shape
+    assert torch.equal(got[0].double(), torch.from_numpy(video)) and torch.equal(got[1], got[0])
+    # and torchvision's ToTensor + Normalize of the same pixels, frame by frame
+    norm = Normalize(rvu.CLIP_MEAN, rvu.CLIP_STD)
+    for t in range(n):
+        assert torch.equal(got[0, 0, t, 0], norm(ToTensor()(pixels[0, t, 0].transpose(1, 2, 0))))
+    float_video = torch.from_numpy(video)
+    assert rvu.normalize_video(float_video, torch.from_numpy(mask)) is float_video
