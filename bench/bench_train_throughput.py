@@ -264,7 +264,7 @@ def report(opts, args, device, results: Dict[str, Dict[str, float]]) -> None:
     for name in PHASES[1:5] + ("clips/s",):
         key = "clips_s" if name == "clips/s" else name
         vals = [results[f"model {v}"][key] for v in variants]
-        line = f"{'  ' + name:22}" + "".join(f"{x:>11.3f}" for x in vals)
+        line = f"{'  ' + name:22}" + "".join(f"{x:>11.3g}" for x in vals)
         if "before" in variants:
             line += f"{vals[variants.index('now')] / vals[0]:>12.2f}"
         print(line)
@@ -272,14 +272,14 @@ def report(opts, args, device, results: Dict[str, Dict[str, float]]) -> None:
     whole = results["whole"]
     model_rate = results["model now"]["clips_s"]
     bound = min(cached["clips_s"], model_rate)
-    print(f"\nwhole loop (frame cache, uint8): {whole['clips_s']:.1f} clips/s; loader {cached['clips_s']:.1f}, "
-          f"model {model_rate:.1f}; whole/min(loader, model) = {whole['clips_s'] / bound:.2f}")
+    print(f"\nwhole loop (frame cache, uint8): {whole['clips_s']:.3g} clips/s; loader {cached['clips_s']:.3g}, "
+          f"model {model_rate:.3g}; whole/min(loader, model) = {whole['clips_s'] / bound:.2f}")
     step = sum(whole[p] for p in PHASES)
     print("one step: " + ", ".join(f"{p} {whole[p] * 1e3:.1f} ms ({100 * whole[p] / step:.0f}%)"
                                    for p in PHASES if p != "all-reduce") + ", all-reduce n/a (one process)")
     hours = RECIPE_PAIRS * RECIPE_EPOCHS / whole["clips_s"] / 3600
     print(f"projected MSR-VTT recipe ({RECIPE_PAIRS:,} pairs x {RECIPE_EPOCHS} epochs, this batch size): "
-          f"{hours:.2f} h at {whole['clips_s']:.1f} clips/s (goal {GOAL_MINUTES} min: "
+          f"{hours:.3g} h at {whole['clips_s']:.3g} clips/s (goal {GOAL_MINUTES} min: "
           f"{RECIPE_PAIRS * RECIPE_EPOCHS / (GOAL_MINUTES * 60):.0f} clips/s)")
 
 
