@@ -120,9 +120,9 @@ def test_activitynet_paragraphs_windows_and_order(tmp_path, clip, tokenizer, ref
     seen = []
     original = ds.rawVideoExtractor.get_video_sample
 
-    def spy(path, max_frames, slice_framepos=0, frame_order=0, start_time=None, end_time=None):
+    def spy(path, max_frames, slice_framepos=0, frame_order=0, start_time=None, end_time=None, **kwargs):
         seen.append((os.path.basename(path), start_time, end_time))
-        return original(path, max_frames, slice_framepos, frame_order, start_time, end_time)
+        return original(path, max_frames, slice_framepos, frame_order, start_time, end_time, **kwargs)
 
     ds.rawVideoExtractor.get_video_sample = spy
     video, video_mask = check_item(ds[0], reference, " A man runs.  He stops.")
