@@ -24,6 +24,8 @@ EPOCHS="${EPOCHS:-10}"                    # stage 2 (the chosen head, from stage
 NUM_TRAIN="${NUM_TRAIN:-1000}"         # training videos (the test videos do not depend on it)
 NUM_TEST="${NUM_TEST:-100}"            # test videos, half of them in order-reversed twin pairs
 SEED="${SEED:-0}"                      # data set seed
+PRETRAIN_SEED="${PRETRAIN_SEED:-42}"   # stage 1's --seed
+TRAIN_SEED="${TRAIN_SEED:-42}"         # stage 2's --seed
 OUT="${OUT:-demo_output}"              # data, checkpoints, logs and metrics (git-ignored)
 INSTALL="${INSTALL:-1}"                # 0: do not touch the Python packages
 
@@ -68,13 +70,14 @@ keep_last() {
 }
 
 PRE="$OUT/pretrain_seed${SEED}_train${NUM_TRAIN}_test${NUM_TEST}_epochs${PRETRAIN_EPOCHS}"
+[ "$PRETRAIN_SEED" = 42 ] || PRE+="_pretrainseed${PRETRAIN_SEED}"  # the default keeps its old folder name
 PRE_MODEL="$PRE/pytorch_model.bin.$((PRETRAIN_EPOCHS - 1))"
 if [ -f "$PRE_MODEL" ]; then  # checkpoints are written atomically, so the last epoch's file means stage 1 finished
     echo "== stage 1: reusing $PRE_MODEL"
 else
     echo "== stage 1: training CLIP4Clip meanP from the tiny random CLIP ($PRETRAIN_EPOCHS epochs) into $PRE"
     "$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" --sim_header meanP \
-        --epochs "$PRETRAIN_EPOCHS" --lr 5e-4 --coef_lr 4 --seed 42 --output_dir "$PRE"
+        --epochs "$PRETRAIN_EPOCHS" --lr 5e-4 --coef_lr 4 --seed "$PRETRAIN_SEED" --output_dir "$PRE"
     keep_last "$PRE" "$PRETRAIN_EPOCHS"
     rm -f "$PRE"/pytorch_opt.bin.*  # stage 2 starts a fresh optimizer
 fi
@@ -86,7 +89,7 @@ rm -rf "$RUN/order"
 
 echo "== stage 2: fine-tuning CLIP4Clip $SIM_HEADER from stage 1 ($EPOCHS epochs) into $RUN"
 "$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" "${HEAD[@]}" --init_model "$PRE_MODEL" \
-    --epochs "$EPOCHS" --lr 2e-3 --coef_lr 1 --seed 42 --output_dir "$RUN" "$@"
+    --epochs "$EPOCHS" --lr 2e-3 --coef_lr 1 --seed "$TRAIN_SEED" --output_dir "$RUN" "$@"
 
 LAST=$((EPOCHS - 1))
 keep_last "$RUN" "$EPOCHS"
