@@ -11,9 +11,10 @@
 #   SIM_HEADER=seqTransf bash demo.sh     # the temporal head (about 3 more minutes: stage 1 is reused)
 #   EPOCHS=2 OUT=/tmp/demo bash demo.sh   # settings below are environment variables
 #   bash demo.sh --lr 1e-3                # extra arguments go to stage 2's main_task_retrieval.py (the last one wins)
+#   PRETRAIN_SEED=1 TRAIN_SEED=1 bash demo.sh   # other seeds for both stages (bench/demo_seeds.py sweeps several)
 #
 # The hyper-parameters are not the paper's: the tiny CLIP is random, so it has to learn from scratch at a much
-# larger learning rate (README, "Demo: the synthetic benchmark").
+# larger learning rate (docs/demo.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -100,16 +101,4 @@ echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test cap
     --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --init_model "$RUN/pytorch_model.bin.$LAST" \
     --output_dir "$RUN/order" > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
 
-"$PYTHON" - "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json" <<'EOF'
-import json, sys
-
-rows = [("test (all captions)", sys.argv[1]), ("test, order-dependent only", sys.argv[2])]
-print(f"\n== CLIP4Clip {json.load(open(sys.argv[1]))['sim_header']}, text-to-video, last epoch of stage 2")
-print(f"| {'split':<27}| videos | chance R@1 | R@1   | R@5   | R@10  | MdR  | MnR  |")
-print(f"|{'-' * 28}|--------|------------|-------|-------|-------|------|------|")
-for name, path in rows:
-    record = json.load(open(path))
-    m, n = record["text_to_video"], record["num_videos"]
-    print(f"| {name:<27}| {n:>6} | {100 / n:>10.1f} | {m['R1']:>5.1f} | {m['R5']:>5.1f} | {m['R10']:>5.1f} "
-          f"| {m['MR']:>4.1f} | {m['MeanR']:>4.1f} |")
-EOF
+"$PYTHON" preprocess/demo_table.py "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json"
