@@ -38,7 +38,7 @@ TINY_MODELS: Dict[str, dict] = {
 _TINY_SEED = 0
 # Every OpenAI checkpoint, which is what CLIP4Clip fine-tunes, carries a logit scale of 100. The CLIP class's own
 # start value (1, so logits are cosines times e) only exists to be overwritten by such a file; a tiny CLIP left at
-# it trains with a 37x softer softmax and learns retrieval far more slowly (README, "Demo").
+# it trains with a 37x softer softmax and learns retrieval far more slowly (docs/demo.md).
 _TINY_LOGIT_SCALE = math.log(100.0)
 
 # Entries of OpenAI's TorchScript archives that are not model parameters.

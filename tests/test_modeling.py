@@ -510,7 +510,7 @@ def test_temporal_heads_learn_an_order_that_mean_pooling_cannot_see(clip_file, h
     one first (the head alone is trained, on fixed frame features); mean pooling gives both twins one vector."""
     gen = torch.Generator().manual_seed(0)
     # Frame features of std 0.2: the head learns the order in 100 steps. At std 1 (the tiny random CLIP's scale)
-    # the position embeddings are small beside them and the same head needs over 1000 (README, demo).
+    # the position embeddings are small beside them and the same head needs over 1000 (docs/demo.md).
     contents = torch.randn(12, 512, generator=gen) * 0.2
     held_out = _order_task(200, contents, gen)
     mask = torch.ones(200, MAX_FRAMES)
