@@ -1,4 +1,4 @@
-"""A video file -> the selected frames as a normalised tensor (SPEC §5.2, §5.3).
+"""A video file -> the selected frames as a normalised tensor (frame selection, decoding, transform, frame cache).
 
 Two ways to the same frames:
 
@@ -83,7 +83,7 @@ def sample_frame_indices(frame_count: int, fps: int, sample_fp: int,
 
 
 def select_kept(n_frames: int, max_frames: int, slice_framepos: int) -> np.ndarray:
-    """Positions among the ``n_frames`` sampled frames that a sample keeps (SPEC §5.3)."""
+    """Positions among the ``n_frames`` sampled frames that a sample keeps, as the original's data sets slice."""
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if slice_framepos not in (0, 1, 2):
@@ -290,7 +290,7 @@ class RawVideoExtractorCV2:
 
     def video_to_tensor(self, video_file: str, preprocess, sample_fp: int = 0,
                         start_time: Optional[int] = None, end_time: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        """The original's read: every sampled frame, seek per frame, through ``preprocess`` (SPEC §5.2)."""
+        """The original's read: every sampled frame, seek per frame, through ``preprocess``."""
         _check_request(sample_fp, start_time, end_time)
         cap = _open(video_file)
         try:

@@ -1,4 +1,4 @@
-"""BertAdam with warm-up schedules, as CLIP4Clip trains with it (SPEC §4).
+"""BertAdam with warm-up schedules, as CLIP4Clip trains with it (the original's update rule, quirks included).
 
 Deliberately not torch.optim.AdamW: no bias correction, a per-tensor gradient clip, the learning rate taken from
 the step count *before* the increment (so the first update is zero), and a cosine that is not re-based after the

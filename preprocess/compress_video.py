@@ -1,4 +1,4 @@
-"""Re-encode every video under a folder to 3 fps with short side 224 and no audio (SPEC §8).
+"""Re-encode every video under a folder to 3 fps with short side 224 and no audio, as the original's script.
 
     python preprocess/compress_video.py --input_root raw_videos --output_root compressed_videos
 

@@ -1,4 +1,4 @@
-"""BertAdam and its schedules against hand-computed values and a plain re-statement of SPEC §4's update rule."""
+"""BertAdam and its schedules against hand-computed values and a plain re-statement of the original's update rule."""
 import math
 
 import pytest
@@ -32,7 +32,7 @@ def test_invalid_arguments(kwargs):
 
 
 def reference_steps(p0, grads, lr, warmup, t_total, schedule, b1, b2, e, wd, max_norm):
-    """SPEC §4 written out with plain tensors, one step at a time."""
+    """The original's update rule written out with plain tensors, one step at a time."""
     p = p0.clone()
     m = torch.zeros_like(p)
     v = torch.zeros_like(p)

@@ -72,7 +72,7 @@ def _reference_transform(frame_bgr: np.ndarray, size: int = SIZE) -> torch.Tenso
 
 
 def _assemble(data: torch.Tensor, ex: RawVideoExtractorCV2, max_frames: int, slice_framepos: int, frame_order: int):
-    """The original datasets' slicing loop, written out from SPEC §5.3, on get_video_data's output."""
+    """The original datasets' slicing loop, written out, on get_video_data's output."""
     video = np.zeros((1, max_frames, 1, 3, ex.size, ex.size), dtype=np.float64)
     mask = np.zeros((1, max_frames), dtype=np.int64)
     if data.dim() > 3:
