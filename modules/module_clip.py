@@ -126,13 +126,35 @@ class Transformer(nn.Module):
         # Recompute each block's activations in backward: same numbers, less memory.
         self.grad_checkpointing: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hidden_states: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+        """(L, N, D) → (L, N, D); ``hidden_states`` adds (h_0, ..., h_layers): the input and every block's output,
+        each an (N, L, D) view (UniPT's side network reads them)."""
+        states = [x] if hidden_states else None
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+            if states is not None:
+                states.append(x)
+        if states is None:
+            return x
+        return x, tuple(s.permute(1, 0, 2) for s in states)
+
+
+def _run_transformer(transformer: Transformer, x: torch.Tensor, hidden_states: bool
+                     ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
+    """(N, L, D) through ``transformer`` (which works on (L, N, D)) → (N, L, D) and its hidden states or None."""
+    out = transformer(x.permute(1, 0, 2), hidden_states=hidden_states)
+    x, states = out if hidden_states else (out, None)
+    return x.permute(1, 0, 2), states
+
+
+def _outputs(pooled: torch.Tensor, tokens: Optional[torch.Tensor], states: Optional[Tuple[torch.Tensor, ...]]):
+    """``pooled`` alone, or a tuple of it followed by the requested extras (all tokens, then hidden states)."""
+    extras = tuple(e for e in (tokens, states) if e is not None)
+    return (pooled, *extras) if extras else pooled
 
 
 class VisualTransformer(nn.Module):
@@ -168,19 +190,20 @@ class VisualTransformer(nn.Module):
         x = self.conv2(x).permute(0, 2, 1, 3, 4)  # (B, T, width, g, g)
         return x.reshape(n, *x.shape[-3:])
 
-    def forward(self, x: torch.Tensor, video_frame: int = -1, return_hidden: bool = False
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Images (N, 3, H, W) → (N, output_dim) class-token features; ``return_hidden`` adds all tokens (N, 1+g², output_dim)."""
+    def forward(self, x: torch.Tensor, video_frame: int = -1, return_hidden: bool = False,
+                hidden_states: bool = False):
+        """Images (N, 3, H, W) → (N, output_dim) class-token features; ``return_hidden`` adds all tokens
+        (N, 1+g², output_dim); ``hidden_states`` adds the transformer's (h_0, ..., h_layers), each (N, 1+g², width)."""
         x = self._patchify_3d(x, video_frame) if self.linear_patch == "3d" else self.conv1(x)
         x = x.flatten(2).permute(0, 2, 1)  # (N, g*g, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x)
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x, states = _run_transformer(self.transformer, x, hidden_states)
         # ln_post and proj on all tokens, as CLIP4Clip does, so the hidden sequence comes for free.
         hidden = self.ln_post(x) @ self.proj
         pooled = hidden[:, 0, :]
-        return (pooled, hidden) if return_hidden else pooled
+        return _outputs(pooled, hidden if return_hidden else None, states)
 
 
 class CLIP(nn.Module):
@@ -251,21 +274,25 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image: torch.Tensor, return_hidden: bool = False, video_frame: int = -1):
-        """Images (N, 3, H, W) → (N, embed_dim); with ``return_hidden`` also all projected tokens."""
-        return self.visual(image.to(self.dtype), video_frame=video_frame, return_hidden=return_hidden)
+    def encode_image(self, image: torch.Tensor, return_hidden: bool = False, video_frame: int = -1,
+                     hidden_states: bool = False):
+        """Images (N, 3, H, W) → (N, embed_dim); with ``return_hidden`` also all projected tokens; with
+        ``hidden_states`` also the tower's (h_0, ..., h_layers), each (N, 1+g², vision width)."""
+        return self.visual(image.to(self.dtype), video_frame=video_frame, return_hidden=return_hidden,
+                           hidden_states=hidden_states)
 
-    def encode_text(self, text: torch.Tensor, return_hidden: bool = False):
-        """Token ids (N, L), L ≤ context_length → end-token features (N, embed_dim); ``return_hidden`` adds (N, L, embed_dim)."""
+    def encode_text(self, text: torch.Tensor, return_hidden: bool = False, hidden_states: bool = False):
+        """Token ids (N, L), L ≤ context_length → end-token features (N, embed_dim); ``return_hidden`` adds
+        (N, L, embed_dim); ``hidden_states`` adds the tower's (h_0, ..., h_layers), each (N, L, text width)."""
         length = text.shape[1]
         if length > self.context_length:
             raise ValueError(f"text has {length} tokens, more than CLIP's context_length {self.context_length}")
         x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x, states = _run_transformer(self.transformer, x, hidden_states)
         hidden = self.ln_final(x).to(self.dtype) @ self.text_projection
         # The end token has the largest id (49407) and padding is 0, so argmax finds it.
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), text.argmax(dim=-1)]
-        return (pooled, hidden) if return_hidden else pooled
+        return _outputs(pooled, hidden if return_hidden else None, states)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): scaled cosine similarities."""

@@ -464,3 +464,39 @@ def test_self_attention_equals_multihead_attention(masked):
     (grad_ref,) = torch.autograd.grad(ref.sum(), x)
     assert torch.allclose(ours, ref, rtol=0, atol=1e-5)
     assert torch.allclose(grad_ours, grad_ref, rtol=0, atol=1e-5)
+
+
+# --- hidden states (UniPT) ----------------------------------------------------------------------------------------
+
+def _block_inputs_and_outputs(transformer) -> tuple:
+    """Hooks recording the first block's input and every block's output, as (N, L, D) tensors."""
+    seen = []
+    first = transformer.resblocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].permute(1, 0, 2)))
+    rest = [b.register_forward_hook(lambda m, args, out: seen.append(out.permute(1, 0, 2)))
+            for b in transformer.resblocks]
+    return seen, [first, *rest]
+
+
+@pytest.mark.parametrize("tower", ["visual", "text"])
+def test_hidden_states_are_block_inputs_and_outputs(tower, tiny_fp32):
+    model = tiny_fp32
+    transformer = model.visual.transformer if tower == "visual" else model.transformer
+    encode = ((lambda **kw: model.encode_image(images(2, 32), **kw)) if tower == "visual"
+              else (lambda **kw: model.encode_text(make_texts([3, 9]), **kw)))
+    with torch.no_grad():
+        plain = encode()
+        seen, hooks = _block_inputs_and_outputs(transformer)
+        try:
+            pooled, states = encode(hidden_states=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        # Both extras together come in the documented order: pooled, all tokens, hidden states.
+        pooled2, tokens, states2 = encode(return_hidden=True, hidden_states=True)
+    assert torch.equal(pooled, plain) and torch.equal(pooled2, plain)  # the pooled output is unchanged
+    assert len(states) == transformer.layers + 1 == len(seen)
+    for got, expected in zip(states, seen):
+        assert torch.equal(got, expected)
+    width = 64 if tower == "visual" else 512
+    assert states[0].shape == (2, 5 if tower == "visual" else 77, width)
+    assert all(torch.equal(a, b) for a, b in zip(states, states2)) and tokens.shape[-1] == 512
