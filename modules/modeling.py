@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from modules.module_adapter import Our_tuning_for_transformer
 from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
 from modules.module_cross import CrossConfig, CrossModel, Transformer as TransformerClip
 from modules.until_module import CrossEn, PreTrainedModel, allgather, is_log_rank
@@ -25,6 +26,10 @@ PRECISIONS = ("fp16-weights", "fp32", "bf16", "fp16")
 LINEAR_PATCHES = ("2d", "3d")
 # The cross config's max_position_embeddings; the original asserts max_words + max_frames against it.
 MAX_POSITION_EMBEDDINGS = 128
+# full: the original's fine-tuning of CLIP. unipt: the UniPT fork's parallel tuning, a frozen CLIP plus two small
+# side networks (``image_adapter``, ``text_adapter``) that are the only trained parameters.
+TUNINGS = ("full", "unipt")
+ADAPTER_PREFIXES = ("image_adapter.", "text_adapter.")
 # Guards the norms so an all-zero video mask gives zero logits, not NaN (the original divides by a zero norm);
 # far below any real norm.
 NORM_EPS = 1e-6
@@ -57,6 +62,8 @@ class CLIP4ClipConfig:
 
     ``loose_type`` None means "as the head needs" (True for the dot-product heads, False for tightTransf). A loose
     head built with ``loose_type=False`` gets the cross encoder's modules and cannot score, as in the original.
+    ``tuning`` is "full" (the original: CLIP is fine-tuned) or "unipt" (the UniPT fork: CLIP is frozen and only
+    its two adapters train).
     """
     pretrained_clip_name: str = "ViT-B/32"
     sim_header: str = "meanP"
@@ -68,6 +75,7 @@ class CLIP4ClipConfig:
     precision: str = "auto"
     grad_checkpointing: bool = False
     freeze_layer_num: int = 0
+    tuning: str = "full"
 
     def __post_init__(self) -> None:
         if self.sim_header not in SIM_HEADERS:
@@ -88,6 +96,11 @@ class CLIP4ClipConfig:
         if self.max_words + self.max_frames > MAX_POSITION_EMBEDDINGS:
             raise ValueError(f"max_words + max_frames = {self.max_words} + {self.max_frames} exceeds the cross "
                              f"config's max_position_embeddings {MAX_POSITION_EMBEDDINGS}")
+        if self.tuning not in TUNINGS:
+            raise ValueError(f"tuning must be one of {TUNINGS}, got {self.tuning!r}")
+        if self.tuning == "unipt" and self.sim_header == "tightTransf":
+            raise ValueError("tuning unipt cannot use sim_header tightTransf: the adapters give one vector per "
+                             "caption, the cross encoder needs per-token outputs")
 
     @classmethod
     def from_args(cls, args: Any) -> "CLIP4ClipConfig":
@@ -98,13 +111,15 @@ class CLIP4ClipConfig:
         if isinstance(args, cls):
             return args
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        if values.get("precision") is None:
-            values.pop("precision", None)
+        for name in ("precision", "tuning"):  # None: not given, the default
+            if values.get(name) is None:
+                values.pop(name, None)
         return cls(**values)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], **given: Any) -> "CLIP4ClipConfig":
-        """The config a CLIP4Clip checkpoint implies (head, its layer count, 2d/3d patch), completed by ``given``.
+        """The config a CLIP4Clip checkpoint implies (head, its layer count, 2d/3d patch, tuning), completed by
+        ``given``.
 
         ``given`` also overrides what the checkpoint implies; what neither says keeps the defaults.
         """
@@ -127,8 +142,12 @@ class CLIP4ClipConfig:
 
 
 def implied_by_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """The config fields a checkpoint's keys decide: the head, its layer count and the patch embedding."""
-    implied: Dict[str, Any] = {"linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d"}
+    """The config fields a checkpoint's keys decide: the head, its layer count, the patch embedding and the tuning
+    (UniPT when it holds adapter weights)."""
+    implied: Dict[str, Any] = {
+        "linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d",
+        "tuning": "unipt" if any(key.startswith(ADAPTER_PREFIXES) for key in state_dict) else "full",
+    }
     if any(key.startswith("cross.") for key in state_dict):
         implied["sim_header"] = "tightTransf"
         layers = _resblock_count(state_dict, "cross.transformer.resblocks.")
@@ -304,12 +323,14 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         self.loose_type = config.loose_type
         self.linear_patch = config.linear_patch
         self.sim_header = config.sim_header
+        self.tuning = config.tuning
         self.precision = resolve_precision(config.precision, default_device())
         if is_log_rank(task_config):
             for key, value in clip_kwargs.items():
                 logger.info("\t %s: %s", key, value)
             logger.info("\t linear_patch: %s, sim_header: %s, loose_type: %s, precision: %s",
                         self.linear_patch, self.sim_header, self.loose_type, self.precision)
+            logger.info("\t tuning: %s", self.tuning)
 
         # As the original: the construction order fixes the RNG draws of the heads that stay random.
         self.clip = CLIP(**clip_kwargs, linear_patch=self.linear_patch).float()
@@ -337,9 +358,27 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
                                        batch_first=True, bidirectional=False, num_layers=1)
         self.loss_fct = CrossEn()
         self.apply(self.init_weights)
+        if self.tuning == "unipt":
+            self._add_adapters(clip_kwargs)
 
         if config.grad_checkpointing:
             self.clip.set_grad_checkpointing(True)
+
+    def _add_adapters(self, clip_kwargs: Dict[str, Any]) -> None:
+        """UniPT's two side networks, then freeze everything else (``logit_scale`` and the heads included).
+
+        As the fork: built after ``init_weights``, so they keep PyTorch's default Linear initialisation, and each
+        reads the input of its tower's first block plus every block's output (13 states for ViT-B/32).
+        """
+        embed_dim = clip_kwargs["embed_dim"]
+        n_vision = clip_kwargs["vision_layers"] + 1
+        n_text = clip_kwargs["transformer_layers"] + 1
+        self.image_adapter = Our_tuning_for_transformer(n_vision, [clip_kwargs["vision_width"]] * n_vision,
+                                                        embed_dim, downsample_D_factor=1)
+        self.text_adapter = Our_tuning_for_transformer(n_text, [clip_kwargs["transformer_width"]] * n_text,
+                                                       embed_dim, downsample_D_factor=1)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith(ADAPTER_PREFIXES))
 
     def forward(self, input_ids, token_type_ids, attention_mask, video, video_mask=None) -> Optional[torch.Tensor]:
         """Training: the symmetric CrossEn loss of the batch's similarity matrix. Eval: None."""
@@ -361,7 +400,16 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         """Token ids → (B, 1, 512) end-token features (fp32)."""
         if not shaped:
             input_ids = input_ids.view(-1, input_ids.shape[-1])
-        sequence_hidden = self.clip.encode_text(input_ids).float()
+        if self.tuning == "unipt":
+            # The backbone is frozen: run it without autograd so none of its activations is kept for backward.
+            with torch.no_grad():
+                pooled, states = self.clip.encode_text(input_ids, hidden_states=True)
+            # The padding id is 0 and the end token has the largest id, as in CLIP's own pooling.
+            sequence_hidden = self.text_adapter(states, pooled.unsqueeze(1), mask=input_ids != 0,
+                                                position=input_ids.argmax(dim=-1))
+        else:
+            sequence_hidden = self.clip.encode_text(input_ids)
+        sequence_hidden = sequence_hidden.float()
         return sequence_hidden.view(input_ids.size(0), -1, sequence_hidden.size(-1))
 
     def get_visual_output(self, video, video_mask, shaped=False, video_frame=-1) -> torch.Tensor:
@@ -369,7 +417,14 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         if not shaped:
             video_mask = video_mask.view(-1, video_mask.shape[-1])
             video, video_frame = _flatten_video(video)
-        visual_hidden = self.clip.encode_image(video, video_frame=video_frame).float()
+        if self.tuning == "unipt":
+            with torch.no_grad():  # frozen backbone, as in get_sequence_output
+                pooled, states = self.clip.encode_image(video, video_frame=video_frame, hidden_states=True)
+            # Each frame's class token is its anchor and its own position; a frame has no padding to mask.
+            visual_hidden = self.image_adapter(states, pooled.unsqueeze(1))
+        else:
+            visual_hidden = self.clip.encode_image(video, video_frame=video_frame)
+        visual_hidden = visual_hidden.float()
         return visual_hidden.view(video_mask.size(0), -1, visual_hidden.size(-1))
 
     def get_sequence_visual_output(self, input_ids, token_type_ids, attention_mask, video, video_mask,

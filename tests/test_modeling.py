@@ -608,3 +608,105 @@ def test_another_heads_checkpoint_loads_with_a_warning(clip_file, model_of, capl
     with caplog.at_level("WARNING", logger="modules.modeling"):
         build(clip_file, "meanP", state_dict=model_of("seqTransf").state_dict())
     assert any("holds 25 weights this model does not use" in r.getMessage() for r in caplog.records)
+
+
+# --- UniPT parallel tuning ---------------------------------------------------------------------------------------
+
+def adapter_keys(prefix: str, layers: int, width: int, embed: int = 512) -> Dict[str, tuple]:
+    """The fork's adapter keys and shapes, written out from its module layout (ReLU at .0, Linear at .1)."""
+    keys = {}
+    for i in range(layers):
+        keys[f"{prefix}.downsample_layers.{i}.1.weight"] = (embed, width)
+        keys[f"{prefix}.downsample_layers.{i}.1.bias"] = (embed,)
+    for name in ("downsample_layer", "upsample_layer"):
+        keys[f"{prefix}.{name}.1.weight"] = (embed, embed)
+        keys[f"{prefix}.{name}.1.bias"] = (embed,)
+    keys[f"{prefix}.gate_layer.weight"] = (1, embed)
+    keys[f"{prefix}.gate_layer.bias"] = (1,)
+    return keys
+
+
+def test_unipt_adds_the_adapters_after_init_and_round_trips(clip_file, tmp_path, caplog):
+    full = build(clip_file, "meanP", seed=5)
+    unipt = build(clip_file, "meanP", seed=5, tuning="unipt")
+    expected = {**adapter_keys("image_adapter", 3, 64), **adapter_keys("text_adapter", 3, 512)}
+    extra = {k: tuple(v.shape) for k, v in unipt.state_dict().items() if k not in full.state_dict()}
+    assert extra == expected
+    # Built after the model's init_weights: everything else draws the same numbers as full mode, and the
+    # adapters keep PyTorch's Linear init (bias uniform in ±1/sqrt(fan_in), not the zeros of init_weights).
+    for key, value in full.state_dict().items():
+        assert torch.equal(unipt.state_dict()[key], value), key
+    assert unipt.text_adapter.gate_layer.bias.abs().item() > 0
+    assert unipt.image_adapter.downsample_layers[0][1].bias.abs().max() <= 64 ** -0.5
+
+    path = tmp_path / "pytorch_model.bin.0"
+    torch.save(unipt.state_dict(), path)
+    with caplog.at_level(logging.INFO):
+        again = build(clip_file, "meanP", state_dict=torch.load(path, weights_only=True), seed=9, tuning="unipt")
+    assert "not initialized from pretrained model" not in caplog.text and "not used in" not in caplog.text
+    for key, value in unipt.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_unipt_outputs_are_the_anchor_plus_the_adapter(clip_file):
+    model = build(clip_file, "meanP", seed=1, tuning="unipt").eval()
+    full = build(clip_file, "meanP", seed=1).eval()
+    ids, seg, am, video, vm = make_inputs(2, 3, seed=4)
+    with torch.no_grad():
+        seq, vis = model.get_sequence_visual_output(ids, seg, am, video, vm)
+        anchor_seq, anchor_vis = full.get_sequence_visual_output(ids, seg, am, video, vm)
+        flat_ids = ids.view(-1, MAX_WORDS)
+        pooled, states = model.clip.encode_text(flat_ids, hidden_states=True)
+        expected_seq = model.text_adapter(states, pooled.unsqueeze(1), mask=flat_ids != 0,
+                                          position=flat_ids.argmax(-1))
+        pooled, states = model.clip.encode_image(video.view(-1, 3, 32, 32).float(), hidden_states=True)
+        expected_vis = model.image_adapter(states, pooled.unsqueeze(1))
+    assert seq.shape == (2, 1, 512) and vis.shape == (2, 3, 512)
+    torch.testing.assert_close(seq.view(2, 512), expected_seq, rtol=0, atol=0)
+    torch.testing.assert_close(vis.view(6, 512), expected_vis, rtol=0, atol=0)
+    # A zero up-projection leaves exactly the frozen CLIP's output (the residual).
+    for adapter in (model.text_adapter, model.image_adapter):
+        torch.nn.init.zeros_(adapter.upsample_layer[1].weight)
+        torch.nn.init.zeros_(adapter.upsample_layer[1].bias)
+    with torch.no_grad():
+        seq, vis = model.get_sequence_visual_output(ids, seg, am, video, vm)
+    assert torch.equal(seq, anchor_seq) and torch.equal(vis, anchor_vis)
+
+
+@pytest.mark.parametrize("head", LOOSE)
+def test_unipt_trains_only_the_adapters(clip_file, head):
+    model = build(clip_file, head, seed=2, tuning="unipt").train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in model.state_dict() if n.startswith(("image_adapter.", "text_adapter."))}
+    loss = model(*make_inputs(3, MAX_FRAMES, lengths=[4, 2, 1], seed=6))
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable  # no CLIP, head or logit_scale tensor gets a gradient
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad and "gate" not in n)
+
+
+def test_unipt_config_errors(clip_file):
+    with pytest.raises(ValueError, match="tightTransf: the adapters give one vector per caption"):
+        build(clip_file, "tightTransf", tuning="unipt")
+    with pytest.raises(ValueError, match="tuning must be one of"):
+        build(clip_file, "meanP", tuning="lora")
+
+
+def test_fork_vit_b32_checkpoint_loads_strictly():
+    """A state dict laid out as the fork saves it (ViT-B/32: 13 x 768 vision, 13 x 512 text) has exactly our keys."""
+    from modules.module_clip import CLIP
+
+    vit_b32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                   context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                   transformer_layers=12)
+    with torch.device("meta"):
+        clip_state_dict = CLIP(**vit_b32).state_dict()
+        cfg = types.SimpleNamespace(local_rank=0, linear_patch="2d", sim_header="meanP", loose_type=True,
+                                    cross_num_hidden_layers=4, max_words=32, max_frames=12, precision="fp32",
+                                    tuning="unipt")
+        model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg)
+    fork_adapters = {**adapter_keys("image_adapter", 13, 768), **adapter_keys("text_adapter", 13, 512)}
+    fork = {"clip." + k: v for k, v in clip_state_dict.items()}
+    fork.update({k: torch.randn(shape) for k, shape in fork_adapters.items()})
+    model.load_state_dict(fork, strict=True, assign=True)
+    assert torch.equal(model.text_adapter.gate_layer.weight, fork["text_adapter.gate_layer.weight"])
