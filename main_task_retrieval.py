@@ -27,8 +27,8 @@ from dataloaders.data_dataloaders import DATALOADER_DICT
 from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import normalize_video
 from metrics import dual_softmax_rerank, retrieval_metrics
-from modules.modeling import (LOOSE_HEADERS, SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers,
-                              implied_by_state_dict, resolve_precision)
+from modules.modeling import (ADAPTER_PREFIXES, LOOSE_HEADERS, SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig,
+                              freeze_clip_layers, implied_by_state_dict, resolve_precision)
 from modules.module_clip import available_models
 from modules.optimization import BertAdam
 from modules.tokenization_clip import SimpleTokenizer as ClipTokenizer
@@ -108,6 +108,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="[new] recompute CLIP activations in backward to save memory")
     g.add_argument("--compile", action="store_true",
                    help="[new] torch.compile the training forward (the first steps are slow while it compiles)")
+    g.add_argument("--tuning", default=None, choices=["full", "unipt"],
+                   help="[new] full: fine-tune CLIP (the original); unipt: freeze CLIP and train UniPT's adapters "
+                        "(the UniPT fork). Default: unipt when --init_model holds adapters, else full")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", required=True, help="log, checkpoints and metrics go here")
@@ -251,10 +254,27 @@ def _need_writable(directory: str, flag: str) -> None:
 # Model and optimizer
 # ---------------------------------------------------------------------------------------------------------------
 
+def resolve_tuning(args: argparse.Namespace, state_dict: Optional[Dict[str, torch.Tensor]]) -> None:
+    """Set ``args.tuning`` from the flag and what ``--init_model`` holds, so no adapter is dropped silently.
+
+    Without the flag, a checkpoint with UniPT adapters selects unipt (the fork's own command lines have no flag).
+    """
+    found = implied_by_state_dict(state_dict)["tuning"] if state_dict is not None else "full"
+    if args.tuning is None:
+        args.tuning = found
+        if found == "unipt":
+            logger.info("--init_model %s holds UniPT adapters (%s): tuning unipt", args.init_model,
+                        ", ".join(p + "*" for p in ADAPTER_PREFIXES))
+    elif args.tuning == "full" and found == "unipt":
+        raise UsageError(f"--tuning full: --init_model {args.init_model} holds UniPT adapters "
+                         f"({', '.join(p + '*' for p in ADAPTER_PREFIXES)}); use --tuning unipt or leave the flag out")
+
+
 def init_model(args: argparse.Namespace, device: torch.device) -> CLIP4Clip:
     """The run's model: CLIP, then ``--init_model`` over it. Evaluating a checkpoint as another head is refused."""
-    config = CLIP4ClipConfig.from_args(args)
     state_dict = util.read_state_dict(args.init_model, "--init_model") if args.init_model else None
+    resolve_tuning(args, state_dict)
+    config = CLIP4ClipConfig.from_args(args)
     if state_dict is not None and not args.do_train:
         check_trained_as(config, state_dict, args.init_model)
     model = CLIP4Clip.from_pretrained(args.cross_model, cache_dir=args.cache_dir or None, state_dict=state_dict,
@@ -281,9 +301,15 @@ def check_trained_as(config: CLIP4ClipConfig, state_dict: Dict[str, torch.Tensor
 
 def prep_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_train_optimization_steps: float,
                    coef_lr: float = 1.0) -> BertAdam:
-    """BertAdam over the original's four groups: (decay, no-decay) × (CLIP at lr·coef_lr, the rest at lr)."""
+    """BertAdam over four groups: (decay, no-decay) × (CLIP at lr·coef_lr, the rest at lr).
+
+    As the original, full tuning groups every parameter, frozen ones included (they never get a gradient). As the
+    UniPT fork, unipt groups only the adapters, which hold no CLIP name, so they all land in the two groups at lr.
+    """
     model = getattr(model, "module", model)
     param_optimizer = list(model.named_parameters())
+    if getattr(args, "tuning", None) == "unipt":
+        param_optimizer = [(n, p) for n, p in param_optimizer if n.startswith(ADAPTER_PREFIXES)]
     no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
     decay = [(n, p) for n, p in param_optimizer if not any(nd in n for nd in no_decay)]
     no_decay_params = [(n, p) for n, p in param_optimizer if any(nd in n for nd in no_decay)]
@@ -497,7 +523,14 @@ def train_epoch(epoch: int, args: argparse.Namespace, model: torch.nn.Module, tr
                     run_log.step(epoch + 1, step + 1, global_step, unique_lrs, step_loss, step_time)
                 start_time = time.time()
         bar.set_postfix(loss=f"{loss_value:.4f}")
+    log_peak_memory(device)
     return total_loss / len(train_dataloader), global_step
+
+
+def log_peak_memory(device: torch.device) -> None:
+    """As the UniPT fork, on CUDA: the peak allocated memory so far (its line, MiB / 1000 as "GB")."""
+    if device.type == "cuda" and util.is_main_process():
+        logger.info("Memory utilization: %.3f GB" % (torch.cuda.max_memory_allocated(device) / 2**20 / 1000))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,6 +732,7 @@ def eval_epoch(args: argparse.Namespace, model: torch.nn.Module, test_dataloader
             write_eval_report(args, dataset, sim_matrix, cut, tables, tag, model_file,
                               run_log.path if run_log is not None else None)
         R1 = float(tv_metrics["R1"])
+    log_peak_memory(device)
     return util.broadcast_object(R1)
 
 

@@ -513,3 +513,82 @@ def test_unreadable_clip_weights_give_one_line(content, setup, capsys, tmp_path)
     assert mtr.main(["--do_eval", *msvd_args(paths, bad, tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"main_task_retrieval.py: error: cannot read CLIP weights from {bad}")
+
+
+# ----------------------------------------------------------------------------------------------- UniPT
+
+def test_unipt_optimizer_groups_hold_only_the_adapters(setup):
+    args = argparse.Namespace(pretrained_clip_name=str(setup[2]), sim_header="meanP", loose_type=True,
+                              linear_patch="2d", cross_num_hidden_layers=2, max_words=8, max_frames=4, local_rank=0,
+                              precision="fp32", tuning="unipt", lr=1e-3, warmup_proportion=0.1)
+    torch.manual_seed(0)
+    model = CLIP4Clip.from_pretrained("cross-base", task_config=args).train()
+    opt = mtr.prep_optimizer(args, model, 4.0, coef_lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    adapters = {n for n in names.values() if n.startswith(("image_adapter.", "text_adapter."))}
+    assert groups[0] == set() and groups[2] == set()
+    assert groups[1] == {n for n in adapters if n.endswith(".weight")}
+    assert groups[3] == {n for n in adapters if n.endswith(".bias")}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.2, 0.0, 0.0]
+    assert opt.param_groups[1]["lr"] == opt.param_groups[3]["lr"] == 1e-3
+
+    # Two steps (the first has lr 0): only adapter tensors change, and no other tensor ever gets a gradient.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[[49406, 5, 6, 49407, 0, 0, 0, 0]], [[49406, 7, 49407, 0, 0, 0, 0, 0]]])
+    video = torch.randn(2, 1, 4, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        loss = model(ids, torch.zeros_like(ids), (ids != 0).long(), video, torch.ones(2, 1, 4, dtype=torch.long))
+        loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if n not in adapters)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == adapters
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--do_eval", "--tuning", "full", "--init_model", "{unipt}"], "--tuning full: --init_model"),
+    (["--do_eval", "--tuning", "unipt", "--init_model", "{full}"], "evaluating it with --tuning unipt"),
+    (["--do_train", "--tuning", "unipt", "--sim_header", "tightTransf"], "cannot use sim_header tightTransf"),
+    (["--do_eval", "--init_model", "{unipt}", "--sim_header", "tightTransf"], "cannot use sim_header tightTransf"),
+])
+def test_unipt_flag_and_checkpoint_mismatches_give_one_line(extra, message, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    full = tmp_path / "full.bin"
+    torch.save({"clip.logit_scale": torch.tensor(4.6)}, full)
+    unipt = tmp_path / "unipt.bin"
+    torch.save({"text_adapter.gate_layer.bias": torch.zeros(1)}, unipt)
+    args = msvd_args(paths, clip, tmp_path / "out") + [e.format(unipt=unipt, full=full) for e in extra]
+    assert mtr.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("main_task_retrieval.py: error:") and message in err, err
+
+
+def test_unipt_train_resume_and_eval(setup):
+    """Two epochs with --tuning unipt; a resume from epoch 0 (no flag: the checkpoint selects unipt) gives the same
+    epoch-1 weights bit for bit; evaluating that checkpoint reproduces the logged metrics."""
+    root, paths, clip = setup
+    out = root / "unipt_a"
+    run_cli(["--do_train", "--epochs", "2", "--tuning", "unipt", *msvd_args(paths, clip, out)])
+    first, second = weights(out / "pytorch_model.bin.0"), weights(out / "pytorch_model.bin.1")
+    clip_file = make_clip_state_dict()
+    for key, value in second.items():
+        if key.startswith("clip.") and key[5:] in clip_file:
+            assert torch.equal(value, clip_file[key[5:]]), key  # CLIP stays as loaded
+    assert not torch.equal(first["text_adapter.gate_layer.weight"], second["text_adapter.gate_layer.weight"])
+
+    resumed = root / "unipt_b"
+    proc = run_cli(["--do_train", "--epochs", "2", *msvd_args(paths, clip, resumed),
+                    "--init_model", str(out / "pytorch_model.bin.0"), "--resume_model", str(out / "pytorch_opt.bin.0")])
+    log = (resumed / "log.txt").read_text()
+    assert "holds UniPT adapters" in log and "Resumed from" in log, proc.stderr[-2000:]
+    again = weights(resumed / "pytorch_model.bin.1")
+    assert again.keys() == second.keys() and all(torch.equal(again[k], second[k]) for k in again)
+
+    evaluated = root / "unipt_eval"
+    assert mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.1"),
+                     *msvd_args(paths, clip, evaluated)]) == 0
+    ours, logged = read_metrics(evaluated / "metrics_eval.json"), read_metrics(out / "metrics_epoch1.json")
+    for side in ("text_to_video", "video_to_text"):
+        assert ours[side] == pytest.approx(logged[side])
