@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Fine-tune CLIP4Clip on MSR-VTT (9k train, 1k-A test) with the original README's hyper-parameters.
+# Train CLIP4Clip on MSR-VTT (9k train, 1k-A test) with the original README's hyper-parameters.
+# TUNING=unipt (the default, as the UniPT fork's script): CLIP stays frozen and only UniPT's small parallel network
+# trains, into ckpts/unipt_msrvtt. TUNING=full: the original paper's full fine-tuning, into ckpts/full_msrvtt.
 # Extra arguments are passed through and win over the ones below, e.g.
 #   ./train_msrvtt_tuning.sh --epochs 1 --precision bf16
+#   TUNING=full ./train_msrvtt_tuning.sh
 set -euo pipefail
 
 DATA_PATH=${DATA_PATH:-datasets/MSRVTT}      # MSRVTT_data.json, the split CSVs, and the videos folder
@@ -9,7 +12,8 @@ VIDEO_DIR=${VIDEO_DIR:-${DATA_PATH}/Compress_Videos}  # preprocess/compress_vide
 GPUS=${GPUS:-4}                              # processes on this node, one per GPU; --batch_size is split over them
 SIM_ENC=${SIM_ENC:-meanP}                    # meanP | seqLSTM | seqTransf | tightTransf
 CLIP_NAME=${CLIP_NAME:-ViT-B/32}             # ViT-B/32 | ViT-B/16 (modules/ViT-B-*.pt) or a weights file
-SAVE_NAME=${SAVE_NAME:-unipt_msrvtt}
+TUNING=${TUNING:-unipt}                      # unipt | full (tightTransf needs full)
+SAVE_NAME=${SAVE_NAME:-${TUNING}_msrvtt}
 OUTPUT_DIR=${OUTPUT_DIR:-ckpts/${SAVE_NAME}}
 MASTER_PORT=${MASTER_PORT:-10000}
 
@@ -27,6 +31,6 @@ torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" \
   --datatype msrvtt --expand_msrvtt_sentences \
   --feature_framerate 1 --coef_lr 1e-3 \
   --freeze_layer_num 0 --slice_framepos 2 \
-  --loose_type --linear_patch 2d --sim_header "${SIM_ENC}" \
+  --loose_type --linear_patch 2d --sim_header "${SIM_ENC}" --tuning "${TUNING}" \
   --pretrained_clip_name "${CLIP_NAME}" \
   "$@"
