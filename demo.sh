@@ -9,6 +9,7 @@
 #
 #   bash demo.sh                          # meanP head, about 6 minutes on 2 cores
 #   SIM_HEADER=seqTransf bash demo.sh     # the temporal head (about 3 more minutes: stage 1 is reused)
+#   TUNING=unipt bash demo.sh             # stage 2 freezes the stage-1 CLIP and trains UniPT's adapters
 #   EPOCHS=2 OUT=/tmp/demo bash demo.sh   # settings below are environment variables
 #   bash demo.sh --lr 1e-3                # extra arguments go to stage 2's main_task_retrieval.py (the last one wins)
 #   PRETRAIN_SEED=1 TRAIN_SEED=1 bash demo.sh   # other seeds for both stages (bench/demo_seeds.py sweeps several)
@@ -20,6 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON="${PYTHON:-python3}"
 SIM_HEADER="${SIM_HEADER:-meanP}"      # meanP, seqLSTM, seqTransf or tightTransf
+TUNING="${TUNING:-full}"               # stage 2: full (fine-tune CLIP) or unipt (frozen CLIP + UniPT adapters)
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-18}"  # stage 1 (meanP from the random CLIP)
 EPOCHS="${EPOCHS:-10}"                    # stage 2 (the chosen head, from stage 1)
 NUM_TRAIN="${NUM_TRAIN:-1000}"         # training videos (the test videos do not depend on it)
@@ -30,14 +32,18 @@ TRAIN_SEED="${TRAIN_SEED:-42}"         # stage 2's --seed
 OUT="${OUT:-demo_output}"              # data, checkpoints, logs and metrics (git-ignored)
 INSTALL="${INSTALL:-1}"                # 0: do not touch the Python packages
 
-# --sim_header, --epochs and --output_dir among the extra arguments win over the variables (they name the run folder
-# and the checkpoint evaluated last).
+# --sim_header, --tuning, --epochs and --output_dir among the extra arguments win over the variables (they name the
+# run folder and the checkpoint evaluated last).
 prev=
 RUN=
 for arg in "$@"; do
-    case "$prev" in --sim_header) SIM_HEADER="$arg" ;; --epochs) EPOCHS="$arg" ;; --output_dir) RUN="$arg" ;; esac
+    case "$prev" in
+        --sim_header) SIM_HEADER="$arg" ;; --tuning) TUNING="$arg" ;; --epochs) EPOCHS="$arg" ;;
+        --output_dir) RUN="$arg" ;;
+    esac
     case "$arg" in
-        --sim_header=*) SIM_HEADER="${arg#*=}" ;; --epochs=*) EPOCHS="${arg#*=}" ;; --output_dir=*) RUN="${arg#*=}" ;;
+        --sim_header=*) SIM_HEADER="${arg#*=}" ;; --tuning=*) TUNING="${arg#*=}" ;; --epochs=*) EPOCHS="${arg#*=}" ;;
+        --output_dir=*) RUN="${arg#*=}" ;;
     esac
     prev="$arg"
 done
@@ -62,7 +68,7 @@ COMMON=(--datatype msrvtt --features_path "$MSRVTT/videos" --frame_cache "$OUT/f
         --feature_framerate 1 --slice_framepos 2 --batch_size_val 100 --loose_type)
 TRAIN=(--do_train --train_csv "$MSRVTT/MSRVTT_train.9k.csv" --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv"
        --data_path "$MSRVTT/MSRVTT_data.json" --freeze_layer_num 0 --linear_patch 2d --batch_size 16 --n_display 50)
-HEAD=(--sim_header "$SIM_HEADER")
+HEAD=(--sim_header "$SIM_HEADER" --tuning "$TUNING")
 
 # Keep only the last epoch's model (the driver saves model and optimizer every epoch, about 180 MB each).
 keep_last() {
@@ -83,12 +89,14 @@ else
     rm -f "$PRE"/pytorch_opt.bin.*  # stage 2 starts a fresh optimizer
 fi
 
-RUN="${RUN:-$OUT/run_${SIM_HEADER}}"
+SUFFIX=
+[ "$TUNING" = full ] || SUFFIX="_$TUNING"
+RUN="${RUN:-$OUT/run_${SIM_HEADER}${SUFFIX}}"
 mkdir -p "$RUN"
 rm -f "$RUN"/pytorch_model.bin.* "$RUN"/pytorch_opt.bin.* "$RUN"/metrics_*.json "$RUN"/log.txt
 rm -rf "$RUN/order"
 
-echo "== stage 2: fine-tuning CLIP4Clip $SIM_HEADER from stage 1 ($EPOCHS epochs) into $RUN"
+echo "== stage 2: fine-tuning CLIP4Clip $SIM_HEADER (tuning $TUNING) from stage 1 ($EPOCHS epochs) into $RUN"
 "$PYTHON" main_task_retrieval.py "${TRAIN[@]}" "${COMMON[@]}" "${HEAD[@]}" --init_model "$PRE_MODEL" \
     --epochs "$EPOCHS" --lr 2e-3 --coef_lr 1 --seed "$TRAIN_SEED" --output_dir "$RUN" "$@"
 
