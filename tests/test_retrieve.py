@@ -148,11 +148,11 @@ def test_top_k_matches_a_full_sort_and_orders_ties_by_index():
 
 
 # ----------------------------------------------------------------------------------------------- model-based tests
-def _reference_model(clip_file: Path, head: str = "meanP", temporal_layers: int = 4):
+def _reference_model(clip_file: Path, head: str = "meanP", temporal_layers: int = 4, tuning: str = "full"):
     """CLIP4Clip built directly, as main_task_retrieval.py does, for independent logits."""
     config = CLIP4ClipConfig(pretrained_clip_name=str(clip_file), sim_header=head,
                              cross_num_hidden_layers=temporal_layers, max_words=32, max_frames=MAX_FRAMES,
-                             precision="fp32")
+                             precision="fp32", tuning=tuning)
     torch.manual_seed(123)
     return CLIP4Clip.from_config(config).eval()
 
@@ -330,6 +330,26 @@ def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_fil
     found = retrieve.search(tmp_path / "index", queries, top=3)
     paths = [root / rel for rel in sorted(CONTENT)]
     logits = _reference_logits(reference, queries, *_decode(paths))
+    for q, entry in enumerate(found):
+        for r in entry["results"]:
+            np.testing.assert_allclose(r["score"], logits[q, paths.index(Path(r["path"]))], rtol=1e-5, atol=1e-5)
+
+
+def test_unipt_checkpoint_is_detected_from_its_adapter_keys(tmp_path, tiny_clip_file):
+    reference = _reference_model(tiny_clip_file, "meanP", tuning="unipt")
+    ckpt = tmp_path / "pytorch_model.bin.0"
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("clip.")}, ckpt)
+    root = tmp_path / "videos"
+    for rel, seed in CONTENT.items():
+        write_video(root / rel, n_frames=12, fps=4, seed=seed)
+    retrieve.build_index(root, tmp_path / "index", init_model=str(ckpt), pretrained_clip_name=str(tiny_clip_file),
+                         max_frames=MAX_FRAMES, progress=False)
+    queries = ["a red circle", "a blue square"]
+    found = retrieve.search(tmp_path / "index", queries, top=3)
+    paths = [root / rel for rel in sorted(CONTENT)]
+    logits = _reference_logits(reference, queries, *_decode(paths))
+    full_logits = _reference_logits(_reference_model(tiny_clip_file), queries, *_decode(paths))
+    assert np.abs(logits - full_logits).max() > 1e-3  # the adapters change the scores
     for q, entry in enumerate(found):
         for r in entry["results"]:
             np.testing.assert_allclose(r["score"], logits[q, paths.index(Path(r["path"]))], rtol=1e-5, atol=1e-5)
