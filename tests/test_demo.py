@@ -53,16 +53,23 @@ def test_stage_two_starts_from_stage_one(demo_run):
     assert f"init_model: {pre / 'pytorch_model.bin.0'}" in (out / "my_run" / "log.txt").read_text()
     assert "== stage 1: training" in stdout
 
-    # A second head reuses stage 1 instead of training it again.
+    # A second run (meanP with UniPT) reuses stage 1 instead of training it again.
     env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), PRETRAIN_EPOCHS="1", EPOCHS="1",
-               NUM_TRAIN="16", NUM_TEST="8")
+               NUM_TRAIN="16", NUM_TEST="8", TUNING="unipt")
     before = (pre / "pytorch_model.bin.0").stat().st_mtime_ns
     result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"== stage 1: reusing {pre / 'pytorch_model.bin.0'}" in result.stdout
     assert (pre / "pytorch_model.bin.0").stat().st_mtime_ns == before
-    assert json.loads((out / "run_meanP" / "metrics_epoch0.json").read_text())["sim_header"] == "meanP"
+    run = out / "run_meanP_unipt"
+    assert json.loads((run / "metrics_epoch0.json").read_text())["sim_header"] == "meanP"
+    state = torch.load(run / "pytorch_model.bin.0", map_location="cpu", weights_only=True)
+    assert "text_adapter.gate_layer.weight" in state and "image_adapter.gate_layer.weight" in state
+    # The frozen CLIP is the stage-1 one, unchanged.
+    stage1 = torch.load(pre / "pytorch_model.bin.0", map_location="cpu", weights_only=True)
+    assert torch.equal(state["clip.visual.proj"], stage1["clip.visual.proj"])
+    assert (run / "order" / "metrics_eval.json").is_file()
 
 
 def test_demo_writes_checkpoint_and_metrics(demo_run):
