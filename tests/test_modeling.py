@@ -571,11 +571,14 @@ def test_config_reads_the_original_namespace_and_checks_itself():
     assert CLIP4ClipConfig.from_args(config) is config
     assert CLIP4ClipConfig(sim_header="tightTransf").loose_type is False
     assert implied_by_state_dict({"cross.transformer.resblocks.2.ln_1.weight": torch.zeros(1)}) == {
-        "linear_patch": "2d", "sim_header": "tightTransf", "cross_num_hidden_layers": 3}
+        "linear_patch": "2d", "sim_header": "tightTransf", "cross_num_hidden_layers": 3, "tuning": "full"}
     w = torch.zeros(1)
-    assert implied_by_state_dict({"clip.visual.proj": w}) == {"linear_patch": "2d", "sim_header": "meanP"}
+    assert implied_by_state_dict({"clip.visual.proj": w}) == {"linear_patch": "2d", "sim_header": "meanP",
+                                                              "tuning": "full"}
     assert implied_by_state_dict({"lstm_visual.weight_ih_l0": w, "clip.visual.conv2.weight": w}) == {
-        "linear_patch": "3d", "sim_header": "seqLSTM"}
+        "linear_patch": "3d", "sim_header": "seqLSTM", "tuning": "full"}
+    assert implied_by_state_dict({"clip.visual.proj": w, "text_adapter.gate_layer.bias": w})["tuning"] == "unipt"
+    assert CLIP4ClipConfig.from_args(types.SimpleNamespace(tuning=None)).tuning == "full"  # flag not given
     for bad, message in [(dict(linear_patch="4d"), "linear_patch"), (dict(precision="fp64"), "precision"),
                          (dict(max_frames=0), "max_frames"), (dict(freeze_layer_num=13), "freeze_layer_num")]:
         with pytest.raises(ValueError, match=message):
