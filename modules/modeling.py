@@ -144,10 +144,7 @@ class CLIP4ClipConfig:
 def implied_by_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """The config fields a checkpoint's keys decide: the head, its layer count, the patch embedding and the tuning
     (UniPT when it holds adapter weights)."""
-    implied: Dict[str, Any] = {
-        "linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d",
-        "tuning": "unipt" if any(key.startswith(ADAPTER_PREFIXES) for key in state_dict) else "full",
-    }
+    implied: Dict[str, Any] = {"linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d"}
     if any(key.startswith("cross.") for key in state_dict):
         implied["sim_header"] = "tightTransf"
         layers = _resblock_count(state_dict, "cross.transformer.resblocks.")
@@ -159,6 +156,7 @@ def implied_by_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
         layers = None
     if layers is not None:
         implied["cross_num_hidden_layers"] = layers
+    implied["tuning"] = "unipt" if any(key.startswith(ADAPTER_PREFIXES) for key in state_dict) else "full"
     return implied
 
 
