@@ -544,7 +544,10 @@ def test_unipt_optimizer_groups_hold_only_the_adapters(setup):
         opt.step()
         opt.zero_grad(set_to_none=False)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == adapters
+    # The gate's bias shifts every layer's score alike and the softmax ignores that, so its gradient is zero up to
+    # rounding: it may or may not move. Every other adapter tensor must.
+    gate_biases = {"image_adapter.gate_layer.bias", "text_adapter.gate_layer.bias"}
+    assert adapters - gate_biases <= changed <= adapters
 
 
 @pytest.mark.parametrize("extra, message", [
