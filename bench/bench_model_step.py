@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -72,6 +73,27 @@ def _make_batch(batch: int, frames: int, device: torch.device):
     return [t.to(device) for t in (ids, torch.zeros_like(ids), mask, video, video_mask)]
 
 
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> Tuple[List[float], int, int]:
+    """Seconds of each of ``steps`` calls of ``step``, the memory held before them and the peak during them (bytes):
+    allocated CUDA memory on a GPU, the process RSS (sampled by a thread) on the CPU."""
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        rest = torch.cuda.memory_allocated(device)
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times, rest, torch.cuda.max_memory_allocated(device)
+    rest = _rss_bytes()
+    with _RssPeak() as sampler:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return times, rest, sampler.peak
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """Build the model and time ``args.steps`` training steps after one warm-up step (this process only)."""
     device = torch.device(args.device)
@@ -93,23 +115,8 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     step()  # warm-up: allocates gradients, picks kernels
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        with _RssPeak() as sampler:
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-        peak = sampler.peak - base
+    times, rest, peak = time_steps(step, args.steps, device)
+    peak -= rest
     return {"step_s": min(times), "peak_bytes": peak, "precision": model.precision}
 
 

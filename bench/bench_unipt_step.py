@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -29,11 +28,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_model_step import MAX_WORDS, VIT_B_32, _make_batch, _rss_bytes, _RssPeak  # noqa: E402
+from bench.bench_model_step import MAX_WORDS, VIT_B_32, _make_batch, _rss_bytes, time_steps  # noqa: E402
 from main_task_retrieval import prep_optimizer  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
-from modules.modeling import CLIP4Clip, freeze_clip_layers  # noqa: E402
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers  # noqa: E402
 
 TARGETS = {"step memory": 0.35, "step time": 0.6}  # unipt / full, from the issue that asked for this mode
 
@@ -63,16 +62,12 @@ def run_one(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
     torch.manual_seed(0)
-    cfg = types.SimpleNamespace(
-        local_rank=0, linear_patch="2d", sim_header="meanP", loose_type=True, cross_num_hidden_layers=4,
-        max_words=MAX_WORDS, max_frames=args.frames, precision=args.precision, tuning=args.tuning,
-        lr=1e-4, warmup_proportion=0.1,
-    )
+    cfg = CLIP4ClipConfig(max_words=MAX_WORDS, max_frames=args.frames, precision=args.precision, tuning=args.tuning)
     clip_state_dict = CLIP(**VIT_B_32).state_dict()
     model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg).to(device).train()
     del clip_state_dict
     freeze_clip_layers(model, 0, "2d")  # the scripts' --freeze_layer_num 0 (unipt has frozen CLIP already)
-    optimizer = prep_optimizer(cfg, model, 100.0)
+    optimizer = prep_optimizer(argparse.Namespace(lr=1e-4, warmup_proportion=0.1), model, 100.0)
     inputs = _make_batch(args.batch, args.frames, device)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -86,23 +81,7 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
 
     step()  # warm-up: allocates gradients and optimizer state
-    times = []
-    if device.type == "cuda":
-        rest = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        rest = _rss_bytes()
-        with _RssPeak() as sampler:
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-        peak = sampler.peak
+    times, rest, peak = time_steps(step, args.steps, device)
     saved = _saved_for_backward(model, inputs)
     return {"step_s": min(times), "rest_bytes": rest - before, "step_bytes": peak - rest,
             "saved_bytes": sum(saved.values()), "precision": model.precision,
