@@ -102,7 +102,8 @@ def read_jsonl(path: Path) -> List[dict]:
 def plot_curves(records: Sequence[dict]) -> Optional[Figure]:
     """Training loss per logged step and text-to-video R@k per evaluation, against the optimizer step."""
     steps = [r for r in records if r.get("event") == "step"]
-    evals = [r for r in records if r.get("event") == "eval"]
+    # Evaluations after training epochs only: a later --do_eval into the same folder is not a point of the run.
+    evals = [r for r in records if r.get("event") == "eval" and r.get("tag") != "eval"]
     if not steps and not evals:
         return None
     fig = Figure(figsize=(10, 3.6))

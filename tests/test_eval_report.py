@@ -93,3 +93,15 @@ def test_plot_command_writes_a_png(tmp_path, capsys):
     assert eval_report.main(["plot", "--metrics", str(tmp_path / "nope.jsonl"), "--out", "x.png"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.jsonl not found" in err
+
+
+def test_curves_leave_out_a_later_evaluation_of_the_run(tmp_path):
+    records = [{"event": "step", "global_step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    records += [{"event": "eval", "global_step": 3, "tag": "epoch0", "text_to_video": {"R1": 10.0, "R5": 30.0,
+                                                                                      "R10": 50.0}},
+                {"event": "eval", "global_step": 0, "tag": "eval", "text_to_video": {"R1": 12.0, "R5": 31.0,
+                                                                                    "R10": 52.0}}]
+    recall_ax = eval_report.plot_curves(records).axes[1]
+    assert [list(line.get_xdata()) for line in recall_ax.lines] == [[3], [3], [3]]
+    assert [list(line.get_ydata()) for line in recall_ax.lines] == [[10.0], [30.0], [50.0]]
+
