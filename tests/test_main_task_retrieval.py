@@ -518,12 +518,11 @@ def test_unreadable_clip_weights_give_one_line(content, setup, capsys, tmp_path)
 # ----------------------------------------------------------------------------------------------- UniPT
 
 def test_unipt_optimizer_groups_hold_only_the_adapters(setup):
-    args = argparse.Namespace(pretrained_clip_name=str(setup[2]), sim_header="meanP", loose_type=True,
-                              linear_patch="2d", cross_num_hidden_layers=2, max_words=8, max_frames=4, local_rank=0,
-                              precision="fp32", tuning="unipt", lr=1e-3, warmup_proportion=0.1)
+    config = CLIP4ClipConfig(pretrained_clip_name=str(setup[2]), cross_num_hidden_layers=2, max_words=8,
+                             max_frames=4, precision="fp32", tuning="unipt")
     torch.manual_seed(0)
-    model = CLIP4Clip.from_pretrained("cross-base", task_config=args).train()
-    opt = mtr.prep_optimizer(args, model, 4.0, coef_lr=1e-3)
+    model = CLIP4Clip.from_config(config).train()
+    opt = mtr.prep_optimizer(argparse.Namespace(lr=1e-3, warmup_proportion=0.1), model, 4.0, coef_lr=1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
     adapters = {n for n in names.values() if n.startswith(("image_adapter.", "text_adapter."))}
@@ -588,6 +587,12 @@ def test_unipt_train_resume_and_eval(setup):
     assert "holds UniPT adapters" in log and "Resumed from" in log, proc.stderr[-2000:]
     again = weights(resumed / "pytorch_model.bin.1")
     assert again.keys() == second.keys() and all(torch.equal(again[k], second[k]) for k in again)
+
+    # Two processes: the adapters' gradients go through DDP and the all-gather as in full tuning.
+    two_proc = root / "unipt_2proc"
+    run_cli(["--do_train", "--epochs", "1", "--tuning", "unipt", *msvd_args(paths, clip, two_proc)], nproc=2)
+    two, one = step_losses((two_proc / "log.txt").read_text()), step_losses((out / "log.txt").read_text())
+    assert len(two) == 10 and two[:2] == pytest.approx(one[:2], abs=2e-6)
 
     evaluated = root / "unipt_eval"
     assert mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.1"),
