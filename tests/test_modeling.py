@@ -704,9 +704,7 @@ def test_fork_vit_b32_checkpoint_loads_strictly():
                    transformer_layers=12)
     with torch.device("meta"):
         clip_state_dict = CLIP(**vit_b32).state_dict()
-        cfg = types.SimpleNamespace(local_rank=0, linear_patch="2d", sim_header="meanP", loose_type=True,
-                                    cross_num_hidden_layers=4, max_words=32, max_frames=12, precision="fp32",
-                                    tuning="unipt")
+        cfg = CLIP4ClipConfig(precision="fp32", tuning="unipt")
         model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg)
     fork_adapters = {**adapter_keys("image_adapter", 13, 768), **adapter_keys("text_adapter", 13, 512)}
     fork = {"clip." + k: v for k, v in clip_state_dict.items()}
