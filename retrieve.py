@@ -5,7 +5,7 @@
     python retrieve.py search   --index IDX (--query TEXT | --queries FILE) [--top_k 5] [--json]
     python retrieve.py search   --index IDX --video FILE_OR_ID [--top_k 5] [--json]
     python retrieve.py captions --index IDX --video FILE (--caption TEXT ... | --captions FILE) [--json]
-    python retrieve.py serve    --index IDX [--host 127.0.0.1] [--port 8000]    (pip install -r requirements-web.txt)
+    python retrieve.py serve    --index IDX [--videos DIR] [--host 127.0.0.1] [--port 8000]  (requirements-web.txt)
 
 An index directory holds two plain files, never a pickle:
   - ``index.json``: the settings (weights, head, sampling flags, a fingerprint of the model), the indexed files with
@@ -689,6 +689,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: every machine that can reach this one can search the index and "
               f"download its videos (there is no login)", file=sys.stderr)
+    if args.videos is not None:
+        print(build_index(args.videos, args.index, args.init_model, args.pretrained_clip_name), file=sys.stderr)
     index, model = open_index(args.index, args.init_model, args.pretrained_clip_name, args.max_words)
     app = create_app(index, Path(args.index), model, args.max_words)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -769,6 +771,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     p = commands.add_parser("serve", help="a local search page (and JSON API) over an index")
     p.add_argument("--index", required=True)
+    p.add_argument("--videos", help="index (or update) this folder into --index first, as the index command does; "
+                                    "--init_model and --pretrained_clip_name are then the weights to index with")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but the loopback lets other machines read the videos")
     p.add_argument("--port", type=int, default=8000)

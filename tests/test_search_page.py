@@ -129,6 +129,17 @@ def test_serve_warns_off_loopback_and_names_missing_packages(served, monkeypatch
                                                "not installed): pip install -r requirements-web.txt")
 
 
+def test_serve_indexes_a_folder_first_when_given_one(served, tiny_clip_file, tmp_path, monkeypatch):
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    index_dir = tmp_path / "fresh_index"
+    videos = tmp_path / "videos"
+    write_video(videos / "x.mp4", n_frames=12, fps=4, seed=7)
+    assert retrieve.main(["serve", "--videos", str(videos), "--index", str(index_dir),
+                          "--pretrained_clip_name", str(tiny_clip_file)]) == 0
+    assert len(apps) == 1 and [v["path"] for v in retrieve.load_index(index_dir).videos] == ["x.mp4"]
+
+
 # ------------------------------------------------------------------------------------------------ in a browser
 
 @pytest.fixture(scope="module")
