@@ -308,7 +308,7 @@ def prep_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_train_o
     """
     model = getattr(model, "module", model)
     param_optimizer = list(model.named_parameters())
-    if model.task_config.tuning == "unipt":
+    if getattr(getattr(model, "task_config", None), "tuning", "full") == "unipt":  # any module may be optimized
         param_optimizer = [(n, p) for n, p in param_optimizer if n.startswith(ADAPTER_PREFIXES)]
     no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
     decay = [(n, p) for n, p in param_optimizer if not any(nd in n for nd in no_decay)]
