@@ -9,6 +9,7 @@ run's ``metrics.jsonl`` into a PNG of its training curves:
 
 Needs matplotlib (``pip install -r requirements-report.txt``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import html
 import io
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -27,8 +28,8 @@ from dataloaders.rawvideo_util import thumbnail_strip
 from util import atomic_write_text
 
 MAX_K = 50
-TOP = 5        # videos shown for each caption of the gallery
-WORST = 12     # captions in the gallery
+TOP = 5  # videos shown for each caption of the gallery
+WORST = 12  # captions in the gallery
 METRIC_COLUMNS = (("R@1", "R1"), ("R@5", "R5"), ("R@10", "R10"), ("Median R", "MR"), ("Mean R", "MeanR"))
 
 
@@ -52,12 +53,12 @@ def recall_curve(ranks: np.ndarray, max_k: int = MAX_K) -> np.ndarray:
     return (ranks[None, :] <= ks[:, None]).mean(axis=1) * 100
 
 
-def worst_captions(ranks: np.ndarray, n: int = WORST) -> List[int]:
+def worst_captions(ranks: np.ndarray, n: int = WORST) -> list[int]:
     """The ``n`` captions whose right video ranks lowest, worst first (ties in caption order)."""
     return [int(i) for i in np.lexsort((np.arange(len(ranks)), -ranks))[:n]]
 
 
-def top_videos(sim_row: np.ndarray, k: int = TOP) -> List[int]:
+def top_videos(sim_row: np.ndarray, k: int = TOP) -> list[int]:
     """The ``k`` best-scored videos of one caption, best first (ties in video order)."""
     return [int(j) for j in np.lexsort((np.arange(len(sim_row)), -np.asarray(sim_row)))[:k]]
 
@@ -78,8 +79,9 @@ def plot_ranks(ranks: np.ndarray, max_k: int = MAX_K) -> str:
     left, right = fig.subplots(1, 2)
     ks = np.arange(1, max_k + 1)
     left.plot(ks, recall_curve(ranks, max_k), marker=".", color="#2563eb")
-    left.set(xlabel="k", ylabel="recall@k (% of captions)", title="Text-to-video recall@k", ylim=(0, 101),
-             xlim=(1, max_k))
+    left.set(
+        xlabel="k", ylabel="recall@k (% of captions)", title="Text-to-video recall@k", ylim=(0, 101), xlim=(1, max_k)
+    )
     left.grid(alpha=0.3)
     bins = np.arange(1, max(ranks.max(), 2) + 2) - 0.5
     right.hist(ranks, bins=bins if len(bins) <= 101 else 100, color="#f97316")
@@ -88,7 +90,7 @@ def plot_ranks(ranks: np.ndarray, max_k: int = MAX_K) -> str:
     return _png(fig)
 
 
-def read_jsonl(path: Path) -> List[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is left out."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -99,7 +101,7 @@ def read_jsonl(path: Path) -> List[dict]:
     return records
 
 
-def plot_curves(records: Sequence[dict]) -> Optional[Figure]:
+def plot_curves(records: Sequence[dict]) -> Figure | None:
     """Training loss per logged step and text-to-video R@k per evaluation, against the optimizer step."""
     steps = [r for r in records if r.get("event") == "step"]
     # Evaluations after training epochs only: a later --do_eval into the same folder is not a point of the run.
@@ -113,8 +115,13 @@ def plot_curves(records: Sequence[dict]) -> Optional[Figure]:
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title="Training loss")
     loss_ax.grid(alpha=0.3)
     for key, colour in (("R1", "#2563eb"), ("R5", "#16a34a"), ("R10", "#f97316")):
-        recall_ax.plot([r["global_step"] for r in evals], [r["text_to_video"][key] for r in evals], marker="o",
-                       color=colour, label=key.replace("R", "R@"))
+        recall_ax.plot(
+            [r["global_step"] for r in evals],
+            [r["text_to_video"][key] for r in evals],
+            marker="o",
+            color=colour,
+            label=key.replace("R", "R@"),
+        )
     recall_ax.set(xlabel="optimizer step", ylabel="%", title="Text-to-video recall per evaluation")
     recall_ax.grid(alpha=0.3)
     if evals:
@@ -140,25 +147,43 @@ table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
 """
 
 
-def _metric_table(metrics: Dict[str, dict]) -> str:
+def _metric_table(metrics: dict[str, dict]) -> str:
     head = "".join(f"<th>{name}</th>" for name, _ in METRIC_COLUMNS)
-    rows = "".join(f"<tr><td>{html.escape(direction)}</td>"
-                   + "".join(f"<td>{m[key]:.1f}</td>" for _, key in METRIC_COLUMNS) + "</tr>"
-                   for direction, m in metrics.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(direction)}</td>"
+        + "".join(f"<td>{m[key]:.1f}</td>" for _, key in METRIC_COLUMNS)
+        + "</tr>"
+        for direction, m in metrics.items()
+    )
     return f'<table class="metrics"><tr><th></th>{head}</tr>{rows}</table>'
 
 
-def _video_tile(j: int, score: float, name: str, thumb: Optional[str], right: bool) -> str:
-    picture = (f'<img src="{thumb}" alt="frames of {html.escape(name)}"' + (' class="right"' if right else "") + ">"
-               if thumb else '<div class="muted">(no frames)</div>')
-    return (f'<div class="video" data-video="{j}">{picture}<div>{html.escape(name)}'
-            f'{" (right video)" if right else ""}</div><div class="muted">score {score:.2f}</div></div>')
+def _video_tile(j: int, score: float, name: str, thumb: str | None, right: bool) -> str:
+    picture = (
+        f'<img src="{thumb}" alt="frames of {html.escape(name)}"' + (' class="right"' if right else "") + ">"
+        if thumb
+        else '<div class="muted">(no frames)</div>'
+    )
+    return (
+        f'<div class="video" data-video="{j}">{picture}<div>{html.escape(name)}'
+        f'{" (right video)" if right else ""}</div><div class="muted">score {score:.2f}</div></div>'
+    )
 
 
-def write_report(path: Path, sim: np.ndarray, truth: Sequence[int], captions: Sequence[str],
-                 video_names: Sequence[str], metrics: Dict[str, dict], frames: Callable[[int], np.ndarray],
-                 title: str = "Evaluation report", details: Optional[Dict[str, object]] = None,
-                 curves: Optional[Path] = None, worst: int = WORST, top: int = TOP) -> None:
+def write_report(
+    path: Path,
+    sim: np.ndarray,
+    truth: Sequence[int],
+    captions: Sequence[str],
+    video_names: Sequence[str],
+    metrics: dict[str, dict],
+    frames: Callable[[int], np.ndarray],
+    title: str = "Evaluation report",
+    details: dict[str, object] | None = None,
+    curves: Path | None = None,
+    worst: int = WORST,
+    top: int = TOP,
+) -> None:
     """Write the report of a [captions, videos] similarity matrix to ``path`` (atomically).
 
     ``truth[i]`` is caption i's right video, ``metrics`` the rows of the metric table (direction → the metric dict
@@ -167,41 +192,56 @@ def write_report(path: Path, sim: np.ndarray, truth: Sequence[int], captions: Se
     """
     sim, truth = np.asarray(sim), np.asarray(truth, dtype=np.int64)
     ranks = caption_ranks(sim, truth)
-    thumbs: Dict[int, Optional[str]] = {}
+    thumbs: dict[int, str | None] = {}
 
-    def thumb(j: int) -> Optional[str]:
+    def thumb(j: int) -> str | None:
         if j not in thumbs:
             try:
                 f = frames(j)
-                thumbs[j] = ("data:image/jpeg;base64," + base64.b64encode(thumbnail_strip(f, count=4, height=56))
-                             .decode()) if len(f) else None
+                thumbs[j] = (
+                    ("data:image/jpeg;base64," + base64.b64encode(thumbnail_strip(f, count=4, height=56)).decode())
+                    if len(f)
+                    else None
+                )
             except (OSError, ValueError):
                 thumbs[j] = None
         return thumbs[j]
 
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     if details:
-        parts.append("<p class='muted'>" + " · ".join(f"{html.escape(str(k))}: {html.escape(str(v))}"
-                                                     for k, v in details.items()) + "</p>")
-    parts.append(f"<h2>Metrics</h2><p class='muted'>{sim.shape[0]} captions, {sim.shape[1]} videos</p>"
-                 + _metric_table(metrics))
-    parts.append(f"<h2>Text-to-video ranks</h2><img id='rank-plots' alt='recall@k and rank histogram' "
-                 f"src='{plot_ranks(ranks)}'>")
+        parts.append(
+            "<p class='muted'>"
+            + " · ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in details.items())
+            + "</p>"
+        )
+    parts.append(
+        f"<h2>Metrics</h2><p class='muted'>{sim.shape[0]} captions, {sim.shape[1]} videos</p>" + _metric_table(metrics)
+    )
+    parts.append(
+        f"<h2>Text-to-video ranks</h2><img id='rank-plots' alt='recall@k and rank histogram' src='{plot_ranks(ranks)}'>"
+    )
     if curves is not None and Path(curves).is_file():
         fig = plot_curves(read_jsonl(Path(curves)))
         if fig is not None:
             parts.append(f"<h2>Training so far</h2><img id='curves' alt='training curves' src='{_png(fig)}'>")
-    parts.append(f"<h2>The {min(worst, len(ranks))} worst-ranked captions</h2><p class='muted'>Each caption's right "
-                 f"video (green) and the top {top} it retrieved instead.</p>")
+    parts.append(
+        f"<h2>The {min(worst, len(ranks))} worst-ranked captions</h2><p class='muted'>Each caption's right "
+        f"video (green) and the top {top} it retrieved instead.</p>"
+    )
     for i in worst_captions(ranks, worst):
         t = int(truth[i])
         tiles = [_video_tile(t, float(sim[i, t]), video_names[t], thumb(t), right=True)]
-        tiles += [_video_tile(j, float(sim[i, j]), video_names[j], thumb(j), right=False)
-                  for j in top_videos(sim[i], top)]
-        parts.append(f'<div class="entry" data-caption="{i}" data-rank="{ranks[i]}"><div class="caption">'
-                     f"<b>rank {ranks[i]}</b> · {html.escape(captions[i])}</div>"
-                     f'<div class="row">{"".join(tiles)}</div></div>')
+        tiles += [
+            _video_tile(j, float(sim[i, j]), video_names[j], thumb(j), right=False) for j in top_videos(sim[i], top)
+        ]
+        parts.append(
+            f'<div class="entry" data-caption="{i}" data-rank="{ranks[i]}"><div class="caption">'
+            f"<b>rank {ranks[i]}</b> · {html.escape(captions[i])}</div>"
+            f'<div class="row">{"".join(tiles)}</div></div>'
+        )
     parts.append("</body></html>")
     atomic_write_text("\n".join(parts), path)
 
@@ -210,7 +250,7 @@ def write_report(path: Path, sim: np.ndarray, truth: Sequence[int], captions: Se
 # Command line
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="training curves of a run as a PNG")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("plot", help="metrics.jsonl -> PNG of the loss and the recall per evaluation")

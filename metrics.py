@@ -6,14 +6,15 @@ CLIP4Clip's, so numbers compare with published ones:
   averages the two middle values (numpy);
 - ``tensor_text_to_video_metrics`` (multi-sentence data) takes torch's *lower* median and computes R@k in float32.
 """
+
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 def _as_numpy(x: ArrayLike) -> np.ndarray:
@@ -28,7 +29,7 @@ def _as_tensor(x: ArrayLike) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
-def compute_metrics(x: ArrayLike) -> Dict[str, object]:
+def compute_metrics(x: ArrayLike) -> dict[str, object]:
     """R1/R5/R10 (percent), MR = MedianR, MeanR (1-based) and ``cols`` (0-based ranks) of a [queries, items] matrix.
 
     Query i's ground truth is item i. Its rank is the position, in the row sorted by descending score, of a score
@@ -37,8 +38,9 @@ def compute_metrics(x: ArrayLike) -> Dict[str, object]:
     """
     x = _as_numpy(x)
     if x.ndim != 2 or x.shape[0] > x.shape[1]:
-        raise ValueError(f"compute_metrics: expected a 2-D [queries, items] matrix with queries <= items, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"compute_metrics: expected a 2-D [queries, items] matrix with queries <= items, got shape {tuple(x.shape)}"
+        )
     sorted_neg = np.sort(-x, axis=1)
     gt_neg = -np.diag(x)[:, None]
     with np.errstate(invalid="ignore"):  # inf - inf on infinite ground truths: NaN, i.e. no match, as intended
@@ -57,13 +59,16 @@ def compute_metrics(x: ArrayLike) -> Dict[str, object]:
     }
 
 
-def print_computed_metrics(metrics: Dict[str, object]) -> None:
+def print_computed_metrics(metrics: dict[str, object]) -> None:
     """Print the original's one-line summary of ``compute_metrics`` output."""
-    print("R@1: {:.4f} - R@5: {:.4f} - R@10: {:.4f} - Median R: {}".format(
-        metrics["R1"], metrics["R5"], metrics["R10"], metrics["MR"]))
+    print(
+        "R@1: {:.4f} - R@5: {:.4f} - R@10: {:.4f} - Median R: {}".format(
+            metrics["R1"], metrics["R5"], metrics["R10"], metrics["MR"]
+        )
+    )
 
 
-def tensor_text_to_video_metrics(sim_tensor: ArrayLike, top_k: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+def tensor_text_to_video_metrics(sim_tensor: ArrayLike, top_k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Text-to-video metrics of a [videos, max_captions, videos] tensor whose missing captions are inf/NaN rows.
 
     Entry [i, l, j] scores video i's l-th caption against video j. Returns R{k} for k in ``top_k``, MedianR
@@ -71,8 +76,10 @@ def tensor_text_to_video_metrics(sim_tensor: ArrayLike, top_k: Sequence[int] = (
     """
     sim = _as_tensor(sim_tensor)
     if sim.ndim != 3 or sim.shape[0] != sim.shape[2]:
-        raise ValueError(f"tensor_text_to_video_metrics: expected a [videos, max_captions, videos] tensor, "
-                         f"got shape {tuple(sim.shape)}")
+        raise ValueError(
+            f"tensor_text_to_video_metrics: expected a [videos, max_captions, videos] tensor, "
+            f"got shape {tuple(sim.shape)}"
+        )
     per_slot = sim.permute(1, 0, 2)  # [max_captions, videos, videos]: slot l of every video against all videos
     order = torch.argsort(per_slot, dim=-1, descending=True)
     rank_of = torch.argsort(order, dim=-1, descending=False)
@@ -99,8 +106,9 @@ def tensor_video_to_text_sim(sim_tensor: ArrayLike) -> torch.Tensor:
     """
     sim = _as_tensor(sim_tensor)
     if sim.ndim != 3:
-        raise ValueError(f"tensor_video_to_text_sim: expected a [videos, max_captions, videos] tensor, "
-                         f"got shape {tuple(sim.shape)}")
+        raise ValueError(
+            f"tensor_video_to_text_sim: expected a [videos, max_captions, videos] tensor, got shape {tuple(sim.shape)}"
+        )
     sim = torch.where(torch.isnan(sim), torch.full_like(sim, float("-inf")), sim)
     return sim.amax(dim=1).T
 
@@ -110,12 +118,14 @@ def multi_sentence_tensor(sim: np.ndarray, cut_off_points: Sequence[int]) -> np.
     ends = list(cut_off_points)
     starts = [0] + ends[:-1]
     max_length = max(e - s for s, e in zip(starts, ends))
-    blocks = [np.concatenate((sim[s:e], np.full((max_length - e + s, sim.shape[1]), -np.inf)), axis=0)
-              for s, e in zip(starts, ends)]
+    blocks = [
+        np.concatenate((sim[s:e], np.full((max_length - e + s, sim.shape[1]), -np.inf)), axis=0)
+        for s, e in zip(starts, ends)
+    ]
     return np.stack(blocks, axis=0)
 
 
-def retrieval_metrics(sim: np.ndarray, cut_off_points: Optional[Sequence[int]]) -> Tuple[dict, dict]:
+def retrieval_metrics(sim: np.ndarray, cut_off_points: Sequence[int] | None) -> tuple[dict, dict]:
     """(text-to-video, video-to-text) metrics of a [captions, videos] matrix (single or multi-sentence data)."""
     if cut_off_points is None:
         return compute_metrics(sim), compute_metrics(sim.T)

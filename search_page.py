@@ -9,6 +9,7 @@
 A file is only ever asked for by its index id, never by a path, so nothing outside the index can be read. Results
 say ``missing`` for a file gone since indexing; its thumbnails still show if they were cached, its video is a 404.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,6 @@ import mimetypes
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
@@ -26,11 +26,10 @@ import retrieve
 from dataloaders.rawvideo_util import RawVideoExtractor, kept_frames_uint8, thumbnail_strip
 
 STATIC = Path(__file__).resolve().parent / "static"
-THUMBS = "thumbs"      # folder in the index directory that caches the thumbnail strips
-MAX_K = 200            # results one request may ask for
+THUMBS = "thumbs"  # folder in the index directory that caches the thumbnail strips
+MAX_K = 200  # results one request may ask for
 # Containers a browser's <video> may play; the page still falls back to thumbnails when the codec is not one it has.
-PLAYABLE = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".ogv": "video/ogg",
-            ".mov": "video/mp4"}
+PLAYABLE = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".ogv": "video/ogg", ".mov": "video/mp4"}
 
 
 class SearchState:
@@ -41,8 +40,12 @@ class SearchState:
         self.scale = retrieve.logit_scale(model)
         self.thumb_dir = Path(index_dir) / THUMBS
         sampling = index.settings["sampling"]
-        self.extractor = RawVideoExtractor(centercrop=False, size=model.clip.visual.input_resolution,
-                                           framerate=sampling["feature_framerate"], cache_dir=None)
+        self.extractor = RawVideoExtractor(
+            centercrop=False,
+            size=model.clip.visual.input_resolution,
+            framerate=sampling["feature_framerate"],
+            cache_dir=None,
+        )
 
     def file(self, row: int) -> Path:
         if not 0 <= row < len(self.index.videos):
@@ -58,7 +61,7 @@ class SearchState:
             r["playable"] = Path(rel).suffix.lower() in PLAYABLE
         return results
 
-    def thumbnail(self, row: int) -> Optional[bytes]:
+    def thumbnail(self, row: int) -> bytes | None:
         """The JPEG strip of video ``row``, from the cache or decoded now (None when the file cannot be read)."""
         v = self.index.videos[row]
         key = hashlib.sha256(f"{v['path']}\0{v['size']}\0{v['mtime_ns']}".encode()).hexdigest()[:24]
@@ -112,8 +115,12 @@ def create_app(index: retrieve.Index, index_dir: Path, model, max_words: int = 3
         path = state.file(id)
         emb = np.asarray(state.index.embeddings[id])
         results = retrieve.rank_similar(state.index, emb, k, state.scale, exclude=id)
-        return {"id": id, "video": str(path), "name": state.index.videos[id]["path"],
-                "results": state.annotate(results)}
+        return {
+            "id": id,
+            "video": str(path),
+            "name": state.index.videos[id]["path"],
+            "results": state.annotate(results),
+        }
 
     @app.get("/thumbs/{row}.jpg")
     def thumbs(row: int) -> Response:

@@ -1,5 +1,6 @@
 """Process-level helpers: logger, distributed setup, rank and device helpers, seeding and RNG state, file reads
 and atomic file writes."""
+
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,11 @@ import os
 import random
 import re
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ CONSOLE_DATEFMT = "%m/%d/%Y %H:%M:%S"
 FILE_FORMAT = "%(asctime)s:%(levelname)s: %(message)s"
 
 
-def get_logger(filename: Optional[Union[str, Path]] = None) -> logging.Logger:
+def get_logger(filename: str | Path | None = None) -> logging.Logger:
     """The named logger ``logger`` at DEBUG; console through the root handler, ``filename`` through a root file handler.
 
     Calling it again replaces the file handler of the previous call, so runs in one process do not write into
@@ -49,9 +51,11 @@ def get_logger(filename: Optional[Union[str, Path]] = None) -> logging.Logger:
 # Distributed set-up
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class DistInfo:
     """Where this process sits: ranks, world size, its device, and whether a process group runs."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -81,16 +85,19 @@ def init_distributed(local_rank_flag: int = 0) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                             f"start at most that many processes per node")
+            raise ValueError(
+                f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                f"start at most that many processes per node"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
-                                world_size=world_size, rank=rank)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", init_method="env://", world_size=world_size, rank=rank
+        )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, initialized=True)
 
 
@@ -116,20 +123,20 @@ def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def all_gather_objects(obj: Any) -> List[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
     if get_world_size() == 1:
         return [obj]
-    out: List[Any] = [None] * get_world_size()
+    out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
-def gather_objects(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
     """Every rank's ``obj`` in rank order on ``dst``; None on the other ranks."""
     if get_world_size() == 1:
         return [obj]
-    out: Optional[List[Any]] = [None] * get_world_size() if get_rank() == dst else None
+    out: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
 
@@ -147,6 +154,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # Seeding and RNG state
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy, torch and CUDA alike on every rank; deterministic cuDNN, as the original."""
     random.seed(seed)
@@ -159,7 +167,7 @@ def set_seed(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def get_rng_state() -> Dict[str, Any]:
+def get_rng_state() -> dict[str, Any]:
     """Python, numpy, torch and (current-device) CUDA generator states, as plain values and tensors.
 
     Only types that ``torch.load(weights_only=True)`` accepts, so a checkpoint holding it needs no pickle trust.
@@ -174,7 +182,7 @@ def get_rng_state() -> Dict[str, Any]:
     }
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -199,11 +207,12 @@ def preserved_rng() -> Iterator[None]:
 # Files
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class UsageError(ValueError):
     """A bad flag, path or input file found before the work starts; entry points print it as one line."""
 
 
-def read_torch_file(path: Union[str, Path], flag: str) -> Any:
+def read_torch_file(path: str | Path, flag: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; an unreadable file is a :class:`UsageError` naming ``flag``.
 
     ``weights_only`` accepts tensors and plain containers only, so loading never runs code stored in the file.
@@ -214,19 +223,22 @@ def read_torch_file(path: Union[str, Path], flag: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         if "Weights only load failed" in str(error):
-            reason = ("it holds Python objects besides tensors and plain containers; they are not loaded, since "
-                      "loading them could run code")
+            reason = (
+                "it holds Python objects besides tensors and plain containers; they are not loaded, since "
+                "loading them could run code"
+            )
         else:
             detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
             reason = f"not a torch.save file, or a truncated one: {type(error).__name__} {detail}".strip()
         raise UsageError(f"{flag} {path}: cannot read it ({reason})") from error
 
 
-def read_state_dict(path: Union[str, Path], flag: str) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
     """A checkpoint's flat name → tensor mapping (this project's, the original's or the UniPT fork's files)."""
     state = read_torch_file(path, flag)
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise UsageError(f"{flag} {path}: expected a state dict (name → tensor), got {type(state).__name__}")
     return state
 
@@ -236,13 +248,13 @@ def read_state_dict(path: Union[str, Path], flag: str) -> Dict[str, torch.Tensor
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 
 
-def temporary_path(path: Union[str, Path]) -> Path:
+def temporary_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
 @contextmanager
-def atomic_path(path: Union[str, Path], sync: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` for the block to write; renamed over ``path`` when the block ends, removed
     when it raises (or is interrupted). ``sync`` flushes it to disk first, so a crash never leaves a truncated file.
 
@@ -262,13 +274,13 @@ def atomic_path(path: Union[str, Path], sync: bool = True) -> Iterator[Path]:
         raise
 
 
-def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def atomic_write_text(text: str, path: Union[str, Path]) -> None:
+def atomic_write_text(text: str, path: str | Path) -> None:
     """UTF-8 text through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -286,7 +298,7 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temporaries(directory: Union[str, Path]) -> List[Path]:
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporary files of :func:`atomic_path` in ``directory`` whose writer process is gone (a save killed
     mid-write); those of running processes are left alone. Returns what was removed."""
     removed = []
@@ -298,7 +310,7 @@ def remove_stale_temporaries(directory: Union[str, Path]) -> List[Path]:
     return removed
 
 
-def append_line(text: str, path: Union[str, Path]) -> None:
+def append_line(text: str, path: str | Path) -> None:
     """Append ``text`` and a newline to ``path`` in one ``write`` on an O_APPEND descriptor: a reader sees whole
     lines only, and a run killed mid-way leaves every earlier line intact."""
     data = (text.rstrip("\n") + "\n").encode("utf-8")
@@ -306,6 +318,6 @@ def append_line(text: str, path: Union[str, Path]) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)

@@ -13,6 +13,7 @@ what the features take. Heads have random weights from modules/modeling (tiny ra
 
     python bench/bench_eval.py            # a few minutes on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,18 @@ N_VIDEOS, N_TEXTS, FRAMES, DIM, BATCH = 670, 27763, 12, 512, 16
 def _setup(header: str, device: str):
     sys.path.insert(0, str(ROOT))
     import torch
+
     from modules.modeling import CLIP4Clip, CLIP4ClipConfig
 
     torch.set_num_threads(1)
-    config = CLIP4ClipConfig(pretrained_clip_name="tiny-random-ViT/16", sim_header=header, cross_num_hidden_layers=4,
-                             max_words=32, max_frames=FRAMES, precision="fp32")
+    config = CLIP4ClipConfig(
+        pretrained_clip_name="tiny-random-ViT/16",
+        sim_header=header,
+        cross_num_hidden_layers=4,
+        max_words=32,
+        max_frames=FRAMES,
+        precision="fp32",
+    )
     torch.manual_seed(0)
     model = CLIP4Clip.from_config(config).to(device).eval()
     gen = torch.Generator().manual_seed(1)
@@ -54,6 +62,7 @@ def _peak_bytes(torch, device: str) -> int:
 def _child(header: str, method: str, device: str, orig_text_batches: int, queue) -> None:
     torch, model, seq, text_mask, vis, video_mask = _setup(header, device)
     import numpy as np
+
     import main_task_retrieval as mtr
 
     dev = torch.device(device)
@@ -69,15 +78,17 @@ def _child(header: str, method: str, device: str, orig_text_batches: int, queue)
             scale = 1.0
         else:
             # The original's cache: per-batch features already on the device.
-            seqs = [seq[i:i + BATCH].to(dev) for i in range(0, N_TEXTS, BATCH)]
-            tmasks = [text_mask[i:i + BATCH].to(dev) for i in range(0, N_TEXTS, BATCH)]
-            viss = [vis[i:i + BATCH].to(dev) for i in range(0, N_VIDEOS, BATCH)]
-            vmasks = [video_mask[i:i + BATCH].to(dev) for i in range(0, N_VIDEOS, BATCH)]
+            seqs = [seq[i : i + BATCH].to(dev) for i in range(0, N_TEXTS, BATCH)]
+            tmasks = [text_mask[i : i + BATCH].to(dev) for i in range(0, N_TEXTS, BATCH)]
+            viss = [vis[i : i + BATCH].to(dev) for i in range(0, N_VIDEOS, BATCH)]
+            vmasks = [video_mask[i : i + BATCH].to(dev) for i in range(0, N_VIDEOS, BATCH)]
             start = time.perf_counter()
             sim_rows = []
             for s, m in zip(seqs[:orig_text_batches], tmasks[:orig_text_batches]):
-                row = [model.get_similarity_logits(s, v, m, vm, loose_type=True)[0].cpu().numpy()
-                       for v, vm in zip(viss, vmasks)]
+                row = [
+                    model.get_similarity_logits(s, v, m, vm, loose_type=True)[0].cpu().numpy()
+                    for v, vm in zip(viss, vmasks)
+                ]
                 sim_rows.append(np.concatenate(row, axis=-1))
             rows = np.concatenate(sim_rows, axis=0)
             scale = len(seqs) / orig_text_batches
@@ -103,19 +114,27 @@ def measure(header: str, method: str, device: str, orig_text_batches: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", default="meanP,seqLSTM,seqTransf")
-    parser.add_argument("--orig_text_batches", type=int, default=20,
-                        help="text batches of 16 the original is timed on (scaled to all 1,736)")
+    parser.add_argument(
+        "--orig_text_batches",
+        type=int,
+        default=20,
+        help="text batches of 16 the original is timed on (scaled to all 1,736)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     print(f"{N_TEXTS} captions x {N_VIDEOS} videos, {FRAMES} frames, {DIM}-d, device {args.device}, 1 thread")
-    print(f"{'head':<10} {'ours s':>8} {'orig s':>9} {'speed-up':>9} {'ours MiB':>9} {'orig MiB':>9} "
-          f"{'mem ratio':>9} {'max |diff|':>11}")
+    print(
+        f"{'head':<10} {'ours s':>8} {'orig s':>9} {'speed-up':>9} {'ours MiB':>9} {'orig MiB':>9} "
+        f"{'mem ratio':>9} {'max |diff|':>11}"
+    )
     for header in args.heads.split(","):
         ours_s, ours_mem, ours_rows = measure(header, "ours", args.device, args.orig_text_batches)
         orig_s, orig_mem, orig_rows = measure(header, "original", args.device, args.orig_text_batches)
         diff = float(abs(ours_rows - orig_rows).max())
-        print(f"{header:<10} {ours_s:8.2f} {orig_s:9.1f} {orig_s / ours_s:8.1f}x {ours_mem / 2**20:9.0f} "
-              f"{orig_mem / 2**20:9.0f} {orig_mem / max(ours_mem, 1):8.2f}x {diff:11.2e}")
+        print(
+            f"{header:<10} {ours_s:8.2f} {orig_s:9.1f} {orig_s / ours_s:8.1f}x {ours_mem / 2**20:9.0f} "
+            f"{orig_mem / 2**20:9.0f} {orig_mem / max(ours_mem, 1):8.2f}x {diff:11.2e}"
+        )
 
 
 if __name__ == "__main__":

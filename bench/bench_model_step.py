@@ -8,6 +8,7 @@ what one step adds (activations and temporaries) over the weights, gradients and
 
     python bench/bench_model_step.py [--batch 4] [--frames 12] [--sim_header meanP] [--steps 2] [--device cpu|cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,19 +18,29 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Tuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
-from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 
-VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+VIT_B_32 = dict(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=12,
+)
 MAX_WORDS = 32
 
 
@@ -52,7 +63,7 @@ class _RssPeak:
             self.peak = max(self.peak, _rss_bytes())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "_RssPeak":
+    def __enter__(self) -> _RssPeak:
         self._thread.start()
         return self
 
@@ -66,14 +77,14 @@ def _make_batch(batch: int, frames: int, device: torch.device):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 49000, (batch, 1, MAX_WORDS), generator=gen)
     ids[:, 0, MAX_WORDS // 2] = 49407
-    ids[:, 0, MAX_WORDS // 2 + 1:] = 0
+    ids[:, 0, MAX_WORDS // 2 + 1 :] = 0
     mask = (ids != 0).long()
     video = torch.randn(batch, 1, frames, 1, 3, 224, 224, generator=gen)
     video_mask = torch.ones(batch, 1, frames, dtype=torch.long)
     return [t.to(device) for t in (ids, torch.zeros_like(ids), mask, video, video_mask)]
 
 
-def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> Tuple[List[float], int, int]:
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> tuple[list[float], int, int]:
     """Seconds of each of ``steps`` calls of ``step``, the memory held before them and the peak during them (bytes):
     allocated CUDA memory on a GPU, the process RSS (sampled by a thread) on the CPU."""
     times = []
@@ -99,8 +110,13 @@ def run_one(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     clip_state_dict = CLIP(**VIT_B_32).state_dict()
-    cfg = CLIP4ClipConfig(sim_header=args.sim_header, max_words=MAX_WORDS, max_frames=args.frames,
-                          precision=args.precision, grad_checkpointing=args.checkpointing)
+    cfg = CLIP4ClipConfig(
+        sim_header=args.sim_header,
+        max_words=MAX_WORDS,
+        max_frames=args.frames,
+        precision=args.precision,
+        grad_checkpointing=args.checkpointing,
+    )
     model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg).to(device).train()
     del clip_state_dict
     inputs = _make_batch(args.batch, args.frames, device)
@@ -143,9 +159,23 @@ def main() -> None:
 
     results = {}
     for checkpointing in (False, True):
-        cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--frames", str(args.frames),
-               "--sim_header", args.sim_header, "--steps", str(args.steps), "--device", args.device,
-               "--precision", args.precision]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--batch",
+            str(args.batch),
+            "--frames",
+            str(args.frames),
+            "--sim_header",
+            args.sim_header,
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if checkpointing:
@@ -157,13 +187,19 @@ def main() -> None:
 
     plain, ckpt = results[False], results[True]
     memory = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "CPU RSS growth (sampled)"
-    print(f"CLIP4Clip training step, ViT-B/32 shapes, {args.sim_header}, {args.batch} videos x {args.frames} frames, "
-          f"{MAX_WORDS} words, device {args.device}, precision {plain['precision']}, threads {torch.get_num_threads()}")
+    print(
+        f"CLIP4Clip training step, ViT-B/32 shapes, {args.sim_header}, {args.batch} videos x {args.frames} frames, "
+        f"{MAX_WORDS} words, device {args.device}, precision {plain['precision']}, threads {torch.get_num_threads()}"
+    )
     print(f"{'':24}{'no checkpointing':>18}{'checkpointing':>16}{'ratio':>9}")
-    print(f"{'forward+backward (s)':24}{plain['step_s']:>18.3f}{ckpt['step_s']:>16.3f}"
-          f"{ckpt['step_s'] / plain['step_s']:>9.2f}")
-    print(f"{'peak step memory (MiB)':24}{plain['peak_bytes'] / 2**20:>18.0f}{ckpt['peak_bytes'] / 2**20:>16.0f}"
-          f"{ckpt['peak_bytes'] / max(plain['peak_bytes'], 1):>9.2f}")
+    print(
+        f"{'forward+backward (s)':24}{plain['step_s']:>18.3f}{ckpt['step_s']:>16.3f}"
+        f"{ckpt['step_s'] / plain['step_s']:>9.2f}"
+    )
+    print(
+        f"{'peak step memory (MiB)':24}{plain['peak_bytes'] / 2**20:>18.0f}{ckpt['peak_bytes'] / 2**20:>16.0f}"
+        f"{ckpt['peak_bytes'] / max(plain['peak_bytes'], 1):>9.2f}"
+    )
     print(f"(memory: {memory}, growth during a step over what is held before it: weights, gradients, inputs)")
 
 

@@ -7,6 +7,7 @@ ViT-B/32-sized text tower (12 layers, width 512; random weights, which cost the 
 
     python bench/bench_search.py [--videos 10000] [--dim 512] [--repeats 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,18 @@ def main() -> None:
         t_batch = best_of(args.repeats, lambda: top_k(index.embeddings, queries, 5, scale))
 
     # The vision tower is irrelevant to the text side: one layer keeps the build cheap.
-    clip = CLIP(embed_dim=512, image_resolution=224, vision_layers=1, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                transformer_layers=12).eval()
+    clip = CLIP(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=1,
+        vision_width=768,
+        vision_patch_size=32,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ).eval()
     ids = torch.zeros(1, 32, dtype=torch.long)
     ids[0, :8] = torch.tensor([49406, 320, 1929, 1629, 4716, 320, 2687, 49407])
     with torch.no_grad():
@@ -82,8 +92,10 @@ def main() -> None:
     print(f"  100 queries          : {1e3 * t_batch:8.2f} ms  ({1e3 * t_batch / 100:.3f} ms per query)")
     print(f"  encode 1 query (B/32): {1e3 * t_text:8.2f} ms")
     total = t_load_one + t_text
-    print(f"  answer 1 query       : {1e3 * total:8.2f} ms  (encode + load + search; {total / BUDGET_S:.1%} of the "
-          f"1 s budget)")
+    print(
+        f"  answer 1 query       : {1e3 * total:8.2f} ms  (encode + load + search; {total / BUDGET_S:.1%} of the "
+        f"1 s budget)"
+    )
     if total >= BUDGET_S:
         raise SystemExit(f"FAIL: {total:.3f} s is over the {BUDGET_S:.0f} s budget")
 

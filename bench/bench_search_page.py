@@ -8,6 +8,7 @@ in-process (``retrieve.rank_texts``), and "more like this" (``/api/similar``, no
 
     python bench/bench_search_page.py [--videos 10000] [--repeats 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,25 +53,41 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         clip_file = Path(tmp) / "clip-b32-text.pt"
-        torch.save(CLIP(embed_dim=512, image_resolution=224, vision_layers=1, vision_width=768, vision_patch_size=32,
-                        context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                        transformer_layers=12).state_dict(), clip_file)
-        spec = {"init_model": None, "pretrained_clip_name": str(clip_file), "sim_header": "meanP",
-                "linear_patch": "2d"}
+        torch.save(
+            CLIP(
+                embed_dim=512,
+                image_resolution=224,
+                vision_layers=1,
+                vision_width=768,
+                vision_patch_size=32,
+                context_length=77,
+                vocab_size=49408,
+                transformer_width=512,
+                transformer_heads=8,
+                transformer_layers=12,
+            ).state_dict(),
+            clip_file,
+        )
+        spec = {"init_model": None, "pretrained_clip_name": str(clip_file), "sim_header": "meanP", "linear_patch": "2d"}
         model = retrieve.load_model(spec, None, 12, torch.device("cpu"))
         emb = rng.standard_normal((args.videos, 512)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         videos = [{"path": f"v{i:06d}.mp4", "size": 1, "mtime_ns": 0, "frames": 12} for i in range(args.videos)]
         index_dir = Path(tmp) / "index"
-        retrieve.save_index(index_dir, retrieve.Index({"videos_root": tmp, "model": spec, "sampling":
-                                                       dict(retrieve.DEFAULT_SAMPLING)}, videos, [], emb))
+        retrieve.save_index(
+            index_dir,
+            retrieve.Index(
+                {"videos_root": tmp, "model": spec, "sampling": dict(retrieve.DEFAULT_SAMPLING)}, videos, [], emb
+            ),
+        )
         index = retrieve.load_index(index_dir, mmap=True)
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(index, index_dir, model), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(index, index_dir, model), host="127.0.0.1", port=port, log_level="warning")
+        )
         threading.Thread(target=server.run, daemon=True).start()
         while not server.started:
             time.sleep(0.05)
@@ -92,11 +109,15 @@ def main() -> None:
         similar = timings(args.repeats, lambda k: get(f"/api/similar?id={k}&k=12"))
         server.should_exit = True
 
-    print(f"retrieve.py serve over {args.videos:,} videos, CPU ({torch.get_num_threads()} threads), "
-          f"median of {args.repeats}:")
-    for name, t in (("text query over HTTP (/api/search)", http_text),
-                    ("same ranking in-process (rank_texts)", direct),
-                    ("more like this over HTTP (/api/similar)", similar)):
+    print(
+        f"retrieve.py serve over {args.videos:,} videos, CPU ({torch.get_num_threads()} threads), "
+        f"median of {args.repeats}:"
+    )
+    for name, t in (
+        ("text query over HTTP (/api/search)", http_text),
+        ("same ranking in-process (rank_texts)", direct),
+        ("more like this over HTTP (/api/similar)", similar),
+    ):
         m = statistics.median(t)
         print(f"  {name:<40}: {1e3 * m:8.2f} ms  ({m / BUDGET_S:.1%} of the 1 s budget)")
     overhead = statistics.median(http_text) / statistics.median(direct)

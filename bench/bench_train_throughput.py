@@ -17,6 +17,7 @@ Random weights (no download): ``--clip ViT-B/32`` writes a random ViT-B/32 weigh
     python bench/bench_train_throughput.py                  # CPU, small sizes
     python bench/bench_train_throughput.py --device cuda    # the recipe's sizes: batch 128, 12 frames, 16 workers
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,54 +28,78 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "bench", ROOT / "tests"):
     sys.path.insert(0, str(path))
-import main_task_retrieval as driver  # noqa: E402
 from bench_video_loading import make_video  # noqa: E402
+from test_optimization import PerTensorBertAdam  # noqa: E402  (the original's per-tensor step)
+
+import main_task_retrieval as driver  # noqa: E402
 from dataloaders.data_dataloaders import DATALOADER_DICT  # noqa: E402
 from dataloaders.rawvideo_util import normalize_video  # noqa: E402
 from modules import module_clip  # noqa: E402
 from modules.modeling import freeze_clip_layers  # noqa: E402
 from modules.module_clip import CLIP, clip_config_from_state_dict  # noqa: E402
 from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
-from test_optimization import PerTensorBertAdam  # noqa: E402  (the original's per-tensor step)
 
 RECIPE_PAIRS, RECIPE_EPOCHS, GOAL_MINUTES = 180_000, 5, 30
-VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+VIT_B_32 = dict(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=12,
+)
 CAPTIONS_PER_VIDEO = 20
 PHASES = ("data wait", "host->device", "forward", "backward", "optimizer", "all-reduce")
 
 
 # ---- the data set ---------------------------------------------------------------------------------------------------
 
-def make_msrvtt_layout(root: Path, n_videos: int, seconds: int, distinct: int = 4) -> Dict[str, str]:
+
+def make_msrvtt_layout(root: Path, n_videos: int, seconds: int, distinct: int = 4) -> dict[str, str]:
     """``n_videos`` MSR-VTT ids with 20 captions each; ``distinct`` real encodings, the other ids symlinked to
     them (every id is still decoded and cached on its own)."""
     videos = root / "videos"
     videos.mkdir(parents=True, exist_ok=True)
-    sources = [make_video(root / f"source{k}_{seconds}s.mp4", 320, 240, [], seconds=seconds)
-               for k in range(min(distinct, n_videos))]
+    sources = [
+        make_video(root / f"source{k}_{seconds}s.mp4", 320, 240, [], seconds=seconds)
+        for k in range(min(distinct, n_videos))
+    ]
     ids = [f"video{i}" for i in range(n_videos)]
     for i, vid in enumerate(ids):
         link = videos / f"{vid}.mp4"
         if not link.exists():
             link.symlink_to(sources[i % len(sources)])
     (root / "MSRVTT_train.9k.csv").write_text("video_id\n" + "".join(f"{v}\n" for v in ids))
-    (root / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n" + "".join(
-        f"ret{i},msr{i},{v},a test pattern number {i}\n" for i, v in enumerate(ids)))
-    sentences = [{"video_id": v, "caption": f"a moving test pattern {k} with noise", "sen_id": i * 20 + k}
-                 for k in range(CAPTIONS_PER_VIDEO) for i, v in enumerate(ids)]
-    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": [{"video_id": v} for v in ids],
-                                                      "sentences": sentences}))
-    return {"train_csv": str(root / "MSRVTT_train.9k.csv"), "val_csv": str(root / "MSRVTT_JSFUSION_test.csv"),
-            "data_path": str(root / "MSRVTT_data.json"), "features_path": str(videos)}
+    (root / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\n"
+        + "".join(f"ret{i},msr{i},{v},a test pattern number {i}\n" for i, v in enumerate(ids))
+    )
+    sentences = [
+        {"video_id": v, "caption": f"a moving test pattern {k} with noise", "sen_id": i * 20 + k}
+        for k in range(CAPTIONS_PER_VIDEO)
+        for i, v in enumerate(ids)
+    ]
+    (root / "MSRVTT_data.json").write_text(
+        json.dumps({"videos": [{"video_id": v} for v in ids], "sentences": sentences})
+    )
+    return {
+        "train_csv": str(root / "MSRVTT_train.9k.csv"),
+        "val_csv": str(root / "MSRVTT_JSFUSION_test.csv"),
+        "data_path": str(root / "MSRVTT_data.json"),
+        "features_path": str(videos),
+    }
 
 
 def clip_weights(name: str, root: Path) -> str:
@@ -88,13 +113,40 @@ def clip_weights(name: str, root: Path) -> str:
     return str(path)
 
 
-def driver_args(opts: argparse.Namespace, paths: Dict[str, str], frame_cache: Optional[str]) -> argparse.Namespace:
+def driver_args(opts: argparse.Namespace, paths: dict[str, str], frame_cache: str | None) -> argparse.Namespace:
     """The driver's own parsed flags for the recipe (loose meanP, 1 fps, uniform 12 frames, 32 words)."""
-    argv = ["--do_train", "--output_dir", str(Path(opts.data_dir) / "run"), "--datatype", "msrvtt",
-            "--pretrained_clip_name", opts.clip_file, "--sim_header", opts.sim_header, "--loose_type",
-            "--batch_size", str(opts.batch), "--max_frames", str(opts.frames), "--max_words", "32",
-            "--feature_framerate", "1", "--slice_framepos", "2", "--num_thread_reader", str(opts.workers),
-            "--precision", opts.precision, "--lr", "1e-4", "--coef_lr", "1e-3", "--epochs", "5"]
+    argv = [
+        "--do_train",
+        "--output_dir",
+        str(Path(opts.data_dir) / "run"),
+        "--datatype",
+        "msrvtt",
+        "--pretrained_clip_name",
+        opts.clip_file,
+        "--sim_header",
+        opts.sim_header,
+        "--loose_type",
+        "--batch_size",
+        str(opts.batch),
+        "--max_frames",
+        str(opts.frames),
+        "--max_words",
+        "32",
+        "--feature_framerate",
+        "1",
+        "--slice_framepos",
+        "2",
+        "--num_thread_reader",
+        str(opts.workers),
+        "--precision",
+        opts.precision,
+        "--lr",
+        "1e-4",
+        "--coef_lr",
+        "1e-3",
+        "--epochs",
+        "5",
+    ]
     for flag, value in paths.items():
         argv += [f"--{flag}", value]
     if frame_cache:
@@ -112,6 +164,7 @@ def train_loader(args: argparse.Namespace, tokenizer: SimpleTokenizer, uint8: bo
 
 # ---- timing helpers -------------------------------------------------------------------------------------------------
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -122,7 +175,7 @@ class Phases:
 
     def __init__(self, device: torch.device, exact: bool):
         self.device, self.exact = device, exact
-        self.total: Dict[str, float] = {name: 0.0 for name in PHASES}
+        self.total: dict[str, float] = {name: 0.0 for name in PHASES}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -133,7 +186,7 @@ class Phases:
         self.total[name] += time.perf_counter() - start
 
 
-def loader_pass(loader, steps: int) -> Dict[str, float]:
+def loader_pass(loader, steps: int) -> dict[str, float]:
     """Clips/s and frames/s over ``steps`` batches, counting the workers' start-up (part of every epoch)."""
     clips = frames = 0
     start = time.perf_counter()
@@ -148,7 +201,8 @@ def loader_pass(loader, steps: int) -> Dict[str, float]:
 
 # ---- the model step -------------------------------------------------------------------------------------------------
 
-def mha_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+
+def mha_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor | None = None):
     """The previous attention: nn.MultiheadAttention itself, per-sample masks copied once per head."""
     if mask is not None and mask.dim() == 4:
         mask = mask.expand(-1, attn.num_heads, -1, -1).reshape(-1, *mask.shape[-2:])
@@ -160,8 +214,9 @@ def build(args: argparse.Namespace, device: torch.device, variant: str):
     torch.manual_seed(0)
     model = driver.init_model(args, device)
     freeze_clip_layers(model, args.freeze_layer_num, args.linear_patch)
-    optimizer = driver.prep_optimizer(args, model, RECIPE_PAIRS // args.batch_size * RECIPE_EPOCHS,
-                                      coef_lr=args.coef_lr)
+    optimizer = driver.prep_optimizer(
+        args, model, RECIPE_PAIRS // args.batch_size * RECIPE_EPOCHS, coef_lr=args.coef_lr
+    )
     if variant == "before":
         optimizer.__class__ = PerTensorBertAdam
     if variant == "compile":
@@ -197,22 +252,25 @@ def train_step(model, optimizer, batch, args, device: torch.device, phases: Phas
         torch.clamp_(model.clip.logit_scale.data, max=math.log(100))
 
 
-def synthetic_batch(args: argparse.Namespace, device: torch.device) -> List[torch.Tensor]:
+def synthetic_batch(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     b, words, size = args.batch_size, args.max_words, args.image_resolution
     ids = torch.randint(1, 49000, (b, 1, words), generator=gen)
-    ids[:, 0, words // 2:] = 0
+    ids[:, 0, words // 2 :] = 0
     mask = (ids != 0).long()
     video = torch.randint(0, 256, (b, 1, args.max_frames, 1, 3, size, size), generator=gen, dtype=torch.uint8)
-    return [t.to(device) for t in (ids, mask, torch.zeros_like(ids), video, torch.ones(b, 1, args.max_frames,
-                                                                                      dtype=torch.long))]
+    return [
+        t.to(device)
+        for t in (ids, mask, torch.zeros_like(ids), video, torch.ones(b, 1, args.max_frames, dtype=torch.long))
+    ]
 
 
-def model_alone(model, optimizer, args, device: torch.device, variant: str, warmup: int, steps: int
-                ) -> Dict[str, float]:
+def model_alone(
+    model, optimizer, args, device: torch.device, variant: str, warmup: int, steps: int
+) -> dict[str, float]:
     """Seconds per phase of one step on a batch already on the device (the fastest of ``steps``), and clips/s."""
     batch = synthetic_batch(args, device)
-    best: Dict[str, float] = {}
+    best: dict[str, float] = {}
     with attention(variant):
         for i in range(warmup + steps):
             phases = Phases(device, exact=True)
@@ -223,8 +281,9 @@ def model_alone(model, optimizer, args, device: torch.device, variant: str, warm
     return best
 
 
-def whole_loop(model, optimizer, args, device: torch.device, loader, warmup: int, steps: int, exact: bool
-               ) -> Dict[str, float]:
+def whole_loop(
+    model, optimizer, args, device: torch.device, loader, warmup: int, steps: int, exact: bool
+) -> dict[str, float]:
     """Loader + model + optimizer over ``steps`` batches after ``warmup``: clips/s and seconds per phase."""
     phases = Phases(device, exact)
     batches = iter(loader)
@@ -245,22 +304,32 @@ def whole_loop(model, optimizer, args, device: torch.device, loader, warmup: int
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 
-def report(opts, args, device, results: Dict[str, Dict[str, float]]) -> None:
+
+def report(opts, args, device, results: dict[str, dict[str, float]]) -> None:
     first, cached, float64 = results["loader first"], results["loader cached"], results["loader float64"]
-    print(f"\nTraining throughput, {opts.clip} random weights, {opts.sim_header}, batch {args.batch_size} x "
-          f"{args.max_frames} frames, device {device}, precision {args.precision}, {opts.workers} workers, "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"\nTraining throughput, {opts.clip} random weights, {opts.sim_header}, batch {args.batch_size} x "
+        f"{args.max_frames} frames, device {device}, precision {args.precision}, {opts.workers} workers, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     print(f"\n{'loader alone':34}{'clips/s':>10}{'frames/s':>11}{'ratio':>8}")
     print(f"{'  first pass (decode, fill cache)':34}{first['clips_s']:>10.1f}{first['frames_s']:>11.0f}{'':>8}")
-    print(f"{'  frame cache, uint8 frames':34}{cached['clips_s']:>10.1f}{cached['frames_s']:>11.0f}"
-          f"{cached['clips_s'] / first['clips_s']:>8.2f}")
-    print(f"{'  frame cache, float64 frames':34}{float64['clips_s']:>10.1f}{float64['frames_s']:>11.0f}"
-          f"{float64['clips_s'] / first['clips_s']:>8.2f}   (uint8/float64: "
-          f"{cached['clips_s'] / float64['clips_s']:.2f})")
+    print(
+        f"{'  frame cache, uint8 frames':34}{cached['clips_s']:>10.1f}{cached['frames_s']:>11.0f}"
+        f"{cached['clips_s'] / first['clips_s']:>8.2f}"
+    )
+    print(
+        f"{'  frame cache, float64 frames':34}{float64['clips_s']:>10.1f}{float64['frames_s']:>11.0f}"
+        f"{float64['clips_s'] / first['clips_s']:>8.2f}   (uint8/float64: "
+        f"{cached['clips_s'] / float64['clips_s']:.2f})"
+    )
 
     variants = [v for v in ("before", "now", "compile") if f"model {v}" in results]
-    print(f"\n{'model step alone (s)':22}" + "".join(f"{v:>11}" for v in variants)
-          + (f"{'now/before':>12}" if "before" in variants else ""))
+    print(
+        f"\n{'model step alone (s)':22}"
+        + "".join(f"{v:>11}" for v in variants)
+        + (f"{'now/before':>12}" if "before" in variants else "")
+    )
     for name in PHASES[1:5] + ("clips/s",):
         key = "clips_s" if name == "clips/s" else name
         vals = [results[f"model {v}"][key] for v in variants]
@@ -272,18 +341,25 @@ def report(opts, args, device, results: Dict[str, Dict[str, float]]) -> None:
     whole = results["whole"]
     model_rate = results["model now"]["clips_s"]
     bound = min(cached["clips_s"], model_rate)
-    print(f"\nwhole loop (frame cache, uint8): {whole['clips_s']:.3g} clips/s; loader {cached['clips_s']:.3g}, "
-          f"model {model_rate:.3g}; whole/min(loader, model) = {whole['clips_s'] / bound:.2f}")
+    print(
+        f"\nwhole loop (frame cache, uint8): {whole['clips_s']:.3g} clips/s; loader {cached['clips_s']:.3g}, "
+        f"model {model_rate:.3g}; whole/min(loader, model) = {whole['clips_s'] / bound:.2f}"
+    )
     step = sum(whole[p] for p in PHASES)
-    print("one step: " + ", ".join(f"{p} {whole[p] * 1e3:.1f} ms ({100 * whole[p] / step:.0f}%)"
-                                   for p in PHASES if p != "all-reduce") + ", all-reduce n/a (one process)")
+    print(
+        "one step: "
+        + ", ".join(f"{p} {whole[p] * 1e3:.1f} ms ({100 * whole[p] / step:.0f}%)" for p in PHASES if p != "all-reduce")
+        + ", all-reduce n/a (one process)"
+    )
     hours = RECIPE_PAIRS * RECIPE_EPOCHS / whole["clips_s"] / 3600
-    print(f"projected MSR-VTT recipe ({RECIPE_PAIRS:,} pairs x {RECIPE_EPOCHS} epochs, this batch size): "
-          f"{hours:.3g} h at {whole['clips_s']:.3g} clips/s (goal {GOAL_MINUTES} min: "
-          f"{RECIPE_PAIRS * RECIPE_EPOCHS / (GOAL_MINUTES * 60):.0f} clips/s)")
+    print(
+        f"projected MSR-VTT recipe ({RECIPE_PAIRS:,} pairs x {RECIPE_EPOCHS} epochs, this batch size): "
+        f"{hours:.3g} h at {whole['clips_s']:.3g} clips/s (goal {GOAL_MINUTES} min: "
+        f"{RECIPE_PAIRS * RECIPE_EPOCHS / (GOAL_MINUTES * 60):.0f} clips/s)"
+    )
 
 
-def run(opts: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+def run(opts: argparse.Namespace) -> dict[str, dict[str, float]]:
     device = torch.device(opts.device)
     root = Path(opts.data_dir)
     n_videos = (opts.warmup + opts.steps) * opts.batch
@@ -297,17 +373,20 @@ def run(opts: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     tokenizer = SimpleTokenizer()
     steps = opts.warmup + opts.steps
 
-    results = {"loader first": loader_pass(train_loader(args, tokenizer), steps),
-               "loader cached": loader_pass(train_loader(args, tokenizer), steps),
-               "loader float64": loader_pass(train_loader(args, tokenizer, uint8=False), steps)}
+    results = {
+        "loader first": loader_pass(train_loader(args, tokenizer), steps),
+        "loader cached": loader_pass(train_loader(args, tokenizer), steps),
+        "loader float64": loader_pass(train_loader(args, tokenizer, uint8=False), steps),
+    }
     for variant in ("before", "now") + (() if opts.no_compile else ("compile",)):
         model, optimizer = build(args, device, variant)
         results[f"model {variant}"] = model_alone(model, optimizer, args, device, variant, opts.warmup, opts.steps)
         if variant == "now":
             now = model, optimizer
     # The whole loop continues training the "now" model: its rate does not depend on the weights.
-    results["whole"] = whole_loop(*now, args, device, train_loader(args, tokenizer), opts.warmup, opts.steps,
-                                  exact=device.type != "cuda")
+    results["whole"] = whole_loop(
+        *now, args, device, train_loader(args, tokenizer), opts.warmup, opts.steps, exact=device.type != "cuda"
+    )
     if device.type == "cuda":  # the rate above ran without syncs; the breakdown needs them
         breakdown = whole_loop(*now, args, device, train_loader(args, tokenizer), opts.warmup, opts.steps, exact=True)
         results["whole"].update({p: breakdown[p] for p in PHASES})
@@ -333,7 +412,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     opts = get_parser().parse_args(argv)
     cuda = opts.device.startswith("cuda")
     for name, cpu_value, cuda_value in (("batch", 4, 128), ("workers", 2, 16), ("steps", 3, 20), ("warmup", 1, 5)):

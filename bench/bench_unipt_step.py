@@ -13,6 +13,7 @@ the tensors that dominate the step's memory.
 
     python bench/bench_unipt_step.py [--batch 2] [--frames 12] [--steps 2] [--device cpu|cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_model_step import MAX_WORDS, VIT_B_32, _make_batch, _rss_bytes, time_steps  # noqa: E402
 from main_task_retrieval import prep_optimizer  # noqa: E402
+from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
-from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers  # noqa: E402
 
 TARGETS = {"step memory": 0.35, "step time": 0.6}  # unipt / full, from the issue that asked for this mode
 
@@ -83,15 +83,34 @@ def run_one(args: argparse.Namespace) -> dict:
     step()  # warm-up: allocates gradients and optimizer state
     times, rest, peak = time_steps(step, args.steps, device)
     saved = _saved_for_backward(model, inputs)
-    return {"step_s": min(times), "rest_bytes": rest - before, "step_bytes": peak - rest,
-            "saved_bytes": sum(saved.values()), "precision": model.precision,
-            "trainable": sum(p.numel() for p in params),
-            "top_saved": [[list(shape), dtype, n] for (shape, dtype), n in saved.most_common(4)]}
+    return {
+        "step_s": min(times),
+        "rest_bytes": rest - before,
+        "step_bytes": peak - rest,
+        "saved_bytes": sum(saved.values()),
+        "precision": model.precision,
+        "trainable": sum(p.numel() for p in params),
+        "top_saved": [[list(shape), dtype, n] for (shape, dtype), n in saved.most_common(4)],
+    }
 
 
 def _child(args: argparse.Namespace, tuning: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", tuning, "--batch", str(args.batch), "--frames", str(args.frames),
-           "--steps", str(args.steps), "--device", args.device, "--precision", args.precision]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        tuning,
+        "--batch",
+        str(args.batch),
+        "--frames",
+        str(args.frames),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     # Every allocation of 64 KiB or more gets its own mapping, so freed tensors leave the RSS at once.
@@ -120,18 +139,24 @@ def main() -> None:
         return
 
     full, unipt = _child(args, "full"), _child(args, "unipt")
-    mib = 2 ** 20
+    mib = 2**20
     memory = "CUDA memory_allocated" if args.device.startswith("cuda") else "CPU RSS (sampled)"
-    print(f"CLIP4Clip training step (forward, backward, BertAdam), ViT-B/32 shapes, meanP, {args.batch} videos x "
-          f"{args.frames} frames, {MAX_WORDS} words, device {args.device}, precision {full['precision']}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"CLIP4Clip training step (forward, backward, BertAdam), ViT-B/32 shapes, meanP, {args.batch} videos x "
+        f"{args.frames} frames, {MAX_WORDS} words, device {args.device}, precision {full['precision']}, "
+        f"threads {torch.get_num_threads()}"
+    )
     rows = [
         ("trainable parameters (M)", full["trainable"] / 1e6, unipt["trainable"] / 1e6, None),
         ("step time (s)", full["step_s"], unipt["step_s"], TARGETS["step time"]),
         ("memory at rest (MiB)", full["rest_bytes"] / mib, unipt["rest_bytes"] / mib, None),
         ("step memory above rest (MiB)", full["step_bytes"] / mib, unipt["step_bytes"] / mib, TARGETS["step memory"]),
-        ("peak memory, total (MiB)", (full["rest_bytes"] + full["step_bytes"]) / mib,
-         (unipt["rest_bytes"] + unipt["step_bytes"]) / mib, None),
+        (
+            "peak memory, total (MiB)",
+            (full["rest_bytes"] + full["step_bytes"]) / mib,
+            (unipt["rest_bytes"] + unipt["step_bytes"]) / mib,
+            None,
+        ),
         ("saved for backward (MiB)", full["saved_bytes"] / mib, unipt["saved_bytes"] / mib, None),
     ]
     print(f"{'':30}{'full':>12}{'unipt':>12}{'ratio':>8}{'target':>9}")
@@ -149,8 +174,10 @@ def main() -> None:
     for shape, dtype, n in unipt["top_saved"]:
         print(f"  {tuple(shape)} {dtype} {n / mib:.1f}")
     if missed:
-        print(f"target missed: {', '.join(missed)}; the tensors above are what unipt's step still holds (its "
-              f"frozen towers keep no activations; the adapters keep their ReLU inputs per hidden state)")
+        print(
+            f"target missed: {', '.join(missed)}; the tensors above are what unipt's step still holds (its "
+            f"frozen towers keep no activations; the adapters keep their ReLU inputs per hidden state)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ prints per file, side by side:
 
 Usage: ``python bench/bench_video_loading.py [--quick] [--video_dir DIR]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,20 +23,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataloaders.rawvideo_util import RawVideoExtractor, normalize_uint8, sample_frame_indices, select_kept  # noqa: E402
 from util import atomic_path  # noqa: E402
-from dataloaders.rawvideo_util import (RawVideoExtractor, normalize_uint8, sample_frame_indices,  # noqa: E402
-                                       select_kept)
 
 MAX_FRAMES, SLICE_FRAMEPOS, FRAMERATE, SIZE = 12, 2, 1, 224
 
@@ -46,21 +45,42 @@ VIDEOS = {  # name: (width, height, extra x264 arguments)
 }
 
 
-def make_video(path: Path, width: int, height: int, extra: List[str], seconds: int = 15) -> Path:
+def make_video(path: Path, width: int, height: int, extra: list[str], seconds: int = 15) -> Path:
     """A moving test pattern with temporal noise, so the encoder and decoder do real work (like camera footage)."""
     if path.exists():
         return path
     import imageio_ffmpeg
 
     with atomic_path(path, sync=False) as tmp:
-        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-                        "-i", f"testsrc2=size={width}x{height}:rate=30,noise=alls=6:allf=t", "-t", str(seconds),
-                        "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", *extra, str(tmp)],
-                       check=True)
+        subprocess.run(
+            [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                f"testsrc2=size={width}x{height}:rate=30,noise=alls=6:allf=t",
+                "-t",
+                str(seconds),
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-pix_fmt",
+                "yuv420p",
+                *extra,
+                str(tmp),
+            ],
+            check=True,
+        )
     return path
 
 
 # ---- the original algorithm, written out as the baseline -----------------------------------------------------------
+
 
 def baseline_sample(path: str, transform: Callable[[Image.Image], torch.Tensor]) -> np.ndarray:
     cap = cv2.VideoCapture(path)
@@ -89,14 +109,15 @@ def baseline_sample(path: str, transform: Callable[[Image.Image], torch.Tensor])
 
 # ---- the limit ------------------------------------------------------------------------------------------------------
 
-def needed_frames(path: str) -> List[int]:
+
+def needed_frames(path: str) -> list[int]:
     cap = cv2.VideoCapture(path)
     frame_count, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), int(cap.get(cv2.CAP_PROP_FPS))
     indices = [i for i in sample_frame_indices(frame_count, fps, FRAMERATE) if i < frame_count]
     return [indices[j] for j in select_kept(len(indices), MAX_FRAMES, SLICE_FRAMEPOS)]
 
 
-def decode_sequential(path: str, needed: List[int]) -> List[np.ndarray]:
+def decode_sequential(path: str, needed: list[int]) -> list[np.ndarray]:
     cap, out, wanted = cv2.VideoCapture(path), [], set(needed)
     for i in range(needed[-1] + 1):
         cap.grab()
@@ -105,7 +126,7 @@ def decode_sequential(path: str, needed: List[int]) -> List[np.ndarray]:
     return out
 
 
-def decode_seek_each(path: str, needed: List[int]) -> List[np.ndarray]:
+def decode_seek_each(path: str, needed: list[int]) -> list[np.ndarray]:
     cap, out = cv2.VideoCapture(path), []
     for i in needed:
         cap.set(cv2.CAP_PROP_POS_FRAMES, i)
@@ -113,17 +134,17 @@ def decode_seek_each(path: str, needed: List[int]) -> List[np.ndarray]:
     return out
 
 
-def transform_pil(frames: List[np.ndarray], extractor: RawVideoExtractor) -> torch.Tensor:
+def transform_pil(frames: list[np.ndarray], extractor: RawVideoExtractor) -> torch.Tensor:
     return torch.stack([extractor.transform(Image.fromarray(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))) for f in frames])
 
 
-def transform_tensor(frames: List[np.ndarray]) -> torch.Tensor:
+def transform_tensor(frames: list[np.ndarray]) -> torch.Tensor:
     x = torch.from_numpy(np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames])).permute(0, 3, 1, 2)
     x = v2.functional.resize(x, SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
     return normalize_uint8(v2.functional.center_crop(x, SIZE).numpy())
 
 
-def best_times(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+def best_times(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Fastest of ``repeats`` runs of each method, in ms, taken in turns so that load changes hit all alike."""
     best = {name: float("inf") for name in methods}
     for _ in range(repeats):
@@ -134,7 +155,7 @@ def best_times(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[s
     return best
 
 
-def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
+def bench_file(path: str, repeats: int, cache_dir: str) -> dict[str, object]:
     ours = RawVideoExtractor(framerate=FRAMERATE, size=SIZE)
     ours_pil = RawVideoExtractor(framerate=FRAMERATE, size=SIZE, pil_resize=True)
     cached = RawVideoExtractor(framerate=FRAMERATE, size=SIZE, cache_dir=cache_dir)
@@ -142,28 +163,36 @@ def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
     frames = decode_sequential(path, needed)
     sample = ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0]
     original = baseline_sample(path, ours_pil.transform)
-    r: Dict[str, object] = {}
+    r: dict[str, object] = {}
     # bit for bit equal to the original algorithm run with the same transform, and the cache to the uncached
-    r["identical"] = (np.array_equal(sample, baseline_sample(path, ours.transform))
-                      and np.array_equal(ours_pil.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], original)
-                      and np.array_equal(cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], sample)
-                      and np.array_equal(cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], sample))
+    r["identical"] = (
+        np.array_equal(sample, baseline_sample(path, ours.transform))
+        and np.array_equal(ours_pil.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], original)
+        and np.array_equal(cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], sample)
+        and np.array_equal(cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS)[0], sample)
+    )
     std = np.array([0.26862954, 0.26130258, 0.27577711]).reshape(1, 1, 1, 3, 1, 1)
     r["max_diff_255"] = float(np.abs(sample - original).__mul__(std).max() * 255)
-    t = best_times({
-        "baseline": lambda: baseline_sample(path, ours_pil.transform),
-        "ours": lambda: ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
-        "ours_pil": lambda: ours_pil.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
-        "sequential": lambda: decode_sequential(path, needed),
-        "seek": lambda: decode_seek_each(path, needed),
-        "pil": lambda: transform_pil(frames, ours_pil),
-        "tensor": lambda: transform_tensor(frames),
-        "cache": lambda: cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
-    }, repeats)
+    t = best_times(
+        {
+            "baseline": lambda: baseline_sample(path, ours_pil.transform),
+            "ours": lambda: ours.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
+            "ours_pil": lambda: ours_pil.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
+            "sequential": lambda: decode_sequential(path, needed),
+            "seek": lambda: decode_seek_each(path, needed),
+            "pil": lambda: transform_pil(frames, ours_pil),
+            "tensor": lambda: transform_tensor(frames),
+            "cache": lambda: cached.get_video_sample(path, MAX_FRAMES, SLICE_FRAMEPOS),
+        },
+        repeats,
+    )
     r.update({k: t[k] for k in ("baseline", "ours", "ours_pil", "cache")})
     r["limit"] = min(t["sequential"], t["seek"]) + min(t["pil"], t["tensor"])
-    r["limit_how"] = (("sequential" if t["sequential"] <= t["seek"] else "seek each") + " + "
-                      + ("PIL" if t["pil"] <= t["tensor"] else "tensor"))
+    r["limit_how"] = (
+        ("sequential" if t["sequential"] <= t["seek"] else "seek each")
+        + " + "
+        + ("PIL" if t["pil"] <= t["tensor"] else "tensor")
+    )
     r["pil_ms_frame"], r["tensor_ms_frame"] = t["pil"] / len(frames), t["tensor"] / len(frames)
     return r
 
@@ -171,8 +200,9 @@ def bench_file(path: str, repeats: int, cache_dir: str) -> Dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two timed runs per method (about 1-2 minutes)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs per method, taken in turns; the fastest counts")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per method, taken in turns; the fastest counts"
+    )
     parser.add_argument("--video_dir", default=None, help="where to build (and reuse) the videos; default: a temp dir")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
@@ -181,23 +211,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         video_dir = Path(args.video_dir or tmp)
         video_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{os.cpu_count()} CPU cores, torch threads 1, cv2 {cv2.__version__}; best of {repeats}; "
-              f"{MAX_FRAMES} frames, slice_framepos {SLICE_FRAMEPOS}, framerate {FRAMERATE}, {SIZE}px")
-        header = (f"{'file':<22}{'baseline':>10}{'ours':>9}{'ours/PIL':>10}{'limit':>9}{'cache':>8}  "
-                  f"{'base/ours':>9}{'ours/limit':>11}{'base/cache':>11}  same  max|ours-PIL|  limit made of")
+        print(
+            f"{os.cpu_count()} CPU cores, torch threads 1, cv2 {cv2.__version__}; best of {repeats}; "
+            f"{MAX_FRAMES} frames, slice_framepos {SLICE_FRAMEPOS}, framerate {FRAMERATE}, {SIZE}px"
+        )
+        header = (
+            f"{'file':<22}{'baseline':>10}{'ours':>9}{'ours/PIL':>10}{'limit':>9}{'cache':>8}  "
+            f"{'base/ours':>9}{'ours/limit':>11}{'base/cache':>11}  same  max|ours-PIL|  limit made of"
+        )
         print(header + "\n" + "-" * len(header))
         for name, (w, h, extra) in VIDEOS.items():
             path = str(make_video(video_dir / (name.replace(" ", "_") + ".mp4"), w, h, extra))
             r = bench_file(path, repeats, os.path.join(tmp, "cache"))
-            print(f"{name:<22}{r['baseline']:>8.0f}ms{r['ours']:>7.0f}ms{r['ours_pil']:>8.0f}ms{r['limit']:>7.0f}ms"
-                  f"{r['cache']:>6.1f}ms  {r['baseline'] / r['ours']:>8.2f}x{r['ours'] / r['limit']:>10.2f}x"
-                  f"{r['baseline'] / r['cache']:>10.0f}x  {'yes' if r['identical'] else 'NO ':<4}  "
-                  f"{r['max_diff_255']:>7.2f}/255  {r['limit_how']} "
-                  f"(PIL {r['pil_ms_frame']:.1f} ms/frame, tensor {r['tensor_ms_frame']:.1f})")
-        print("base: the original's seek per sampled frame + PIL; ours: get_video_sample (tensor resize); "
-              "ours/PIL: pil_resize=True;\nlimit: min(sequential grab to the last needed frame, cv2 seek per needed "
-              "frame) + the faster transform; cache: warm --frame_cache;\nsame: bit-identical to the original "
-              "algorithm run with the same transform (and the cache to no cache).")
+            print(
+                f"{name:<22}{r['baseline']:>8.0f}ms{r['ours']:>7.0f}ms{r['ours_pil']:>8.0f}ms{r['limit']:>7.0f}ms"
+                f"{r['cache']:>6.1f}ms  {r['baseline'] / r['ours']:>8.2f}x{r['ours'] / r['limit']:>10.2f}x"
+                f"{r['baseline'] / r['cache']:>10.0f}x  {'yes' if r['identical'] else 'NO ':<4}  "
+                f"{r['max_diff_255']:>7.2f}/255  {r['limit_how']} "
+                f"(PIL {r['pil_ms_frame']:.1f} ms/frame, tensor {r['tensor_ms_frame']:.1f})"
+            )
+        print(
+            "base: the original's seek per sampled frame + PIL; ours: get_video_sample (tensor resize); "
+            "ours/PIL: pil_resize=True;\nlimit: min(sequential grab to the last needed frame, cv2 seek per needed "
+            "frame) + the faster transform; cache: warm --frame_cache;\nsame: bit-identical to the original "
+            "algorithm run with the same transform (and the cache to no cache)."
+        )
+
 
 if __name__ == "__main__":
     main()

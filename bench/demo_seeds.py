@@ -9,6 +9,7 @@ finished by running the same command again.
     nice -n 19 python bench/demo_seeds.py --out /work/demo_sweep        # 3 seeds x meanP, seqTransf
     EPOCHS=2 python bench/demo_seeds.py --out /tmp/sweep --seeds 1 2     # demo.sh's variables pass through
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def run_demo(out: Path, head: str, seed: int) -> None:
     log = out / f"demo_{head}_seed{seed}.log"
     print(f"== {head}, seed {seed} (log: {log})", flush=True)
     with open(log, "w") as f:
-        done = subprocess.run(["bash", str(REPO / "demo.sh"), "--output_dir", str(run_folder(out, head, seed))],
-                              env=env, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            ["bash", str(REPO / "demo.sh"), "--output_dir", str(run_folder(out, head, seed))],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode != 0:
         sys.exit(f"demo_seeds.py: error: demo.sh failed for {head}, seed {seed} (exit {done.returncode}); see {log}")
 
@@ -75,7 +80,7 @@ def main() -> None:
     for head, rows in figures.items():
         for seed, test_r1, order_r1 in rows:
             print(f"| {head} | {seed} | {test_r1:.1f} | {order_r1:.1f} |")
-    print(f"\n| head | seeds | test R@1 (mean +- std) | order-dependent R@1 (mean +- std) |\n|---|---|---|---|")
+    print("\n| head | seeds | test R@1 (mean +- std) | order-dependent R@1 (mean +- std) |\n|---|---|---|---|")
     for head, rows in figures.items():
         print(f"| {head} | {len(rows)} | {mean_std([r[1] for r in rows])} | {mean_std([r[2] for r in rows])} |")
 

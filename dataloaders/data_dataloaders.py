@@ -1,20 +1,17 @@
 """Flags → dataset → DataLoader: ``DATALOADER_DICT[datatype]["train" | "val" | "test"]``."""
-from __future__ import annotations
 
-from typing import Tuple
+from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
-
-from util import get_rank, get_world_size
 
 from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader
 from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
 from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
-
+from util import get_rank, get_world_size
 
 # Differs from the original (pin_memory=False): batches land in page-locked memory when a GPU will read them, so the
 # driver's non_blocking copies overlap the previous step. Persistent workers are not used: re-created workers draw
@@ -38,24 +35,39 @@ def _dataset_kwargs(args, tokenizer, frame_order: int) -> dict:
     )
 
 
-def _train_loader(dataset: Dataset, args) -> Tuple[DataLoader, int, DistributedSampler]:
+def _train_loader(dataset: Dataset, args) -> tuple[DataLoader, int, DistributedSampler]:
     """Shuffled by a DistributedSampler (seed 0 + epoch; call ``set_epoch``), ``batch_size // n_gpu`` per process."""
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
-    loader = DataLoader(dataset, batch_size=args.batch_size // args.n_gpu, num_workers=args.num_thread_reader,
-                        pin_memory=PIN_MEMORY, sampler=sampler, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size // args.n_gpu,
+        num_workers=args.num_thread_reader,
+        pin_memory=PIN_MEMORY,
+        sampler=sampler,
+        drop_last=True,
+    )
     return loader, len(dataset), sampler
 
 
-def _eval_loader(dataset: Dataset, args) -> Tuple[DataLoader, int]:
-    loader = DataLoader(dataset, batch_size=args.batch_size_val, num_workers=args.num_thread_reader,
-                        shuffle=False, drop_last=False, pin_memory=PIN_MEMORY)
+def _eval_loader(dataset: Dataset, args) -> tuple[DataLoader, int]:
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size_val,
+        num_workers=args.num_thread_reader,
+        shuffle=False,
+        drop_last=False,
+        pin_memory=PIN_MEMORY,
+    )
     return loader, len(dataset)
 
 
 def dataloader_msrvtt_train(args, tokenizer):
-    dataset = MSRVTT_TrainDataLoader(csv_path=args.train_csv, json_path=args.data_path,
-                                     unfold_sentences=args.expand_msrvtt_sentences,
-                                     **_dataset_kwargs(args, tokenizer, args.train_frame_order))
+    dataset = MSRVTT_TrainDataLoader(
+        csv_path=args.train_csv,
+        json_path=args.data_path,
+        unfold_sentences=args.expand_msrvtt_sentences,
+        **_dataset_kwargs(args, tokenizer, args.train_frame_order),
+    )
     return _train_loader(dataset, args)
 
 
@@ -66,14 +78,17 @@ def dataloader_msrvtt_test(args, tokenizer, subset="test"):
 
 def _subset_builders(dataset_cls, name: str):
     """The (train, test) builders of a data set whose class takes ``subset`` and ``data_path``."""
+
     def train(args, tokenizer):
-        dataset = dataset_cls(subset="train", data_path=args.data_path,
-                              **_dataset_kwargs(args, tokenizer, args.train_frame_order))
+        dataset = dataset_cls(
+            subset="train", data_path=args.data_path, **_dataset_kwargs(args, tokenizer, args.train_frame_order)
+        )
         return _train_loader(dataset, args)
 
     def test(args, tokenizer, subset="test"):
-        dataset = dataset_cls(subset=subset, data_path=args.data_path,
-                              **_dataset_kwargs(args, tokenizer, args.eval_frame_order))
+        dataset = dataset_cls(
+            subset=subset, data_path=args.data_path, **_dataset_kwargs(args, tokenizer, args.eval_frame_order)
+        )
         return _eval_loader(dataset, args)
 
     train.__name__ = train.__qualname__ = f"dataloader_{name}_train"

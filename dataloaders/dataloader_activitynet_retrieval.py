@@ -1,13 +1,20 @@
 """ActivityNet Captions: a video's sentences joined into one paragraph, read over the whole video."""
+
 from __future__ import annotations
 
 import logging
 import math
 import os
-from typing import Optional
 
-from dataloaders.dataset_util import (VideoTextDataset, annotation_error, clip_window, find_videos, read_json,
-                                      require_keys, require_str)
+from dataloaders.dataset_util import (
+    VideoTextDataset,
+    annotation_error,
+    clip_window,
+    find_videos,
+    read_json,
+    require_keys,
+    require_str,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -18,14 +25,36 @@ CAPTION_FILES = {"train": "train.json", "val": "val_1.json"}
 class ActivityNet_DataLoader(VideoTextDataset):
     """One sample per id of ``{subset}_ids.json`` that has captions and a video; ids are ``v_<file stem>``."""
 
-    def __init__(self, subset: str, data_path: str, features_path: str, tokenizer, max_words: int = 30,
-                 feature_framerate: float = 1.0, max_frames: int = 100, image_resolution: int = 224,
-                 frame_order: int = 0, slice_framepos: int = 0, frame_cache: Optional[str] = None,
-                 skip_missing: bool = False):
+    def __init__(
+        self,
+        subset: str,
+        data_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        feature_framerate: float = 1.0,
+        max_frames: int = 100,
+        image_resolution: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = 0,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
+    ):
         if subset not in ID_FILES:
             raise ValueError(f"ActivityNet subset must be one of {tuple(ID_FILES)}, got {subset!r}")
-        super().__init__(tokenizer, features_path, max_words, feature_framerate, max_frames, image_resolution,
-                         frame_order, slice_framepos, frame_cache, skip_missing, training=subset == "train")
+        super().__init__(
+            tokenizer,
+            features_path,
+            max_words,
+            feature_framerate,
+            max_frames,
+            image_resolution,
+            frame_order,
+            slice_framepos,
+            frame_cache,
+            skip_missing,
+            training=subset == "train",
+        )
         self.data_path = data_path
         self.subset = subset
         ids_path = os.path.join(data_path, ID_FILES[subset])
@@ -39,8 +68,10 @@ class ActivityNet_DataLoader(VideoTextDataset):
 
         without_captions = [p for p in pseudo_ids if p not in paragraphs]
         if without_captions:
-            logger.warning(f"{len(without_captions)} ids of {ids_path} have no entry in {captions_path}; skipped as "
-                           f"in the original (first: {without_captions[0]})")
+            logger.warning(
+                f"{len(without_captions)} ids of {ids_path} have no entry in {captions_path}; skipped as "
+                f"in the original (first: {without_captions[0]})"
+            )
         video_ids = [p[2:] for p in pseudo_ids if p in paragraphs]  # "v_<stem>" → "<stem>"
         self.video_dict = find_videos(features_path, video_ids)
         logger.info(f"video dict: {len(self.video_dict)}")
@@ -73,8 +104,9 @@ def _read_paragraphs(path: str) -> dict:
     """{id: (sentences joined with single spaces, duration in seconds)}."""
     data = read_json(path)
     if not isinstance(data, dict):
-        raise annotation_error(path, "top level", "an object {id: {duration, timestamps, sentences}}",
-                               type(data).__name__)
+        raise annotation_error(
+            path, "top level", "an object {id: {duration, timestamps, sentences}}", type(data).__name__
+        )
     paragraphs = {}
     for pseudo_id, entry in data.items():
         where = f"key {pseudo_id!r}"

@@ -1,11 +1,19 @@
 """DiDeMo: a video's descriptions joined into one paragraph, read over seconds [0, 31]."""
+
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
 
-from dataloaders.dataset_util import (VideoTextDataset, annotation_error, clip_window, find_videos, read_id_list,
-                                      read_json, require_keys, require_str)
+from dataloaders.dataset_util import (
+    VideoTextDataset,
+    annotation_error,
+    clip_window,
+    find_videos,
+    read_id_list,
+    read_json,
+    require_keys,
+    require_str,
+)
 
 SUBSETS = ("train", "val", "test")
 # Annotators saw at most 30 s of each video; the original reads [0, 31] instead of the annotated moments.
@@ -17,14 +25,36 @@ class DiDeMo_DataLoader(VideoTextDataset):
 
     swallow_read_errors = True  # as the original: a read error leaves zero frames (training replaces the sample)
 
-    def __init__(self, subset: str, data_path: str, features_path: str, tokenizer, max_words: int = 30,
-                 feature_framerate: float = 1.0, max_frames: int = 100, image_resolution: int = 224,
-                 frame_order: int = 0, slice_framepos: int = 0, frame_cache: Optional[str] = None,
-                 skip_missing: bool = False):
+    def __init__(
+        self,
+        subset: str,
+        data_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        feature_framerate: float = 1.0,
+        max_frames: int = 100,
+        image_resolution: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = 0,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
+    ):
         if subset not in SUBSETS:
             raise ValueError(f"DiDeMo subset must be one of {SUBSETS}, got {subset!r}")
-        super().__init__(tokenizer, features_path, max_words, feature_framerate, max_frames, image_resolution,
-                         frame_order, slice_framepos, frame_cache, skip_missing, training=subset == "train")
+        super().__init__(
+            tokenizer,
+            features_path,
+            max_words,
+            feature_framerate,
+            max_frames,
+            image_resolution,
+            frame_order,
+            slice_framepos,
+            frame_cache,
+            skip_missing,
+            training=subset == "train",
+        )
         self.data_path = data_path
         self.subset = subset
         list_path = os.path.join(data_path, f"{subset}_list.txt")
@@ -33,9 +63,8 @@ class DiDeMo_DataLoader(VideoTextDataset):
 
         data = read_json(json_path)
         if not isinstance(data, list):
-            raise annotation_error(json_path, "top level", "a list of {description, times, video}",
-                                   type(data).__name__)
-        descriptions: Dict[str, List[str]] = {}
+            raise annotation_error(json_path, "top level", "a list of {description, times, video}", type(data).__name__)
+        descriptions: dict[str, list[str]] = {}
         for i, item in enumerate(data):
             require_keys(item, ("description", "video"), json_path, f"item {i}")
             video = require_str(item["video"], json_path, f"item {i}.video")

@@ -1,8 +1,8 @@
 """LSMDC: tab-separated annotation files, one sample per line, whole clips."""
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, read_lines
 
@@ -17,14 +17,36 @@ FIELDS = "clip_id, start_aligned, end_aligned, start_extracted, end_extracted, s
 class LSMDC_DataLoader(VideoTextDataset):
     """One sample per annotation line (a clip id can carry several sentences), in file order."""
 
-    def __init__(self, subset: str, data_path: str, features_path: str, tokenizer, max_words: int = 30,
-                 feature_framerate: float = 1.0, max_frames: int = 100, image_resolution: int = 224,
-                 frame_order: int = 0, slice_framepos: int = 0, frame_cache: Optional[str] = None,
-                 skip_missing: bool = False):
+    def __init__(
+        self,
+        subset: str,
+        data_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        feature_framerate: float = 1.0,
+        max_frames: int = 100,
+        image_resolution: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = 0,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
+    ):
         if subset not in ANNOTATION_FILES:
             raise ValueError(f"LSMDC subset must be one of {tuple(ANNOTATION_FILES)}, got {subset!r}")
-        super().__init__(tokenizer, features_path, max_words, feature_framerate, max_frames, image_resolution,
-                         frame_order, slice_framepos, frame_cache, skip_missing, training=subset == "train")
+        super().__init__(
+            tokenizer,
+            features_path,
+            max_words,
+            feature_framerate,
+            max_frames,
+            image_resolution,
+            frame_order,
+            slice_framepos,
+            frame_cache,
+            skip_missing,
+            training=subset == "train",
+        )
         self.data_path = data_path
         self.subset = subset
         path = os.path.join(data_path, ANNOTATION_FILES[subset])
@@ -32,8 +54,9 @@ class LSMDC_DataLoader(VideoTextDataset):
         for line, text in enumerate(read_lines(path), 1):
             fields = text.strip().split("\t")
             if len(fields) != 6:
-                raise annotation_error(path, f"line {line}", f"6 tab-separated fields ({FIELDS})",
-                                       f"{len(fields)} field(s)")
+                raise annotation_error(
+                    path, f"line {line}", f"6 tab-separated fields ({FIELDS})", f"{len(fields)} field(s)"
+                )
             pairs.append((fields[0], fields[5]))
         clip_ids = list(dict.fromkeys(clip_id for clip_id, _sentence in pairs))
 

@@ -1,12 +1,21 @@
 """MSR-VTT: the JSFusion 1k-A test (one caption per video) and the 7k/9k training splits."""
+
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
-from dataloaders.dataset_util import (Pair, VideoTextDataset, annotation_error, find_videos_flat, read_csv,
-                                      read_json, require_keys, require_str)
+from dataloaders.dataset_util import (
+    Pair,
+    VideoTextDataset,
+    annotation_error,
+    find_videos_flat,
+    read_csv,
+    read_json,
+    require_keys,
+    require_str,
+)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm")  # <id>.mp4, or <id>.webm when the mp4 is absent
 
@@ -14,12 +23,33 @@ VIDEO_EXTENSIONS = (".mp4", ".webm")  # <id>.mp4, or <id>.webm when the mp4 is a
 class MSRVTT_DataLoader(VideoTextDataset):
     """MSR-VTT evaluation: one sample per CSV row (``video_id``, ``sentence``), a 1000×1000 single-sentence test."""
 
-    def __init__(self, csv_path: str, features_path: str, tokenizer, max_words: int = 30,
-                 feature_framerate: float = 1.0, max_frames: int = 100, image_resolution: int = 224,
-                 frame_order: int = 0, slice_framepos: int = 0, frame_cache: Optional[str] = None,
-                 skip_missing: bool = False):
-        super().__init__(tokenizer, features_path, max_words, feature_framerate, max_frames, image_resolution,
-                         frame_order, slice_framepos, frame_cache, skip_missing, training=False)
+    def __init__(
+        self,
+        csv_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        feature_framerate: float = 1.0,
+        max_frames: int = 100,
+        image_resolution: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = 0,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
+    ):
+        super().__init__(
+            tokenizer,
+            features_path,
+            max_words,
+            feature_framerate,
+            max_frames,
+            image_resolution,
+            frame_order,
+            slice_framepos,
+            frame_cache,
+            skip_missing,
+            training=False,
+        )
         self.data = read_csv(csv_path, ("video_id", "sentence"))
         video_ids = list(dict.fromkeys(self.data["video_id"]))
         self.video_dict = find_videos_flat(features_path, video_ids, VIDEO_EXTENSIONS)
@@ -36,12 +66,35 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
     row, whose caption is drawn with ``random.randint`` each time the item is read.
     """
 
-    def __init__(self, csv_path: str, json_path: str, features_path: str, tokenizer, max_words: int = 30,
-                 feature_framerate: float = 1.0, max_frames: int = 100, unfold_sentences: bool = False,
-                 image_resolution: int = 224, frame_order: int = 0, slice_framepos: int = 0,
-                 frame_cache: Optional[str] = None, skip_missing: bool = False):
-        super().__init__(tokenizer, features_path, max_words, feature_framerate, max_frames, image_resolution,
-                         frame_order, slice_framepos, frame_cache, skip_missing, training=True)
+    def __init__(
+        self,
+        csv_path: str,
+        json_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        feature_framerate: float = 1.0,
+        max_frames: int = 100,
+        unfold_sentences: bool = False,
+        image_resolution: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = 0,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
+    ):
+        super().__init__(
+            tokenizer,
+            features_path,
+            max_words,
+            feature_framerate,
+            max_frames,
+            image_resolution,
+            frame_order,
+            slice_framepos,
+            frame_cache,
+            skip_missing,
+            training=True,
+        )
         self.csv = read_csv(csv_path, ("video_id",))
         self.data = read_json(json_path)
         self.unfold_sentences = unfold_sentences
@@ -51,7 +104,7 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
         self.video_dict = find_videos_flat(features_path, video_ids, VIDEO_EXTENSIONS)
         kept = set(self._keep_present(video_ids, csv_path))
 
-        self.sentences: Dict[str, List[str]] = defaultdict(list)
+        self.sentences: dict[str, list[str]] = defaultdict(list)
         if unfold_sentences:
             # a set, not the original's list: the same samples in linear time
             self._pairs = [(v, c, None, None) for v, c in sentences if v in kept]
@@ -60,8 +113,11 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
                 self.sentences[video_id].append(caption)
             for line, video_id in enumerate(self.csv["video_id"], 2):
                 if video_id in kept and not self.sentences.get(video_id):
-                    raise annotation_error(json_path, "sentences", f"at least one caption for video {video_id!r} "
-                                           f"(listed in {csv_path}, line {line})")
+                    raise annotation_error(
+                        json_path,
+                        "sentences",
+                        f"at least one caption for video {video_id!r} (listed in {csv_path}, line {line})",
+                    )
         if len(kept) < len(video_ids):
             self.csv = self.csv[self.csv["video_id"].isin(kept)].reset_index(drop=True)
         self.sample_len = len(self._pairs) if unfold_sentences else len(self.csv)
@@ -82,7 +138,7 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
         return [(v, self.sentences[v][0], None, None) for v in self.csv["video_id"]]
 
 
-def _read_sentences(data, json_path: str) -> List[tuple]:
+def _read_sentences(data, json_path: str) -> list[tuple]:
     """(video id, caption) for each entry of ``MSRVTT_data.json``'s ``sentences``, in file order."""
     require_keys(data, ("sentences",), json_path, "top level")
     if not isinstance(data["sentences"], list):
@@ -91,6 +147,10 @@ def _read_sentences(data, json_path: str) -> List[tuple]:
     for i, item in enumerate(data["sentences"]):
         where = f"sentences[{i}]"
         require_keys(item, ("video_id", "caption"), json_path, where)
-        pairs.append((require_str(item["video_id"], json_path, where + ".video_id"),
-                      require_str(item["caption"], json_path, where + ".caption")))
+        pairs.append(
+            (
+                require_str(item["video_id"], json_path, where + ".video_id"),
+                require_str(item["caption"], json_path, where + ".caption"),
+            )
+        )
     return pairs

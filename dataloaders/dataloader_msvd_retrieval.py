@@ -1,9 +1,9 @@
 """MSVD: train/val/test id lists and ``raw-captions.pkl``; every caption of every listed video is a sample."""
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, load_raw_captions, read_id_list
 
@@ -15,14 +15,36 @@ SUBSETS = ("train", "val", "test")
 class MSVD_DataLoader(VideoTextDataset):
     """Multi-sentence retrieval: ``cut_off_points[i]`` is the number of samples up to and including video i."""
 
-    def __init__(self, subset: str, data_path: str, features_path: str, tokenizer, max_words: int = 30,
-                 feature_framerate: float = 1.0, max_frames: int = 100, image_resolution: int = 224,
-                 frame_order: int = 0, slice_framepos: int = 0, frame_cache: Optional[str] = None,
-                 skip_missing: bool = False):
+    def __init__(
+        self,
+        subset: str,
+        data_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        feature_framerate: float = 1.0,
+        max_frames: int = 100,
+        image_resolution: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = 0,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
+    ):
         if subset not in SUBSETS:
             raise ValueError(f"MSVD subset must be one of {SUBSETS}, got {subset!r}")
-        super().__init__(tokenizer, features_path, max_words, feature_framerate, max_frames, image_resolution,
-                         frame_order, slice_framepos, frame_cache, skip_missing, training=subset == "train")
+        super().__init__(
+            tokenizer,
+            features_path,
+            max_words,
+            feature_framerate,
+            max_frames,
+            image_resolution,
+            frame_order,
+            slice_framepos,
+            frame_cache,
+            skip_missing,
+            training=subset == "train",
+        )
         self.data_path = data_path
         self.subset = subset
         list_path = os.path.join(data_path, f"{subset}_list.txt")
@@ -31,8 +53,9 @@ class MSVD_DataLoader(VideoTextDataset):
         captions = load_raw_captions(caption_path)
         for line, video_id in listed:
             if video_id not in captions:
-                raise annotation_error(caption_path, f"key {video_id!r}",
-                                       f"captions for every video of {list_path} (line {line} lists it)")
+                raise annotation_error(
+                    caption_path, f"key {video_id!r}", f"captions for every video of {list_path} (line {line} lists it)"
+                )
         video_ids = [video_id for _line, video_id in listed]
 
         self.video_dict = find_videos(features_path, video_ids)

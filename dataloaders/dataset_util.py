@@ -3,6 +3,7 @@
 Each dataset file only turns its annotation format into (video id, caption, window) pairs and a video id → path map;
 everything else (tokens, frames, missing or undecodable videos) happens here, once.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ import logging
 import os
 import pickle
 import random
-from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,17 +22,22 @@ from dataloaders.rawvideo_util import RawVideoExtractor, empty_video
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKEN = {"CLS_TOKEN": "<|startoftext|>", "SEP_TOKEN": "<|endoftext|>",
-                 "MASK_TOKEN": "[MASK]", "UNK_TOKEN": "[UNK]", "PAD_TOKEN": "[PAD]"}
-LISTED_NAMES = 10          # how many missing names an error message shows
-MAX_REPLACEMENTS = 100     # consecutive undecodable draws before training gives up
+SPECIAL_TOKEN = {
+    "CLS_TOKEN": "<|startoftext|>",
+    "SEP_TOKEN": "<|endoftext|>",
+    "MASK_TOKEN": "[MASK]",
+    "UNK_TOKEN": "[UNK]",
+    "PAD_TOKEN": "[PAD]",
+}
+LISTED_NAMES = 10  # how many missing names an error message shows
+MAX_REPLACEMENTS = 100  # consecutive undecodable draws before training gives up
 
 # (video id, caption, start second, end second); the window is None for whole videos.
-Pair = Tuple[str, str, Optional[int], Optional[int]]
+Pair = tuple[str, str, int | None, int | None]
 
 
 # ---------------------------------------------------------------------------------------------------------------- text
-def encode_caption(tokenizer, caption: str, max_words: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_caption(tokenizer, caption: str, max_words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Caption → (ids, mask, segment), each (1, max_words) int64: start token, BPE tokens cut so that the end token
     still fits, end token, zero padding."""
     words = [SPECIAL_TOKEN["CLS_TOKEN"]] + tokenizer.tokenize(caption)
@@ -44,7 +51,7 @@ def encode_caption(tokenizer, caption: str, max_words: int) -> Tuple[np.ndarray,
     return pairs_text, pairs_mask, pairs_segment
 
 
-def clip_window(start: float, end: float) -> Tuple[int, int]:
+def clip_window(start: float, end: float) -> tuple[int, int]:
     """The original's window clean-up: whole seconds, negatives to 0, ordered, and at least one second long."""
     start, end = max(int(start), 0), max(int(end), 0)
     if start > end:
@@ -68,27 +75,27 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_lines(path: str) -> List[str]:
+def read_lines(path: str) -> list[str]:
     """A text file's lines, without line ends (UTF-8).
 
     As the original (``for line in fp.readlines()``): lines end only at ``\\n``, ``\\r\\n`` or ``\\r``. Not
     ``str.splitlines``, which also splits at U+2028, U+0085, form feeds and other separators a caption may hold.
     """
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f]
     except UnicodeDecodeError as exc:
         raise annotation_error(path, f"byte {exc.start}", "UTF-8 text") from None
 
 
-def read_id_list(path: str) -> List[Tuple[int, str]]:
+def read_id_list(path: str) -> list[tuple[int, str]]:
     """(line number, id) for each non-blank line of a one-id-per-line file."""
     return [(n, line.strip()) for n, line in enumerate(read_lines(path), 1) if line.strip()]
 
 
 def read_json(path: str) -> Any:
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except IsADirectoryError:
         raise annotation_error(path, "path", "a JSON file, not a folder") from None
@@ -136,7 +143,7 @@ class _CaptionUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refers to {module}.{name}; only dicts, lists and strings are allowed")
 
 
-def load_raw_captions(path: str) -> Dict[str, List[List[str]]]:
+def load_raw_captions(path: str) -> dict[str, list[list[str]]]:
     """MSVD's ``raw-captions.pkl``: {video id: [[word, ...], ...]}, read without running any code it may hold."""
     try:
         with open(path, "rb") as f:
@@ -160,16 +167,18 @@ def load_raw_captions(path: str) -> Dict[str, List[List[str]]]:
 # -------------------------------------------------------------------------------------------------------------- videos
 def _require_dir(features_path: str) -> None:
     if not os.path.isdir(features_path):
-        raise FileNotFoundError(f"features_path {features_path!r} is not a directory; expected the folder that "
-                                f"holds the video files (--features_path)")
+        raise FileNotFoundError(
+            f"features_path {features_path!r} is not a directory; expected the folder that "
+            f"holds the video files (--features_path)"
+        )
 
 
-def find_videos(features_path: str, wanted: Collection[str], by_stem: bool = True) -> Dict[str, str]:
+def find_videos(features_path: str, wanted: Collection[str], by_stem: bool = True) -> dict[str, str]:
     """Walk ``features_path`` and map each wanted id to its file; the id is the file name before its last dot, or the
     whole name when ``by_stem`` is False (DiDeMo). Walked in sorted order, so the pick among duplicates is stable."""
     _require_dir(features_path)
     wanted = set(wanted)
-    found: Dict[str, str] = {}
+    found: dict[str, str] = {}
     for root, dirs, files in os.walk(features_path):
         dirs.sort()
         for name in sorted(files):
@@ -179,11 +188,11 @@ def find_videos(features_path: str, wanted: Collection[str], by_stem: bool = Tru
     return found
 
 
-def find_videos_flat(features_path: str, video_ids: Iterable[str], extensions: Sequence[str]) -> Dict[str, str]:
+def find_videos_flat(features_path: str, video_ids: Iterable[str], extensions: Sequence[str]) -> dict[str, str]:
     """``<features_path>/<id><ext>`` for the first extension that exists (MSR-VTT: .mp4, else .webm)."""
     _require_dir(features_path)
     names = set(os.listdir(features_path))
-    found: Dict[str, str] = {}
+    found: dict[str, str] = {}
     for video_id in video_ids:
         for ext in extensions:
             if video_id + ext in names:
@@ -205,9 +214,20 @@ class VideoTextDataset(Dataset):
     # DataLoader moves uint8 instead of float64. False, as the original: the normalised float64 frames.
     uint8_frames = False
 
-    def __init__(self, tokenizer, features_path: str, max_words: int, feature_framerate: float, max_frames: int,
-                 image_resolution: int, frame_order: int, slice_framepos: int, frame_cache: Optional[str],
-                 skip_missing: bool, training: bool):
+    def __init__(
+        self,
+        tokenizer,
+        features_path: str,
+        max_words: int,
+        feature_framerate: float,
+        max_frames: int,
+        image_resolution: int,
+        frame_order: int,
+        slice_framepos: int,
+        frame_cache: str | None,
+        skip_missing: bool,
+        training: bool,
+    ):
         if frame_order not in (0, 1, 2):
             raise ValueError(f"frame_order must be 0 (in order), 1 (reversed) or 2 (shuffled), got {frame_order}")
         if slice_framepos not in (0, 1, 2):
@@ -224,16 +244,17 @@ class VideoTextDataset(Dataset):
         self.skip_missing = skip_missing
         self.training = training
         # the signatures keep the original's float default 1.0; the extractor counts frames in whole numbers
-        self.rawVideoExtractor = RawVideoExtractor(framerate=int(feature_framerate), size=image_resolution,
-                                                   cache_dir=frame_cache)
+        self.rawVideoExtractor = RawVideoExtractor(
+            framerate=int(feature_framerate), size=image_resolution, cache_dir=frame_cache
+        )
         self.SPECIAL_TOKEN = SPECIAL_TOKEN
-        self.video_dict: Dict[str, str] = {}
-        self._pairs: List[Pair] = []
-        self.missing_videos: List[str] = []
+        self.video_dict: dict[str, str] = {}
+        self._pairs: list[Pair] = []
+        self.missing_videos: list[str] = []
         # Counted per process: with DataLoader workers each worker counts its own share (and logs each event).
         self.n_undecodable = 0
         self.n_replaced = 0
-        self.undecodable_videos: Dict[str, int] = {}
+        self.undecodable_videos: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -241,7 +262,7 @@ class VideoTextDataset(Dataset):
     def _pair(self, idx: int) -> Pair:
         return self._pairs[idx]
 
-    def _keep_present(self, video_ids: Sequence[str], source: str) -> List[str]:
+    def _keep_present(self, video_ids: Sequence[str], source: str) -> list[str]:
         """The ids that have a file. Missing ones raise one error listing them, unless ``skip_missing``: then they
         are dropped and reported (training) or the reduced benchmark is announced (evaluation)."""
         if not video_ids:
@@ -254,11 +275,15 @@ class VideoTextDataset(Dataset):
         shown = ", ".join(missing[:LISTED_NAMES])
         if len(missing) > LISTED_NAMES:
             shown += f" and {len(missing) - LISTED_NAMES} more"
-        message = f"{len(missing)} of {total} videos listed in {source} have no file under {self.features_path}: {shown}"
+        message = (
+            f"{len(missing)} of {total} videos listed in {source} have no file under {self.features_path}: {shown}"
+        )
         if not self.skip_missing:
             action = "train without them" if self.training else "evaluate on the videos present"
-            raise FileNotFoundError(f"{message}. Check the layout with preprocess/check_dataset.py, or pass "
-                                    f"--skip_missing_videos to {action}.")
+            raise FileNotFoundError(
+                f"{message}. Check the layout with preprocess/check_dataset.py, or pass "
+                f"--skip_missing_videos to {action}."
+            )
         kept = [v for v in video_ids if v in self.video_dict]
         if not kept:
             raise FileNotFoundError(f"{message}: nothing is left to {'train on' if self.training else 'evaluate'}")
@@ -269,21 +294,23 @@ class VideoTextDataset(Dataset):
             logger.warning(note)
         return kept
 
-    def _get_text(self, caption: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _get_text(self, caption: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return encode_caption(self.tokenizer, caption, self.max_words)
 
-    def _get_rawvideo(self, video_id: str, start: Optional[int], end: Optional[int]):
+    def _get_rawvideo(self, video_id: str, start: int | None, end: int | None):
         """(video, video_mask, number of frames read) for one video id and window."""
         path = self.video_dict[video_id]
         try:
             video, video_mask, n_frames = self.rawVideoExtractor.get_video_sample(
-                path, self.max_frames, self.slice_framepos, self.frame_order, start, end, uint8=self.uint8_frames)
+                path, self.max_frames, self.slice_framepos, self.frame_order, start, end, uint8=self.uint8_frames
+            )
         except Exception as exc:
             if not self.swallow_read_errors:
                 logger.error("video path: %s error. video id: %s, start: %s, end: %s", path, video_id, start, end)
                 raise
-            logger.warning("video path: %s error. video id: %s, start: %s, end: %s, error: %s",
-                           path, video_id, start, end, exc)
+            logger.warning(
+                "video path: %s error. video id: %s, start: %s, end: %s, error: %s", path, video_id, start, end, exc
+            )
             video = empty_video(self.max_frames, self.rawVideoExtractor.size, self.uint8_frames)
             video_mask = np.zeros((1, self.max_frames), dtype=np.int64)
             n_frames = 0
@@ -299,27 +326,41 @@ class VideoTextDataset(Dataset):
         while n_frames == 0:
             path = self.video_dict[video_id]
             if not self.training:
-                logger.warning("no frame decoded from %s (video id %s): it stays all zeros with mask 0, as in the "
-                               "original (%d undecodable so far in this process)", path, video_id, self.n_undecodable)
+                logger.warning(
+                    "no frame decoded from %s (video id %s): it stays all zeros with mask 0, as in the "
+                    "original (%d undecodable so far in this process)",
+                    path,
+                    video_id,
+                    self.n_undecodable,
+                )
                 break
             if tries == MAX_REPLACEMENTS:
-                raise RuntimeError(f"{tries} samples in a row had no decodable frame (last: {path}); check the "
-                                   f"videos with preprocess/check_dataset.py")
+                raise RuntimeError(
+                    f"{tries} samples in a row had no decodable frame (last: {path}); check the "
+                    f"videos with preprocess/check_dataset.py"
+                )
             tries += 1
             # A zero video would give a zero embedding and a NaN loss; train on another sample instead.
             new_idx = random.randrange(len(self))
             self.n_replaced += 1
-            logger.warning("no frame decoded from %s (video id %s); sample %d replaced by sample %d "
-                           "(%d replaced so far in this process)", path, video_id, idx, new_idx, self.n_replaced)
+            logger.warning(
+                "no frame decoded from %s (video id %s); sample %d replaced by sample %d "
+                "(%d replaced so far in this process)",
+                path,
+                video_id,
+                idx,
+                new_idx,
+                self.n_replaced,
+            )
             idx = new_idx
             video_id, caption, start, end = self._pair(idx)
             video, video_mask, n_frames = self._get_rawvideo(video_id, start, end)
         pairs_text, pairs_mask, pairs_segment = self._get_text(caption)
         return pairs_text, pairs_mask, pairs_segment, video, video_mask
 
-    def video_requests(self) -> List[Tuple[str, Optional[int], Optional[int]]]:
+    def video_requests(self) -> list[tuple[str, int | None, int | None]]:
         """Each distinct (video file, start, end) the items read, in first-use order (for preprocess/check_dataset)."""
-        seen: Dict[Tuple[str, Optional[int], Optional[int]], None] = {}
+        seen: dict[tuple[str, int | None, int | None], None] = {}
         for video_id, _caption, start, end in self.all_pairs():
             seen.setdefault((self.video_dict[video_id], start, end), None)
         return list(seen)

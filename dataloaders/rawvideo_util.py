@@ -12,6 +12,7 @@ Two ways to the same frames:
 An optional frame cache stores the kept frames after resize and crop as uint8 ``.npy`` files, so later epochs skip
 decoding altogether.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -19,14 +20,13 @@ import hashlib
 import io
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-from torchvision.transforms import v2
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize, v2
 
 from util import atomic_path
 
@@ -51,14 +51,17 @@ def _check_request(sample_fp: int, start_time, end_time) -> None:
     if start_time is not None or end_time is not None:
         ints = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in (start_time, end_time))
         if not (ints and 0 <= start_time < end_time):
-            raise ValueError(f"start_time and end_time must both be ints with 0 <= start_time < end_time, "
-                             f"got start_time={start_time!r}, end_time={end_time!r}")
+            raise ValueError(
+                f"start_time and end_time must both be ints with 0 <= start_time < end_time, "
+                f"got start_time={start_time!r}, end_time={end_time!r}"
+            )
     if sample_fp <= -1:
         raise ValueError(f"framerate must be >= 0 (0 reads every frame), got {sample_fp}")
 
 
-def sample_frame_indices(frame_count: int, fps: int, sample_fp: int,
-                         start_time: Optional[int] = None, end_time: Optional[int] = None) -> List[int]:
+def sample_frame_indices(
+    frame_count: int, fps: int, sample_fp: int, start_time: int | None = None, end_time: int | None = None
+) -> list[int]:
     """The frame indices the original tries to read, in order; reading stops at the first that fails.
 
     ``fps`` is the container's rate truncated to int (29.97 -> 29) and every "second" is ``fps`` frames long.
@@ -189,8 +192,10 @@ def open_capture(video_path: str, *args) -> cv2.VideoCapture:
     try:
         alias = f"/proc/self/fd/{fd}"
         if not os.path.exists(alias):
-            raise ValueError(f"{video_path!r}: the file name is not valid UTF-8, which OpenCV cannot open on this "
-                             f"system; rename the file")
+            raise ValueError(
+                f"{video_path!r}: the file name is not valid UTF-8, which OpenCV cannot open on this "
+                f"system; rename the file"
+            )
         return cv2.VideoCapture(alias, *args)
     finally:
         os.close(fd)
@@ -207,7 +212,7 @@ def _open(video_path: str) -> cv2.VideoCapture:
     return open_capture(video_path)
 
 
-def _read_seek_per_frame(cap: cv2.VideoCapture, indices: Sequence[int]) -> List[np.ndarray]:
+def _read_seek_per_frame(cap: cv2.VideoCapture, indices: Sequence[int]) -> list[np.ndarray]:
     """The original's read: seek and read each index, stopping at the first failure. BGR frames."""
     frames = []
     for idx in indices:
@@ -219,7 +224,7 @@ def _read_seek_per_frame(cap: cv2.VideoCapture, indices: Sequence[int]) -> List[
     return frames
 
 
-def _scan_packets(video_path: str) -> Tuple[int, List[int]]:
+def _scan_packets(video_path: str) -> tuple[int, list[int]]:
     """Number of video packets and the positions of keyframe packets, without decoding (cv2 raw mode)."""
     cap = open_capture(video_path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
     n, keyframes = 0, []
@@ -238,8 +243,9 @@ def _pts_frame(cap: cv2.VideoCapture, fps: float) -> int:
     return int(round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000.0))
 
 
-def _read_forward(cap: cv2.VideoCapture, targets: Sequence[int], keyframes: Sequence[int],
-                  fps: float) -> Optional[List[np.ndarray]]:
+def _read_forward(
+    cap: cv2.VideoCapture, targets: Sequence[int], keyframes: Sequence[int], fps: float
+) -> list[np.ndarray] | None:
     """BGR frames at the increasing ``targets`` in one forward pass.
 
     Frames in between are decoded with ``grab()`` and never converted; where cv2's seek would restart decoding
@@ -278,8 +284,14 @@ class RawVideoExtractorCV2:
     original's pixels exactly; the default tensor resize is within 2/255 of them and faster (see FrameTransform).
     """
 
-    def __init__(self, centercrop: bool = False, size: int = 224, framerate: int = -1,
-                 cache_dir: Optional[str] = None, pil_resize: bool = False):
+    def __init__(
+        self,
+        centercrop: bool = False,
+        size: int = 224,
+        framerate: int = -1,
+        cache_dir: str | None = None,
+        pil_resize: bool = False,
+    ):
         self.centercrop = centercrop
         self.size = size
         self.framerate = framerate
@@ -288,8 +300,14 @@ class RawVideoExtractorCV2:
 
     # ---- the reference path -------------------------------------------------------------------------------------
 
-    def video_to_tensor(self, video_file: str, preprocess, sample_fp: int = 0,
-                        start_time: Optional[int] = None, end_time: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    def video_to_tensor(
+        self,
+        video_file: str,
+        preprocess,
+        sample_fp: int = 0,
+        start_time: int | None = None,
+        end_time: int | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The original's read: every sampled frame, seek per frame, through ``preprocess``."""
         _check_request(sample_fp, start_time, end_time)
         cap = _open(video_file)
@@ -310,11 +328,13 @@ class RawVideoExtractorCV2:
             return {"video": torch.zeros(1)}
         return {"video": torch.tensor(np.stack(images))}
 
-    def get_video_data(self, video_path: str, start_time: Optional[int] = None,
-                       end_time: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    def get_video_data(
+        self, video_path: str, start_time: int | None = None, end_time: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """``{'video': float32 [T, 3, size, size]}``, or ``zeros(1)`` when no frame could be read."""
-        return self.video_to_tensor(video_path, self.transform, sample_fp=self.framerate,
-                                    start_time=start_time, end_time=end_time)
+        return self.video_to_tensor(
+            video_path, self.transform, sample_fp=self.framerate, start_time=start_time, end_time=end_time
+        )
 
     def process_raw_data(self, raw_video_data: torch.Tensor) -> torch.Tensor:
         """[T, 3, H, W] -> [T, 1, 3, H, W]."""
@@ -329,9 +349,16 @@ class RawVideoExtractorCV2:
 
     # ---- the sample path ----------------------------------------------------------------------------------------
 
-    def get_video_sample(self, video_path: str, max_frames: int, slice_framepos: int = 0, frame_order: int = 0,
-                         start_time: Optional[int] = None, end_time: Optional[int] = None, uint8: bool = False
-                         ) -> Tuple[np.ndarray, np.ndarray, int]:
+    def get_video_sample(
+        self,
+        video_path: str,
+        max_frames: int,
+        slice_framepos: int = 0,
+        frame_order: int = 0,
+        start_time: int | None = None,
+        end_time: int | None = None,
+        uint8: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """One sample's video: float64 [1, max_frames, 1, 3, size, size], int64 mask [1, max_frames], frame count.
 
         Identical to slicing, ordering and copying :meth:`get_video_data`'s frames as the original datasets do.
@@ -352,8 +379,9 @@ class RawVideoExtractorCV2:
             video_mask[0, :n] = 1
         return video, video_mask, n
 
-    def _kept_frames(self, video_path: str, max_frames: int, slice_framepos: int,
-                     start_time: Optional[int], end_time: Optional[int]) -> np.ndarray:
+    def _kept_frames(
+        self, video_path: str, max_frames: int, slice_framepos: int, start_time: int | None, end_time: int | None
+    ) -> np.ndarray:
         """The kept frames in time order after resize and crop, uint8 [n, 3, size, size], through the cache."""
         _check_request(self.framerate, start_time, end_time)
         if not os.path.isfile(video_path):
@@ -372,8 +400,9 @@ class RawVideoExtractorCV2:
             _save_atomic(cache_file, frames)
         return frames
 
-    def _decode_kept(self, video_path: str, max_frames: int, slice_framepos: int,
-                     start_time: Optional[int], end_time: Optional[int]) -> List[np.ndarray]:
+    def _decode_kept(
+        self, video_path: str, max_frames: int, slice_framepos: int, start_time: int | None, end_time: int | None
+    ) -> list[np.ndarray]:
         """BGR frames the sample keeps, in time order, decoding as little as the plan allows."""
         cap = _open(video_path)
         try:
@@ -405,28 +434,40 @@ class RawVideoExtractorCV2:
 
     # ---- the frame cache ----------------------------------------------------------------------------------------
 
-    def _cache_file(self, video_path: str, max_frames: int, slice_framepos: int,
-                    start_time: Optional[int], end_time: Optional[int]) -> str:
+    def _cache_file(
+        self, video_path: str, max_frames: int, slice_framepos: int, start_time: int | None, end_time: int | None
+    ) -> str:
         st = os.stat(video_path)
         key = {
-            "format": _CACHE_FORMAT, "path": os.path.abspath(video_path), "bytes": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "framerate": self.framerate, "max_frames": max_frames,
-            "slice_framepos": slice_framepos, "start_time": None if start_time is None else int(start_time),
-            "end_time": None if end_time is None else int(end_time), "size": self.size,
-            "centercrop": bool(self.centercrop), "pil_resize": self.transform.pil_resize,
+            "format": _CACHE_FORMAT,
+            "path": os.path.abspath(video_path),
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "framerate": self.framerate,
+            "max_frames": max_frames,
+            "slice_framepos": slice_framepos,
+            "start_time": None if start_time is None else int(start_time),
+            "end_time": None if end_time is None else int(end_time),
+            "size": self.size,
+            "centercrop": bool(self.centercrop),
+            "pil_resize": self.transform.pil_resize,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return os.path.join(self.cache_dir, digest[:2], digest + ".npy")
 
 
-def _load_cached(path: str, max_frames: int, size: int) -> Optional[np.ndarray]:
+def _load_cached(path: str, max_frames: int, size: int) -> np.ndarray | None:
     """The cached frames, or None when absent or not what this key should hold (then it is rewritten)."""
     try:
         frames = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):  # absent, or not an array this code wrote
         return None
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (3, size, size) \
-            or not 0 < frames.shape[0] <= max_frames:
+    if (
+        frames.dtype != np.uint8
+        or frames.ndim != 4
+        or frames.shape[1:] != (3, size, size)
+        or not 0 < frames.shape[0] <= max_frames
+    ):
         return None
     return frames
 
@@ -441,8 +482,15 @@ def _save_atomic(path: str, frames: np.ndarray) -> None:
 
 # ---- pictures of the frames a sample keeps --------------------------------------------------------------------------
 
-def kept_frames_uint8(extractor: "RawVideoExtractorCV2", video_path: str, max_frames: int, slice_framepos: int,
-                      start_time: Optional[int] = None, end_time: Optional[int] = None) -> np.ndarray:
+
+def kept_frames_uint8(
+    extractor: RawVideoExtractorCV2,
+    video_path: str,
+    max_frames: int,
+    slice_framepos: int,
+    start_time: int | None = None,
+    end_time: int | None = None,
+) -> np.ndarray:
     """The frames :meth:`RawVideoExtractorCV2.get_video_sample` keeps, in time order, before normalisation:
     uint8 RGB [n, 3, size, size] (n = 0 when nothing could be decoded)."""
     return extractor._kept_frames(video_path, max_frames, slice_framepos, start_time, end_time)
@@ -454,9 +502,10 @@ def thumbnail_strip(frames: np.ndarray, count: int = 4, height: int = 96, qualit
         raise ValueError(f"thumbnail_strip: expected uint8 frames [n>0, 3, H, W], got shape {tuple(frames.shape)}")
     picks = np.unique(np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int))
     width = round(height * frames.shape[3] / frames.shape[2])
-    tiles = [Image.fromarray(np.ascontiguousarray(frames[i].transpose(1, 2, 0))).resize((width, height),
-                                                                                         Image.BICUBIC)
-             for i in picks]
+    tiles = [
+        Image.fromarray(np.ascontiguousarray(frames[i].transpose(1, 2, 0))).resize((width, height), Image.BICUBIC)
+        for i in picks
+    ]
     strip = Image.new("RGB", (width * len(tiles), height))
     for k, tile in enumerate(tiles):
         strip.paste(tile, (k * width, 0))

@@ -1,10 +1,12 @@
 """CLIP4Clip: encode text and video with CLIP, apply a similarity head, and compute the symmetric contrastive loss."""
+
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from modules.module_adapter import Our_tuning_for_transformer
 from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
-from modules.module_cross import CrossConfig, CrossModel, Transformer as TransformerClip
+from modules.module_cross import CrossConfig, CrossModel
+from modules.module_cross import Transformer as TransformerClip
 from modules.until_module import CrossEn, PreTrainedModel, allgather, is_log_rank
 from util import default_device, get_world_size
 
@@ -35,7 +38,7 @@ ADAPTER_PREFIXES = ("image_adapter.", "text_adapter.")
 NORM_EPS = 1e-6
 
 
-def resolve_precision(precision: Optional[str], device: Any) -> str:
+def resolve_precision(precision: str | None, device: Any) -> str:
     """Map the ``precision`` option to one of :data:`PRECISIONS`.
 
     None/'auto' is the original's fp16 CLIP weights on CUDA and fp32 on CPU (fp16 weights on CPU are slow and not
@@ -50,9 +53,9 @@ def resolve_precision(precision: Optional[str], device: Any) -> str:
     return precision
 
 
-def _resblock_count(state_dict: Mapping[str, Any], prefix: str) -> Optional[int]:
+def _resblock_count(state_dict: Mapping[str, Any], prefix: str) -> int | None:
     """How many ``<prefix><i>.`` blocks a state dict holds, or None when it holds none."""
-    indices = {int(key[len(prefix):].split(".")[0]) for key in state_dict if key.startswith(prefix)}
+    indices = {int(key[len(prefix) :].split(".")[0]) for key in state_dict if key.startswith(prefix)}
     return max(indices) + 1 if indices else None
 
 
@@ -65,9 +68,10 @@ class CLIP4ClipConfig:
     ``tuning`` is "full" (the original: CLIP is fine-tuned) or "unipt" (the UniPT fork: CLIP is frozen and only
     its two adapters train).
     """
+
     pretrained_clip_name: str = "ViT-B/32"
     sim_header: str = "meanP"
-    loose_type: Optional[bool] = None
+    loose_type: bool | None = None
     cross_num_hidden_layers: int = 4
     linear_patch: str = "2d"
     max_words: int = 32
@@ -94,16 +98,20 @@ class CLIP4ClipConfig:
         if not -1 <= self.freeze_layer_num <= 12:
             raise ValueError(f"freeze_layer_num must be in -1..12, got {self.freeze_layer_num}")
         if self.max_words + self.max_frames > MAX_POSITION_EMBEDDINGS:
-            raise ValueError(f"max_words + max_frames = {self.max_words} + {self.max_frames} exceeds the cross "
-                             f"config's max_position_embeddings {MAX_POSITION_EMBEDDINGS}")
+            raise ValueError(
+                f"max_words + max_frames = {self.max_words} + {self.max_frames} exceeds the cross "
+                f"config's max_position_embeddings {MAX_POSITION_EMBEDDINGS}"
+            )
         if self.tuning not in TUNINGS:
             raise ValueError(f"tuning must be one of {TUNINGS}, got {self.tuning!r}")
         if self.tuning == "unipt" and self.sim_header == "tightTransf":
-            raise ValueError("tuning unipt cannot use sim_header tightTransf: the adapters give one vector per "
-                             "caption, the cross encoder needs per-token outputs")
+            raise ValueError(
+                "tuning unipt cannot use sim_header tightTransf: the adapters give one vector per "
+                "caption, the cross encoder needs per-token outputs"
+            )
 
     @classmethod
-    def from_args(cls, args: Any) -> "CLIP4ClipConfig":
+    def from_args(cls, args: Any) -> CLIP4ClipConfig:
         """The config of the driver's flags (or any object with the original's ``task_config`` attributes).
 
         Attributes the object lacks keep the defaults, so scripts written against the original keep working.
@@ -117,7 +125,7 @@ class CLIP4ClipConfig:
         return cls(**values)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Any], **given: Any) -> "CLIP4ClipConfig":
+    def from_state_dict(cls, state_dict: Mapping[str, Any], **given: Any) -> CLIP4ClipConfig:
         """The config a CLIP4Clip checkpoint implies (head, its layer count, 2d/3d patch, tuning), completed by
         ``given``.
 
@@ -125,10 +133,10 @@ class CLIP4ClipConfig:
         """
         return cls(**{**implied_by_state_dict(state_dict), **given})
 
-    def replace(self, **changes: Any) -> "CLIP4ClipConfig":
+    def replace(self, **changes: Any) -> CLIP4ClipConfig:
         return dataclasses.replace(self, **changes)
 
-    def check_clip(self, clip_state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    def check_clip(self, clip_state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """CLIP's architecture (:func:`clip_config_from_state_dict`), once it is known to carry this config."""
         if "visual.proj" not in clip_state_dict:
             raise ValueError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
@@ -137,14 +145,15 @@ class CLIP4ClipConfig:
         if self.sim_header in ("seqTransf", "tightTransf") and n_positions > clip_kwargs["context_length"]:
             raise ValueError(
                 f"sim_header {self.sim_header} with max_frames {self.max_frames} needs {n_positions} positions, "
-                f"but the position tables have CLIP's context_length {clip_kwargs['context_length']}")
+                f"but the position tables have CLIP's context_length {clip_kwargs['context_length']}"
+            )
         return clip_kwargs
 
 
-def implied_by_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+def implied_by_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The config fields a checkpoint's keys decide: the head, its layer count, the patch embedding and the tuning
     (UniPT when it holds adapter weights)."""
-    implied: Dict[str, Any] = {"linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d"}
+    implied: dict[str, Any] = {"linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d"}
     if any(key.startswith("cross.") for key in state_dict):
         implied["sim_header"] = "tightTransf"
         layers = _resblock_count(state_dict, "cross.transformer.resblocks.")
@@ -160,7 +169,7 @@ def implied_by_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return implied
 
 
-def _flatten_video(video: Any) -> Tuple[torch.Tensor, int]:
+def _flatten_video(video: Any) -> tuple[torch.Tensor, int]:
     """(B, pair, bs, ts, 3, H, W) video of any float dtype → (B·pair·bs·ts, 3, H, W) fp32 and the frames per video."""
     video = torch.as_tensor(video).float()
     if video.dim() != 7:
@@ -186,14 +195,14 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
     def from_pretrained(
         cls,
         cross_model_name: str,
-        state_dict: Optional[Dict[str, torch.Tensor]] = None,
-        cache_dir: Optional[str] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        cache_dir: str | None = None,
         type_vocab_size: int = 2,
         *inputs,
         task_config: Any = None,
         checkpoint_name: str = "the checkpoint",
         **kwargs,
-    ) -> "CLIP4ClipPreTrainedModel":
+    ) -> CLIP4ClipPreTrainedModel:
         """Load CLIP (``task_config.pretrained_clip_name``), build the model, initialise the heads, load weights.
 
         ``task_config`` (keyword only) is a :class:`CLIP4ClipConfig` or the original's argument namespace.
@@ -201,8 +210,9 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         does not fit the model is refused (see :func:`check_checkpoint`).
         """
         if task_config is None:
-            raise ValueError(f"{cls.__name__}.from_pretrained needs task_config=<a CLIP4ClipConfig or the run's "
-                             f"arguments>")
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained needs task_config=<a CLIP4ClipConfig or the run's arguments>"
+            )
         config = CLIP4ClipConfig.from_args(task_config)
         checkpoint = dict(state_dict) if state_dict is not None else {}
         clip_state_dict = CLIP.get_config(config.pretrained_clip_name)
@@ -218,14 +228,19 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         return cls.init_preweight(model, merged, task_config=config)
 
     @classmethod
-    def from_config(cls, config: "CLIP4ClipConfig", state_dict: Optional[Dict[str, torch.Tensor]] = None,
-                    checkpoint_name: str = "the checkpoint") -> "CLIP4ClipPreTrainedModel":
+    def from_config(
+        cls,
+        config: CLIP4ClipConfig,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        checkpoint_name: str = "the checkpoint",
+    ) -> CLIP4ClipPreTrainedModel:
         """The model of ``config``, with ``state_dict`` (a CLIP4Clip checkpoint) loaded over CLIP's weights."""
-        return cls.from_pretrained("cross-base", state_dict=state_dict, task_config=config,
-                                   checkpoint_name=checkpoint_name)
+        return cls.from_pretrained(
+            "cross-base", state_dict=state_dict, task_config=config, checkpoint_name=checkpoint_name
+        )
 
 
-def _preview(keys: List[str], limit: int = 6) -> str:
+def _preview(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -243,33 +258,50 @@ def check_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor], n
     keys = {key.replace("gamma", "weight").replace("beta", "bias"): key for key in state_dict}
     clip_keys = [key for key in keys if key.startswith("clip.")]
     if not any(key in own for key in keys) or (clip_keys and not any(key in own for key in clip_keys)):
-        raise ValueError(f"{name}: none of its {len(clip_keys) or len(keys)} {'CLIP ' if clip_keys else ''}weights "
-                         f"is one of this model's; it is not a CLIP4Clip checkpoint of this CLIP (its first keys: "
-                         f"{_preview(list(keys), 3)})")
+        raise ValueError(
+            f"{name}: none of its {len(clip_keys) or len(keys)} {'CLIP ' if clip_keys else ''}weights "
+            f"is one of this model's; it is not a CLIP4Clip checkpoint of this CLIP (its first keys: "
+            f"{_preview(list(keys), 3)})"
+        )
     for key, original in keys.items():
         if key in own and tuple(own[key].shape) != tuple(state_dict[original].shape):
-            raise ValueError(f"{name}: {original} has shape {tuple(state_dict[original].shape)}, the model expects "
-                             f"{tuple(own[key].shape)} (a checkpoint of another CLIP or head size?)")
+            raise ValueError(
+                f"{name}: {original} has shape {tuple(state_dict[original].shape)}, the model expects "
+                f"{tuple(own[key].shape)} (a checkpoint of another CLIP or head size?)"
+            )
     if not is_log_rank(getattr(model, "task_config", None)):
         return
     missing_head = [key for key in own if not key.startswith("clip.") and key not in keys]
     missing_clip = [key for key in own if key.startswith("clip.") and key not in keys]
     unused = [original for key, original in keys.items() if key not in own]
     if missing_head:
-        logger.warning("%s has no weights for %d parameters of the %s head; they start from their initialisation: "
-                       "%s", name, len(missing_head), getattr(model, "sim_header", "?"), _preview(missing_head))
+        logger.warning(
+            "%s has no weights for %d parameters of the %s head; they start from their initialisation: %s",
+            name,
+            len(missing_head),
+            getattr(model, "sim_header", "?"),
+            _preview(missing_head),
+        )
     if unused:
-        logger.warning("%s holds %d weights this model does not use (trained with another head or layer count?): "
-                       "%s", name, len(unused), _preview(unused))
+        logger.warning(
+            "%s holds %d weights this model does not use (trained with another head or layer count?): %s",
+            name,
+            len(unused),
+            _preview(unused),
+        )
     if missing_clip:
-        logger.warning("%s lacks %d CLIP weights; they keep the CLIP file's values: %s",
-                       name, len(missing_clip), _preview(missing_clip))
+        logger.warning(
+            "%s lacks %d CLIP weights; they keep the CLIP file's values: %s",
+            name,
+            len(missing_clip),
+            _preview(missing_clip),
+        )
 
 
 def _add_initialisation_copies(
-    model: "CLIP4Clip",
-    state_dict: Dict[str, torch.Tensor],
-    clip_state_dict: Dict[str, torch.Tensor],
+    model: CLIP4Clip,
+    state_dict: dict[str, torch.Tensor],
+    clip_state_dict: dict[str, torch.Tensor],
     cross_num_hidden_layers: int,
 ) -> None:
     """As the original at load time: fill head weights that ``state_dict`` lacks from CLIP, in place.
@@ -277,14 +309,15 @@ def _add_initialisation_copies(
     The 3d kernel comes from the merged dict's conv1 (so a fine-tuned one when ``--init_model`` has it); the
     text-tower copies always come from the CLIP file itself.
     """
+
     def has_key_containing(fragment: str) -> bool:
         return any(fragment in key for key in state_dict)
 
-    def text_blocks(new_prefix: str) -> Dict[str, torch.Tensor]:
+    def text_blocks(new_prefix: str) -> dict[str, torch.Tensor]:
         copies = {}
         for key, val in clip_state_dict.items():
             if key.startswith("transformer.resblocks.") and int(key.split(".")[2]) < cross_num_hidden_layers:
-                copies[new_prefix + key[len("transformer."):]] = val.clone()
+                copies[new_prefix + key[len("transformer.") :]] = val.clone()
         return copies
 
     if model.linear_patch == "3d" and not has_key_containing("visual.conv2.weight"):
@@ -313,7 +346,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
     ``task_config`` is a :class:`CLIP4ClipConfig`, or the original's argument namespace (converted).
     """
 
-    def __init__(self, cross_config: CrossConfig, clip_state_dict: Dict[str, torch.Tensor], task_config: Any):
+    def __init__(self, cross_config: CrossConfig, clip_state_dict: dict[str, torch.Tensor], task_config: Any):
         super().__init__(cross_config)
         config = CLIP4ClipConfig.from_args(task_config)
         clip_kwargs = config.check_clip(clip_state_dict)
@@ -326,8 +359,13 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         if is_log_rank(task_config):
             for key, value in clip_kwargs.items():
                 logger.info("\t %s: %s", key, value)
-            logger.info("\t linear_patch: %s, sim_header: %s, loose_type: %s, precision: %s",
-                        self.linear_patch, self.sim_header, self.loose_type, self.precision)
+            logger.info(
+                "\t linear_patch: %s, sim_header: %s, loose_type: %s, precision: %s",
+                self.linear_patch,
+                self.sim_header,
+                self.loose_type,
+                self.precision,
+            )
             logger.info("\t tuning: %s", self.tuning)
 
         # As the original: the construction order fixes the RNG draws of the heads that stay random.
@@ -345,15 +383,21 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
             self.cross = CrossModel(cross_config)
             self.similarity_dense = nn.Linear(cross_config.hidden_size, 1)
         if self.sim_header in ("seqLSTM", "seqTransf"):
-            self.frame_position_embeddings = nn.Embedding(cross_config.max_position_embeddings,
-                                                          cross_config.hidden_size)
+            self.frame_position_embeddings = nn.Embedding(
+                cross_config.max_position_embeddings, cross_config.hidden_size
+            )
         if self.sim_header == "seqTransf":
-            self.transformerClip = TransformerClip(width=transformer_width,
-                                                   layers=config.cross_num_hidden_layers,
-                                                   heads=transformer_heads)
+            self.transformerClip = TransformerClip(
+                width=transformer_width, layers=config.cross_num_hidden_layers, heads=transformer_heads
+            )
         if self.sim_header == "seqLSTM":
-            self.lstm_visual = nn.LSTM(input_size=cross_config.hidden_size, hidden_size=cross_config.hidden_size,
-                                       batch_first=True, bidirectional=False, num_layers=1)
+            self.lstm_visual = nn.LSTM(
+                input_size=cross_config.hidden_size,
+                hidden_size=cross_config.hidden_size,
+                batch_first=True,
+                bidirectional=False,
+                num_layers=1,
+            )
         self.loss_fct = CrossEn()
         self.apply(self.init_weights)
         if self.tuning == "unipt":
@@ -362,7 +406,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         if config.grad_checkpointing:
             self.clip.set_grad_checkpointing(True)
 
-    def _add_adapters(self, clip_kwargs: Dict[str, Any]) -> None:
+    def _add_adapters(self, clip_kwargs: dict[str, Any]) -> None:
         """UniPT's two side networks, then freeze everything else (``logit_scale`` and the heads included).
 
         As the fork: built after ``init_weights``, so they keep PyTorch's default Linear initialisation, and each
@@ -371,14 +415,16 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         embed_dim = clip_kwargs["embed_dim"]
         n_vision = clip_kwargs["vision_layers"] + 1
         n_text = clip_kwargs["transformer_layers"] + 1
-        self.image_adapter = Our_tuning_for_transformer(n_vision, [clip_kwargs["vision_width"]] * n_vision,
-                                                        embed_dim, downsample_D_factor=1)
-        self.text_adapter = Our_tuning_for_transformer(n_text, [clip_kwargs["transformer_width"]] * n_text,
-                                                       embed_dim, downsample_D_factor=1)
+        self.image_adapter = Our_tuning_for_transformer(
+            n_vision, [clip_kwargs["vision_width"]] * n_vision, embed_dim, downsample_D_factor=1
+        )
+        self.text_adapter = Our_tuning_for_transformer(
+            n_text, [clip_kwargs["transformer_width"]] * n_text, embed_dim, downsample_D_factor=1
+        )
         for name, param in self.named_parameters():
             param.requires_grad_(name.startswith(ADAPTER_PREFIXES))
 
-    def forward(self, input_ids, token_type_ids, attention_mask, video, video_mask=None) -> Optional[torch.Tensor]:
+    def forward(self, input_ids, token_type_ids, attention_mask, video, video_mask=None) -> torch.Tensor | None:
         """Training: the symmetric CrossEn loss of the batch's similarity matrix. Eval: None."""
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         token_type_ids = token_type_ids.view(-1, token_type_ids.shape[-1])
@@ -387,11 +433,13 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         video, video_frame = _flatten_video(video)
 
         sequence_output, visual_output = self.get_sequence_visual_output(
-            input_ids, token_type_ids, attention_mask, video, video_mask, shaped=True, video_frame=video_frame)
+            input_ids, token_type_ids, attention_mask, video, video_mask, shaped=True, video_frame=video_frame
+        )
         if not self.training:
             return None
-        sim_matrix, _ = self.get_similarity_logits(sequence_output, visual_output, attention_mask, video_mask,
-                                                   shaped=True, loose_type=self.loose_type)
+        sim_matrix, _ = self.get_similarity_logits(
+            sequence_output, visual_output, attention_mask, video_mask, shaped=True, loose_type=self.loose_type
+        )
         return (self.loss_fct(sim_matrix) + self.loss_fct(sim_matrix.T)) / 2
 
     def get_sequence_output(self, input_ids, token_type_ids, attention_mask, shaped=False) -> torch.Tensor:
@@ -403,8 +451,9 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
             with torch.no_grad():
                 pooled, states = self.clip.encode_text(input_ids, hidden_states=True)
             # The padding id is 0 and the end token has the largest id, as in CLIP's own pooling.
-            sequence_hidden = self.text_adapter(states, pooled.unsqueeze(1), mask=input_ids != 0,
-                                                position=input_ids.argmax(dim=-1))
+            sequence_hidden = self.text_adapter(
+                states, pooled.unsqueeze(1), mask=input_ids != 0, position=input_ids.argmax(dim=-1)
+            )
         else:
             sequence_hidden = self.clip.encode_text(input_ids)
         sequence_hidden = sequence_hidden.float()
@@ -425,8 +474,9 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         visual_hidden = visual_hidden.float()
         return visual_hidden.view(video_mask.size(0), -1, visual_hidden.size(-1))
 
-    def get_sequence_visual_output(self, input_ids, token_type_ids, attention_mask, video, video_mask,
-                                   shaped=False, video_frame=-1) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get_sequence_visual_output(
+        self, input_ids, token_type_ids, attention_mask, video, video_mask, shaped=False, video_frame=-1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not shaped:
             input_ids = input_ids.view(-1, input_ids.shape[-1])
             video_mask = video_mask.view(-1, video_mask.shape[-1])
@@ -435,8 +485,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         visual_output = self.get_visual_output(video, video_mask, shaped=True, video_frame=video_frame)
         return sequence_output, visual_output
 
-    def _apply_video_head(self, visual_output: torch.Tensor, video_mask: torch.Tensor,
-                          sim_header: str) -> torch.Tensor:
+    def _apply_video_head(self, visual_output: torch.Tensor, video_mask: torch.Tensor, sim_header: str) -> torch.Tensor:
         """The temporal head on (B, F, 512) frame features, with a residual connection (meanP: identity)."""
         if sim_header == "seqLSTM":
             original = visual_output
@@ -447,7 +496,7 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
             if self.training:
                 self.lstm_visual.flatten_parameters()
             visual_output, _ = pad_packed_sequence(visual_output, batch_first=True)
-            visual_output = torch.cat((visual_output, original[:, visual_output.size(1):]), dim=1)
+            visual_output = torch.cat((visual_output, original[:, visual_output.size(1) :]), dim=1)
             visual_output = visual_output + original
         elif sim_header == "seqTransf":
             original = visual_output
@@ -475,8 +524,10 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         exp(logit_scale) · get_text_embedding(seq) @ this.T are the loose logits; no all-gather happens here.
         """
         if self.sim_header not in LOOSE_HEADERS:
-            raise ValueError(f"a per-video embedding needs sim_header in {LOOSE_HEADERS}; {self.sim_header!r} "
-                             f"scores each (text, video) pair jointly")
+            raise ValueError(
+                f"a per-video embedding needs sim_header in {LOOSE_HEADERS}; {self.sim_header!r} "
+                f"scores each (text, video) pair jointly"
+            )
         video_mask = video_mask.view(-1, video_mask.shape[-1])
         visual_output = self._apply_video_head(visual_output.contiguous(), video_mask, self.sim_header)
         return self._pool_video(visual_output, video_mask)
@@ -486,8 +537,9 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         """(B, 1, 512) end-token features → (B, 512) unit text embeddings."""
         return _l2_normalize(sequence_output.squeeze(1))
 
-    def _loose_similarity(self, sequence_output, visual_output, attention_mask, video_mask,
-                          sim_header="meanP") -> torch.Tensor:
+    def _loose_similarity(
+        self, sequence_output, visual_output, attention_mask, video_mask, sim_header="meanP"
+    ) -> torch.Tensor:
         """Dot-product heads: temporal head on the frames, masked mean, cosine similarity times exp(logit_scale)."""
         sequence_output, visual_output = sequence_output.contiguous(), visual_output.contiguous()
         visual_output = self._apply_video_head(visual_output, video_mask, sim_header)
@@ -525,8 +577,9 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
         _, pooled_output = self.cross(concat_features, concat_type, concat_mask)
         return self.similarity_dense(pooled_output).squeeze(-1).view(b_text, b_visual)
 
-    def get_similarity_logits(self, sequence_output, visual_output, attention_mask, video_mask,
-                              shaped=False, loose_type=False) -> Tuple[torch.Tensor, tuple]:
+    def get_similarity_logits(
+        self, sequence_output, visual_output, attention_mask, video_mask, shaped=False, loose_type=False
+    ) -> tuple[torch.Tensor, tuple]:
         """(B_t, B_v) logits and an empty tuple, as the original returns."""
         if not shaped:
             attention_mask = attention_mask.view(-1, attention_mask.shape[-1])
@@ -534,10 +587,12 @@ class CLIP4Clip(CLIP4ClipPreTrainedModel):
 
         if loose_type:
             if self.sim_header not in LOOSE_HEADERS:
-                raise ValueError(f"loose_type similarity needs sim_header in {LOOSE_HEADERS}, "
-                                 f"this model has {self.sim_header!r}")
-            retrieve_logits = self._loose_similarity(sequence_output, visual_output, attention_mask, video_mask,
-                                                     sim_header=self.sim_header)
+                raise ValueError(
+                    f"loose_type similarity needs sim_header in {LOOSE_HEADERS}, this model has {self.sim_header!r}"
+                )
+            retrieve_logits = self._loose_similarity(
+                sequence_output, visual_output, attention_mask, video_mask, sim_header=self.sim_header
+            )
         else:
             if self.sim_header != "tightTransf":
                 raise ValueError(f"sim_header {self.sim_header!r} needs --loose_type; only tightTransf runs without")
@@ -557,7 +612,7 @@ def _clip_param_trains(name: str, freeze_layer_num: int) -> bool:
     return False
 
 
-def freeze_clip_layers(model: nn.Module, freeze_layer_num: int, linear_patch: str) -> Tuple[int, int]:
+def freeze_clip_layers(model: nn.Module, freeze_layer_num: int, linear_patch: str) -> tuple[int, int]:
     """Freeze CLIP as the original does and return (trainable, total) parameter element counts of the whole model.
 
     -1 freezes nothing. Otherwise blocks below ``freeze_layer_num``, the embeddings, conv1 and ln_pre are frozen;
@@ -575,6 +630,7 @@ def freeze_clip_layers(model: nn.Module, freeze_layer_num: int, linear_patch: st
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if is_log_rank(getattr(model, "task_config", None)):
-        logger.info("freeze_layer_num %d (%s): %d of %d parameters train",
-                    freeze_layer_num, linear_patch, n_trainable, n_total)
+        logger.info(
+            "freeze_layer_num %d (%s): %d of %d parameters train", freeze_layer_num, linear_patch, n_trainable, n_total
+        )
     return n_trainable, n_total

@@ -5,9 +5,10 @@ h_0..h_L (the input to the first block and every block's output). Module and sta
 (``downsample_layers.{i}.1.*``, ``downsample_layer.1.*``, ``upsample_layer.1.*``, ``gate_layer.*``), so its
 checkpoints load here and ours load there.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -34,8 +35,13 @@ class Our_tuning_for_transformer(nn.Module):
     ``embed_size // downsample_D_factor``. All Linears keep PyTorch's default initialisation, as the fork's do.
     """
 
-    def __init__(self, num_layer: int = 13, hidden_size: Optional[Sequence[int]] = None, embed_size: int = 512,
-                 downsample_D_factor: int = 1):
+    def __init__(
+        self,
+        num_layer: int = 13,
+        hidden_size: Sequence[int] | None = None,
+        embed_size: int = 512,
+        downsample_D_factor: int = 1,
+    ):
         super().__init__()
         if hidden_size is None or len(hidden_size) != num_layer:
             raise ValueError(f"hidden_size must list one width per layer ({num_layer}), got {hidden_size!r}")
@@ -51,7 +57,7 @@ class Our_tuning_for_transformer(nn.Module):
         return self.gate_layer.weight.dtype
 
     @staticmethod
-    def _masked_mean(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _masked_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(N, L, M) → (N, M): the mean over the positions where ``mask`` (N, L) is 1 (all positions without one)."""
         if mask is None:
             return t.mean(dim=1)
@@ -59,8 +65,13 @@ class Our_tuning_for_transformer(nn.Module):
         # As the fork: the count is clamped at 1, so a row without any valid position gives zeros.
         return (t * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
-    def forward(self, all_hidden_features: Sequence[torch.Tensor], raw_anchor_features: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, position: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        all_hidden_features: Sequence[torch.Tensor],
+        raw_anchor_features: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states (num_layer of (N, L, D_i)) and anchors (N, 1, E) → refined anchors (N, E) in ``self.dtype``.
 
         ``mask`` (N, L) zeroes the attention scores of padding (text: ids ≠ 0); ``position`` (N,) names each

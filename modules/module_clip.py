@@ -3,6 +3,7 @@
 State-dict keys are exactly OpenAI's, so ``ViT-B-32.pt`` / ``ViT-B-16.pt`` load unchanged.
 Nothing is downloaded: the user puts the weight file in ``modules/`` (see README, "CLIP weights").
 """
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,8 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +22,26 @@ from torch.utils.checkpoint import checkpoint
 
 _MODELS = {
     "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
-                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
-                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
 }
 _PT_NAME = {"ViT-B/32": "ViT-B-32.pt", "ViT-B/16": "ViT-B-16.pt"}
 
 # Random, untrained architectures for demos and tests without a download. Never a stand-in for real weights.
 # Text width 512 because the CLIP4Clip heads are 512 wide.
-TINY_MODELS: Dict[str, dict] = {
+TINY_MODELS: dict[str, dict] = {
     "tiny-random-ViT/16": dict(
-        embed_dim=512, image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16,
-        context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=2,
+        embed_dim=512,
+        image_resolution=64,
+        vision_layers=2,
+        vision_width=128,
+        vision_patch_size=16,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=2,
     ),
 }
 _TINY_SEED = 0
@@ -66,10 +75,10 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-AttnMask = Union[None, torch.Tensor, Callable[[int], torch.Tensor]]
+AttnMask = torch.Tensor | Callable[[int], torch.Tensor] | None
 
 
-def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``attn(x, x, x, attn_mask=mask)`` on (L, N, D) input, computed with ``scaled_dot_product_attention``.
 
     The same weights and maths as ``nn.MultiheadAttention`` (its parameters, so the state-dict keys stay), without
@@ -94,11 +103,15 @@ class ResidualAttentionBlock(nn.Module):
         norm_layer = norm_layer or LayerNorm
         self.attn = nn.MultiheadAttention(d_model, n_head)
         self.ln_1 = norm_layer(d_model)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
-        ]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(d_model, d_model * 4)),
+                    ("gelu", QuickGELU()),
+                    ("c_proj", nn.Linear(d_model * 4, d_model)),
+                ]
+            )
+        )
         self.ln_2 = norm_layer(d_model)
         # A callable builds the mask for the actual sequence length (the text tower's causal mask).
         self.attn_mask = attn_mask
@@ -126,8 +139,9 @@ class Transformer(nn.Module):
         # Recompute each block's activations in backward: same numbers, less memory.
         self.grad_checkpointing: bool = False
 
-    def forward(self, x: torch.Tensor, hidden_states: bool = False
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+    def forward(
+        self, x: torch.Tensor, hidden_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(L, N, D) → (L, N, D); ``hidden_states`` adds (h_0, ..., h_layers): the input and every block's output,
         each an (N, L, D) view (UniPT's side network reads them)."""
         states = [x] if hidden_states else None
@@ -143,15 +157,16 @@ class Transformer(nn.Module):
         return x, tuple(s.permute(1, 0, 2) for s in states)
 
 
-def _run_transformer(transformer: Transformer, x: torch.Tensor, hidden_states: bool
-                     ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
+def _run_transformer(
+    transformer: Transformer, x: torch.Tensor, hidden_states: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """(N, L, D) through ``transformer`` (which works on (L, N, D)) → (N, L, D) and its hidden states or None."""
     out = transformer(x.permute(1, 0, 2), hidden_states=hidden_states)
     x, states = out if hidden_states else (out, None)
     return x.permute(1, 0, 2), states
 
 
-def _outputs(pooled: torch.Tensor, tokens: Optional[torch.Tensor], states: Optional[Tuple[torch.Tensor, ...]]):
+def _outputs(pooled: torch.Tensor, tokens: torch.Tensor | None, states: tuple[torch.Tensor, ...] | None):
     """``pooled`` alone, or a tuple of it followed by the requested extras (all tokens, then hidden states)."""
     extras = tuple(e for e in (tokens, states) if e is not None)
     return (pooled, *extras) if extras else pooled
@@ -160,8 +175,16 @@ def _outputs(pooled: torch.Tensor, tokens: Optional[torch.Tensor], states: Optio
 class VisualTransformer(nn.Module):
     """The ViT image tower; ``linear_patch='3d'`` adds CLIP4Clip's temporal patch embedding ``conv2``."""
 
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, linear_patch: str = "2d"):
+    def __init__(
+        self,
+        input_resolution: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        linear_patch: str = "2d",
+    ):
         super().__init__()
         if linear_patch not in ("2d", "3d"):
             raise ValueError(f"linear_patch must be '2d' or '3d', got {linear_patch!r}")
@@ -170,7 +193,7 @@ class VisualTransformer(nn.Module):
         self.linear_patch = linear_patch
         # Creation order is the original's, so a seeded global RNG gives the same initial values.
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
+        scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
@@ -178,20 +201,27 @@ class VisualTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         if linear_patch == "3d":
-            self.conv2 = nn.Conv3d(3, width, kernel_size=(3, patch_size, patch_size),
-                                   stride=(1, patch_size, patch_size), padding=(1, 0, 0), bias=False)
+            self.conv2 = nn.Conv3d(
+                3,
+                width,
+                kernel_size=(3, patch_size, patch_size),
+                stride=(1, patch_size, patch_size),
+                padding=(1, 0, 0),
+                bias=False,
+            )
 
     def _patchify_3d(self, x: torch.Tensor, video_frame: int) -> torch.Tensor:
         n = x.shape[0]
         if video_frame < 1 or n % video_frame:
-            raise ValueError(f"linear_patch='3d' needs video_frame = frames per video dividing the batch of {n} "
-                             f"images, got video_frame={video_frame}")
+            raise ValueError(
+                f"linear_patch='3d' needs video_frame = frames per video dividing the batch of {n} "
+                f"images, got video_frame={video_frame}"
+            )
         x = x.reshape(n // video_frame, video_frame, *x.shape[-3:]).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W)
         x = self.conv2(x).permute(0, 2, 1, 3, 4)  # (B, T, width, g, g)
         return x.reshape(n, *x.shape[-3:])
 
-    def forward(self, x: torch.Tensor, video_frame: int = -1, return_hidden: bool = False,
-                hidden_states: bool = False):
+    def forward(self, x: torch.Tensor, video_frame: int = -1, return_hidden: bool = False, hidden_states: bool = False):
         """Images (N, 3, H, W) → (N, output_dim) class-token features; ``return_hidden`` adds all tokens
         (N, 1+g², output_dim); ``hidden_states`` adds the transformer's (h_0, ..., h_layers), each (N, 1+g², width)."""
         x = self._patchify_3d(x, video_frame) if self.linear_patch == "3d" else self.conv1(x)
@@ -209,20 +239,39 @@ class VisualTransformer(nn.Module):
 class CLIP(nn.Module):
     """OpenAI's CLIP with a ViT image tower (CLIP4Clip's variant: 3d patches, length-L causal text mask)."""
 
-    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
-                 vision_patch_size: int, context_length: int, vocab_size: int, transformer_width: int,
-                 transformer_heads: int, transformer_layers: int, linear_patch: str = "2d"):
+    def __init__(
+        self,
+        embed_dim: int,
+        image_resolution: int,
+        vision_layers: int,
+        vision_width: int,
+        vision_patch_size: int,
+        context_length: int,
+        vocab_size: int,
+        transformer_width: int,
+        transformer_heads: int,
+        transformer_layers: int,
+        linear_patch: str = "2d",
+    ):
         super().__init__()
         if isinstance(vision_layers, (tuple, list)):
-            raise ValueError(f"vision_layers={tuple(vision_layers)} describes a ResNet CLIP; CLIP4Clip needs a ViT "
-                             f"CLIP (e.g. ViT-B/32 or ViT-B/16)")
+            raise ValueError(
+                f"vision_layers={tuple(vision_layers)} describes a ResNet CLIP; CLIP4Clip needs a ViT "
+                f"CLIP (e.g. ViT-B/32 or ViT-B/16)"
+            )
         self.context_length = context_length
         self.visual = VisualTransformer(
-            input_resolution=image_resolution, patch_size=vision_patch_size, width=vision_width,
-            layers=vision_layers, heads=vision_width // 64, output_dim=embed_dim, linear_patch=linear_patch,
+            input_resolution=image_resolution,
+            patch_size=vision_patch_size,
+            width=vision_width,
+            layers=vision_layers,
+            heads=vision_width // 64,
+            output_dim=embed_dim,
+            linear_patch=linear_patch,
         )
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       attn_mask=self.build_attention_mask)
+        self.transformer = Transformer(
+            transformer_width, transformer_layers, transformer_heads, attn_mask=self.build_attention_mask
+        )
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -236,18 +285,18 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
-        proj_std = width ** -0.5 * (2 * layers) ** -0.5
-        attn_std = width ** -0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        attn_std = width**-0.5
         fc_std = (2 * width) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     @staticmethod
-    def get_config(pretrained_clip_name: str = "ViT-B/32") -> Dict[str, torch.Tensor]:
+    def get_config(pretrained_clip_name: str = "ViT-B/32") -> dict[str, torch.Tensor]:
         """The CLIP state dict for a model name (``ViT-B/32``, ``ViT-B/16``, a tiny random name) or a file path."""
         if pretrained_clip_name in TINY_MODELS:
             return _tiny_state_dict(pretrained_clip_name)
@@ -256,14 +305,16 @@ class CLIP(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(
                     f"CLIP weights for {pretrained_clip_name} not found at {path}. Nothing is downloaded "
-                    f"automatically; fetch OpenAI's file with:\n  wget -P {path.parent} {_MODELS[pretrained_clip_name]}")
+                    f"automatically; fetch OpenAI's file with:\n  wget -P {path.parent} {_MODELS[pretrained_clip_name]}"
+                )
             return load_state_dict_file(path)
         if os.path.isfile(pretrained_clip_name):
             return load_state_dict_file(pretrained_clip_name)
         raise FileNotFoundError(
             f"CLIP model {pretrained_clip_name!r} is neither a known name nor an existing file; known names: "
             f"{', '.join(available_models())} (CLIP4Clip needs a ViT CLIP). Nothing is downloaded automatically; "
-            f"for ViT-B/32 run:\n  wget -P {_MODULE_DIR} {_MODELS['ViT-B/32']}")
+            f"for ViT-B/32 run:\n  wget -P {_MODULE_DIR} {_MODELS['ViT-B/32']}"
+        )
 
     @staticmethod
     def build_attention_mask(length: int) -> torch.Tensor:
@@ -274,12 +325,14 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image: torch.Tensor, return_hidden: bool = False, video_frame: int = -1,
-                     hidden_states: bool = False):
+    def encode_image(
+        self, image: torch.Tensor, return_hidden: bool = False, video_frame: int = -1, hidden_states: bool = False
+    ):
         """Images (N, 3, H, W) → (N, embed_dim); with ``return_hidden`` also all projected tokens; with
         ``hidden_states`` also the tower's (h_0, ..., h_layers), each (N, 1+g², vision width)."""
-        return self.visual(image.to(self.dtype), video_frame=video_frame, return_hidden=return_hidden,
-                           hidden_states=hidden_states)
+        return self.visual(
+            image.to(self.dtype), video_frame=video_frame, return_hidden=return_hidden, hidden_states=hidden_states
+        )
 
     def encode_text(self, text: torch.Tensor, return_hidden: bool = False, hidden_states: bool = False):
         """Token ids (N, L), L ≤ context_length → end-token features (N, embed_dim); ``return_hidden`` adds
@@ -294,7 +347,7 @@ class CLIP(nn.Module):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), text.argmax(dim=-1)]
         return _outputs(pooled, hidden if return_hidden else None, states)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): scaled cosine similarities."""
         image_features = F.normalize(self.encode_image(image), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
@@ -310,7 +363,7 @@ def convert_weights(model: nn.Module) -> None:
     """Cast to fp16, in place, what OpenAI's CLIP keeps in fp16: Conv/Linear weights and biases, attention
     projections, and ``text_projection`` / ``proj``. Embeddings, LayerNorms and ``logit_scale`` stay fp32."""
 
-    def to_half(t: Optional[torch.Tensor]) -> None:
+    def to_half(t: torch.Tensor | None) -> None:
         if t is not None:
             t.data = t.data.half()
 
@@ -319,8 +372,15 @@ def convert_weights(model: nn.Module) -> None:
             to_half(module.weight)
             to_half(module.bias)
         if isinstance(module, nn.MultiheadAttention):
-            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                         "in_proj_bias", "bias_k", "bias_v"):
+            for name in (
+                "in_proj_weight",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+                "in_proj_bias",
+                "bias_k",
+                "bias_v",
+            ):
                 to_half(getattr(module, name))
         for name in ("text_projection", "proj"):
             attr = getattr(module, name, None)
@@ -348,8 +408,10 @@ def clip_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"expected a CLIP state dict (mapping of names to tensors), got {type(state_dict).__name__}")
     if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state_dict):
-        raise ValueError("this is a ResNet CLIP state dict (keys 'visual.layer1.*'); CLIP4Clip needs a ViT CLIP "
-                         "(ViT-B/32 or ViT-B/16)")
+        raise ValueError(
+            "this is a ResNet CLIP state dict (keys 'visual.layer1.*'); CLIP4Clip needs a ViT CLIP "
+            "(ViT-B/32 or ViT-B/16)"
+        )
     conv1 = _shape(state_dict, "visual.conv1.weight", 4, "patch embedding (width, 3, patch, patch)")
     vis_pos = _shape(state_dict, "visual.positional_embedding", 2, "visual positions (1 + grid², width)")
     text_proj = _shape(state_dict, "text_projection", 2, "text projection (width, embed_dim)")
@@ -361,8 +423,10 @@ def clip_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
     vision_width, text_width = conv1[0], ln_final[0]
     for name, width, layers in (("visual", vision_width, vision_layers), ("text", text_width, text_layers)):
         if layers == 0:
-            raise ValueError(f"CLIP state dict has no {name} transformer blocks "
-                             f"(no '{'visual.' if name == 'visual' else ''}transformer.resblocks.*' keys)")
+            raise ValueError(
+                f"CLIP state dict has no {name} transformer blocks "
+                f"(no '{'visual.' if name == 'visual' else ''}transformer.resblocks.*' keys)"
+            )
         if width < 64:
             raise ValueError(f"CLIP {name} width {width} is below 64; heads are inferred as width // 64")
     grid = round((vis_pos[0] - 1) ** 0.5)
@@ -385,8 +449,10 @@ def _check_against(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
     expected = {k: v.shape for k, v in model.state_dict().items()}
     for key, shape in expected.items():
         if key not in state_dict:
-            raise ValueError(f"CLIP state dict is missing key {key!r} (expected shape {tuple(shape)}) for the "
-                             f"architecture inferred from its shapes")
+            raise ValueError(
+                f"CLIP state dict is missing key {key!r} (expected shape {tuple(shape)}) for the "
+                f"architecture inferred from its shapes"
+            )
         value = state_dict[key]
         if not isinstance(value, torch.Tensor) or value.shape != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -431,10 +497,18 @@ _ARCHIVE_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("collections", "OrderedDict"): OrderedDict,
 }
-_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
@@ -467,13 +541,14 @@ class _ArchiveUnpickler(pickle.Unpickler):
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
-def _named_tensors(obj, prefix: str = "") -> Dict[str, torch.Tensor]:
+def _named_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of an unpickled module tree under its dotted attribute name (positions name the entries of a
     module whose state is a tuple)."""
     state = obj.state if isinstance(obj, _ScriptObject) else obj
-    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) \
-        else ()
-    out: Dict[str, torch.Tensor] = {}
+    items = (
+        state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    )
+    out: dict[str, torch.Tensor] = {}
     for key, value in items:
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
@@ -483,7 +558,7 @@ def _named_tensors(obj, prefix: str = "") -> Dict[str, torch.Tensor]:
     return out
 
 
-def read_torchscript_archive(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+def read_torchscript_archive(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a TorchScript archive (OpenAI's ``ViT-B-32.pt``) without running any of its code.
 
     Differs from the original, which calls ``torch.jit.load``: that runs the archive's TorchScript (``__setstate__``
@@ -514,7 +589,7 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a CLIP weight file: OpenAI's TorchScript archive (without running its code) or a ``torch.save`` state
     dict (``weights_only``). An unreadable file is a ValueError naming it."""
     path = Path(path)
@@ -523,19 +598,22 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
             return read_torchscript_archive(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever a damaged file raises, the user needs the same one line
-        raise ValueError(f"cannot read CLIP weights from {path} ({_first_line(error)}): expected OpenAI's "
-                         f"TorchScript archive or a torch.save state dict; the file may be truncated or corrupt, "
-                         f"download it again (see README, 'CLIP weights')") from None
+        raise ValueError(
+            f"cannot read CLIP weights from {path} ({_first_line(error)}): expected OpenAI's "
+            f"TorchScript archive or a torch.save state dict; the file may be truncated or corrupt, "
+            f"download it again (see README, 'CLIP weights')"
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a CLIP state dict (a mapping of names to tensors); "
-                         f"got {type(obj).__name__}")
+        raise ValueError(
+            f"{path} does not hold a CLIP state dict (a mapping of names to tensors); got {type(obj).__name__}"
+        )
     return dict(obj)
 
 
-def _tiny_state_dict(name: str) -> Dict[str, torch.Tensor]:
+def _tiny_state_dict(name: str) -> dict[str, torch.Tensor]:
     """A freshly initialised tiny CLIP with logit scale 100, seeded locally so the caller's RNG stream is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)

@@ -1,11 +1,12 @@
 """The mask-taking transformer of the seqTransf head and the cross encoder of the tightTransf head."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class CrossConfig:
     initializer_range: float = 0.02
 
     @classmethod
-    def from_dict(cls, json_object: Dict[str, Any], source: str = "<dict>") -> "CrossConfig":
+    def from_dict(cls, json_object: dict[str, Any], source: str = "<dict>") -> CrossConfig:
         """Class defaults overridden by ``json_object``; an unknown key raises ValueError naming ``source``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(json_object) - known)
@@ -51,7 +52,7 @@ class CrossConfig:
         return cls(**json_object)
 
     @classmethod
-    def from_json_file(cls, json_file: Union[str, Path]) -> "CrossConfig":
+    def from_json_file(cls, json_file: str | Path) -> CrossConfig:
         path = Path(json_file)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -65,10 +66,10 @@ class CrossConfig:
     def get_config(
         cls,
         cross_model_name: str,
-        cache_dir: Optional[str] = None,
+        cache_dir: str | None = None,
         type_vocab_size: int = 2,
         task_config: Any = None,
-    ) -> "CrossConfig":
+    ) -> CrossConfig:
         """Read ``modules/<cross_model_name>/cross_config.json``, or ``cross_model_name`` as a folder or JSON path.
 
         ``cache_dir`` is accepted for the original's call signature; nothing is downloaded, so it is not used.
@@ -94,7 +95,7 @@ class CrossConfig:
             logger.info("Model config %s", config.to_json_string())
         return config
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json_string(self) -> str:
@@ -168,7 +169,9 @@ class CrossModel(PreTrainedModel):
         super().__init__(config)
         self.embeddings = CrossEmbeddings(config)
         self.transformer = Transformer(
-            width=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
+            width=config.hidden_size,
+            layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
         )
         self.pooler = CrossPooler(config)
         self.apply(self.init_weights)
@@ -182,9 +185,9 @@ class CrossModel(PreTrainedModel):
     def forward(
         self,
         concat_input: torch.Tensor,
-        concat_type: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        concat_type: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) input → (sequence output (B, L, D), pooled output (B, D)).
 
         ``concat_type`` is accepted for the original's call signature; its embeddings never used type ids.

@@ -4,10 +4,11 @@ Deliberately not torch.optim.AdamW: no bias correction, a per-tensor gradient cl
 the step count *before* the increment (so the first update is zero), and a cosine that is not re-based after the
 warm-up. All of it changes results, so all of it is kept.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
@@ -34,7 +35,7 @@ def warmup_linear(x: float, warmup: float = 0.002) -> float:
     return max((x - 1.0) / (warmup - 1.0), 0.0)
 
 
-SCHEDULES: Dict[str, Callable[[float, float], float]] = {
+SCHEDULES: dict[str, Callable[[float, float], float]] = {
     "warmup_cosine": warmup_cosine,
     "warmup_constant": warmup_constant,
     "warmup_linear": warmup_linear,
@@ -55,9 +56,19 @@ class BertAdam(Optimizer):
     ``next_m`` and ``next_v`` in the parameter's dtype (fp16 for CLIP's fp16 weights).
     """
 
-    def __init__(self, params: Iterable, lr: float, warmup: float = -1, t_total: float = -1,
-                 schedule: str = "warmup_linear", b1: float = 0.9, b2: float = 0.999, e: float = 1e-6,
-                 weight_decay: float = 0.01, max_grad_norm: float = 1.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        warmup: float = -1,
+        t_total: float = -1,
+        schedule: str = "warmup_linear",
+        b1: float = 0.9,
+        b2: float = 0.999,
+        e: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_grad_norm: float = 1.0,
+    ):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
         if schedule not in SCHEDULES:
@@ -70,11 +81,20 @@ class BertAdam(Optimizer):
             raise ValueError(f"Invalid b2 parameter: {b2} - should be in [0.0, 1.0[")
         if e < 0.0:
             raise ValueError(f"Invalid epsilon value: {e} - should be >= 0.0")
-        defaults = dict(lr=lr, schedule=schedule, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e,
-                        weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        defaults = dict(
+            lr=lr,
+            schedule=schedule,
+            warmup=warmup,
+            t_total=t_total,
+            b1=b1,
+            b2=b2,
+            e=e,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+        )
         super().__init__(params, defaults)
 
-    def get_lr(self) -> List[float]:
+    def get_lr(self) -> list[float]:
         """Scheduled lr of every parameter that has a gradient; ``[0]`` while any of them has no state yet."""
         lrs = []
         for group in self.param_groups:
@@ -88,7 +108,7 @@ class BertAdam(Optimizer):
         return lrs
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One update of every parameter with a gradient, as the original's per-tensor loop computes it.
 
         Differs from the original in form only: the same operations run as ``torch._foreach_*`` calls over all
@@ -105,9 +125,9 @@ class BertAdam(Optimizer):
                 self._update(group, *bucket)
         return loss
 
-    def _buckets(self, group: dict) -> List[Tuple[List[torch.Tensor], List[dict], int]]:
+    def _buckets(self, group: dict) -> list[tuple[list[torch.Tensor], list[dict], int]]:
         """The group's parameters with a gradient, split by (device, dtype, step count), state created lazily."""
-        buckets: Dict[Tuple[torch.device, torch.dtype, int], Tuple[List[torch.Tensor], List[dict]]] = {}
+        buckets: dict[tuple[torch.device, torch.dtype, int], tuple[list[torch.Tensor], list[dict]]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -124,14 +144,14 @@ class BertAdam(Optimizer):
         return [(params, states, step) for (_, _, step), (params, states) in buckets.items()]
 
     @staticmethod
-    def _clip_each_(grads: List[torch.Tensor], max_norm: float) -> None:
+    def _clip_each_(grads: list[torch.Tensor], max_norm: float) -> None:
         """``clip_grad_norm_(p, max_norm)`` applied to each gradient on its own, in place, with the same arithmetic:
         the tensor's norm, then the norm of that one norm, coefficient max_norm / (norm + 1e-6) capped at 1."""
         norms = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).unsqueeze(1), 2, dim=1)
         coefs = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         torch._foreach_mul_(grads, list(coefs.unbind(0)))
 
-    def _update(self, group: dict, params: List[torch.Tensor], states: List[dict], step: int) -> None:
+    def _update(self, group: dict, params: list[torch.Tensor], states: list[dict], step: int) -> None:
         grads = [p.grad for p in params]
         next_m = [s["next_m"] for s in states]
         next_v = [s["next_v"] for s in states]

@@ -2,13 +2,14 @@
 
 Ids equal OpenAI CLIP's for any text: same byte table, same 48,894 merges, same cleaning and pre-tokenisation.
 """
+
 from __future__ import annotations
 
 import gzip
 import html
 import os
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Dict, Iterable, List, Set, Tuple
 
 import ftfy
 import regex as re
@@ -20,20 +21,21 @@ EOT_TOKEN = "<|endoftext|>"
 _N_MERGES = 49152 - 256 - 2
 
 
-@lru_cache()
+@lru_cache
 def default_bpe() -> str:
     """Path of the BPE merges file shipped next to this module."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 
 
-@lru_cache()
-def bytes_to_unicode() -> Dict[int, str]:
+@lru_cache
+def bytes_to_unicode() -> dict[int, str]:
     """Map every byte to a printable unicode character, printable bytes to themselves.
 
     The insertion order (printable bytes first, then the rest) is the order of the first 256 vocabulary entries.
     """
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):
@@ -43,7 +45,7 @@ def bytes_to_unicode() -> Dict[int, str]:
     return table
 
 
-def get_pairs(word: Iterable[str]) -> Set[Tuple[str, str]]:
+def get_pairs(word: Iterable[str]) -> set[tuple[str, str]]:
     """The set of adjacent symbol pairs of a word given as a sequence of symbols."""
     symbols = list(word)
     return set(zip(symbols, symbols[1:]))
@@ -70,11 +72,12 @@ class SimpleTokenizer:
                 lines = f.read().decode("utf-8").split("\n")
         except OSError as e:
             raise OSError(f"{bpe_path}: cannot read the gzip'd BPE merges file ({e})") from e
-        merge_lines = lines[1:_N_MERGES + 1]
+        merge_lines = lines[1 : _N_MERGES + 1]
         if len(merge_lines) != _N_MERGES:
-            raise ValueError(f"{bpe_path}: expected at least {_N_MERGES} merges after the header line, "
-                             f"found {len(merge_lines)}")
-        merges: List[Tuple[str, str]] = []
+            raise ValueError(
+                f"{bpe_path}: expected at least {_N_MERGES} merges after the header line, found {len(merge_lines)}"
+            )
+        merges: list[tuple[str, str]] = []
         for lineno, line in enumerate(merge_lines, start=2):
             pair = tuple(line.split())
             if len(pair) != 2:
@@ -87,17 +90,17 @@ class SimpleTokenizer:
         vocab += [c + "</w>" for c in vocab]
         vocab += ["".join(pair) for pair in merges]
         vocab += [SOT_TOKEN, EOT_TOKEN]
-        self.encoder: Dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
+        self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
         self.vocab = self.encoder
-        self.decoder: Dict[int, str] = {i: tok for tok, i in self.encoder.items()}
-        self.bpe_ranks: Dict[Tuple[str, str], int] = {pair: i for i, pair in enumerate(merges)}
-        self.cache: Dict[str, str] = {SOT_TOKEN: SOT_TOKEN, EOT_TOKEN: EOT_TOKEN}
+        self.decoder: dict[int, str] = {i: tok for tok, i in self.encoder.items()}
+        self.bpe_ranks: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(merges)}
+        self.cache: dict[str, str] = {SOT_TOKEN: SOT_TOKEN, EOT_TOKEN: EOT_TOKEN}
         self.pat = re.compile(
             r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             re.IGNORECASE,
         )
         # Byte-encoded pre-token -> its BPE strings; saves the join/split round trip on repeated words.
-        self._piece_cache: Dict[str, List[str]] = {}
+        self._piece_cache: dict[str, list[str]] = {}
 
     def bpe(self, token: str) -> str:
         """BPE-merge one byte-encoded pre-token; returns its symbols joined by spaces, the last ending in ``</w>``."""
@@ -115,7 +118,7 @@ class SimpleTokenizer:
             if best not in ranks:
                 break
             first, second = best
-            merged: List[str] = []
+            merged: list[str] = []
             i = 0
             # Merge every occurrence, scanning left to right without overlap.
             while i < len(word):
@@ -138,9 +141,9 @@ class SimpleTokenizer:
             return " ".join(text.split()).lower()
         return whitespace_clean(basic_clean(text)).lower()
 
-    def tokenize(self, text: str) -> List[str]:
+    def tokenize(self, text: str) -> list[str]:
         """Clean, lower-case and split ``text`` into BPE strings (e.g. ``['a</w>', 'dog</w>']``)."""
-        tokens: List[str] = []
+        tokens: list[str] = []
         piece_cache = self._piece_cache
         byte_encoder = self.byte_encoder
         for piece in self.pat.findall(self._clean(text)):
@@ -152,14 +155,14 @@ class SimpleTokenizer:
             tokens.extend(bpe_tokens)
         return tokens
 
-    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> List[int]:
+    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
         """Look up BPE strings (as ``tokenize`` returns, or the special tokens) in the vocabulary."""
         try:
             return [self.encoder[t] for t in tokens]
         except KeyError as e:
             raise ValueError(f"token {e.args[0]!r} is not in the CLIP vocabulary") from None
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without start/end tokens."""
         return self.convert_tokens_to_ids(self.tokenize(text))
 

@@ -1,8 +1,9 @@
 """Small shared pieces of the CLIP4Clip heads: TF-style LayerNorm, weight init and loading, CrossEn, AllGather."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,8 +72,8 @@ class PreTrainedModel(nn.Module):
     def init_preweight(
         cls,
         model: nn.Module,
-        state_dict: Dict[str, torch.Tensor],
-        prefix: Optional[str] = None,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str | None = None,
         task_config: Any = None,
     ) -> nn.Module:
         """Load ``state_dict`` into ``model`` non-strictly and log what did not match (rank 0, prefix None).
@@ -81,7 +82,7 @@ class PreTrainedModel(nn.Module):
         when given. Each tensor is copied into the existing parameter and takes its dtype. Shape mismatches are
         logged as errors and skipped, not raised.
         """
-        renamed: Dict[str, torch.Tensor] = {}
+        renamed: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             new_key = key.replace("gamma", "weight").replace("beta", "bias")
             if prefix is not None:
@@ -89,8 +90,8 @@ class PreTrainedModel(nn.Module):
             renamed[new_key] = value
 
         own = model.state_dict()
-        error_msgs: List[str] = []
-        loadable: Dict[str, torch.Tensor] = {}
+        error_msgs: list[str] = []
+        loadable: dict[str, torch.Tensor] = {}
         for key, value in renamed.items():
             if key in own and tuple(own[key].shape) != tuple(value.shape):
                 error_msgs.append(
@@ -107,14 +108,21 @@ class PreTrainedModel(nn.Module):
             name = type(model).__name__
             logger.info("-" * 20)
             if missing_keys:
-                logger.info("Weights of %s not initialized from pretrained model: %s",
-                            name, "\n   " + "\n   ".join(missing_keys))
+                logger.info(
+                    "Weights of %s not initialized from pretrained model: %s",
+                    name,
+                    "\n   " + "\n   ".join(missing_keys),
+                )
             if result.unexpected_keys:
-                logger.info("Weights from pretrained model not used in %s: %s",
-                            name, "\n   " + "\n   ".join(result.unexpected_keys))
+                logger.info(
+                    "Weights from pretrained model not used in %s: %s",
+                    name,
+                    "\n   " + "\n   ".join(result.unexpected_keys),
+                )
             if error_msgs:
-                logger.error("Weights from pretrained model cause errors in %s: %s",
-                             name, "\n   " + "\n   ".join(error_msgs))
+                logger.error(
+                    "Weights from pretrained model cause errors in %s: %s", name, "\n   " + "\n   ".join(error_msgs)
+                )
         return model
 
 
@@ -143,7 +151,7 @@ class AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output[ctx.batch_size * ctx.rank: ctx.batch_size * (ctx.rank + 1)]
+        return grad_output[ctx.batch_size * ctx.rank : ctx.batch_size * (ctx.rank + 1)]
 
 
 def allgather(tensor: torch.Tensor) -> torch.Tensor:

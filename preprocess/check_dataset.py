@@ -11,15 +11,16 @@ videos per split, videos found / missing / undecodable, and duration and fps sta
 Exit status: 0 when training would run on the full data; 1 when an annotation is malformed or a video is missing or
 yields no frame; 2 for bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from anywhere: the package root is this file's parent folder
@@ -36,14 +37,17 @@ from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
 DATATYPES = tuple(DATALOADER_DICT)
 LISTED = 10
 
-Request = Tuple[str, Optional[int], Optional[int]]  # video file, start second, end second
+Request = tuple[str, int | None, int | None]  # video file, start second, end second
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datatype", default="msrvtt", choices=DATATYPES)
-    parser.add_argument("--data_path", default="data/caption.pickle",
-                        help="MSR-VTT: MSRVTT_data.json; other data sets: the annotation folder")
+    parser.add_argument(
+        "--data_path",
+        default="data/caption.pickle",
+        help="MSR-VTT: MSRVTT_data.json; other data sets: the annotation folder",
+    )
     parser.add_argument("--features_path", default="data/videos_feature.pickle", help="the video folder")
     parser.add_argument("--train_csv", default="data/.train.csv", help="MSR-VTT training id csv")
     parser.add_argument("--val_csv", default="data/.val.csv", help="MSR-VTT test csv (JSFusion)")
@@ -53,26 +57,39 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--feature_framerate", type=int, default=1)
     parser.add_argument("--slice_framepos", type=int, default=0, choices=[0, 1, 2])
     parser.add_argument("--image_resolution", type=int, default=224)
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="decoding processes (0 or 1: decode in this process)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="decoding processes (0 or 1: decode in this process)",
+    )
     return parser.parse_args(argv)
 
 
 @dataclass
 class Split:
     name: str
-    dataset: Optional[object] = None
-    error: Optional[str] = None
+    dataset: object | None = None
+    error: str | None = None
 
 
 def _loader_flags(args: argparse.Namespace) -> argparse.Namespace:
     """The training flags ``DATALOADER_DICT``'s builders read: this tool's, plus loader settings that do not change
     which items a data set holds. ``skip_missing`` so that all missing files are collected, not only the first."""
-    return argparse.Namespace(**vars(args), skip_missing=True, frame_cache=None, train_frame_order=0,
-                              eval_frame_order=0, batch_size=1, n_gpu=1, batch_size_val=1, num_thread_reader=0)
+    return argparse.Namespace(
+        **vars(args),
+        skip_missing=True,
+        frame_cache=None,
+        train_frame_order=0,
+        eval_frame_order=0,
+        batch_size=1,
+        n_gpu=1,
+        batch_size_val=1,
+        num_thread_reader=0,
+    )
 
 
-def build_splits(args: argparse.Namespace) -> List[Split]:
+def build_splits(args: argparse.Namespace) -> list[Split]:
     """Every split of ``--datatype``, built by the training code's own ``DATALOADER_DICT`` builders."""
     tokenizer = SimpleTokenizer()
     flags = _loader_flags(args)
@@ -87,8 +104,9 @@ def build_splits(args: argparse.Namespace) -> List[Split]:
         level = dataset_logger.level
         dataset_logger.setLevel(logging.ERROR)
         try:
-            loader = builders[name](flags, tokenizer) if name == "train" else builders[name](flags, tokenizer,
-                                                                                              subset=name)
+            loader = (
+                builders[name](flags, tokenizer) if name == "train" else builders[name](flags, tokenizer, subset=name)
+            )
             split.dataset = loader[0].dataset
         except (ValueError, FileNotFoundError, OSError) as exc:
             split.error = f"{type(exc).__name__}: {exc}"
@@ -98,8 +116,8 @@ def build_splits(args: argparse.Namespace) -> List[Split]:
     return splits
 
 
-_extractor: Optional[RawVideoExtractor] = None
-_sample_args: Tuple[int, int] = (0, 0)
+_extractor: RawVideoExtractor | None = None
+_sample_args: tuple[int, int] = (0, 0)
 
 
 def _init_worker(framerate: int, size: int, max_frames: int, slice_framepos: int) -> None:
@@ -111,12 +129,12 @@ def _init_worker(framerate: int, size: int, max_frames: int, slice_framepos: int
     _sample_args = (max_frames, slice_framepos)
 
 
-def probe(request: Request) -> Dict[str, object]:
+def probe(request: Request) -> dict[str, object]:
     """Container fps and duration, and the number of frames a training item would read (0: undecodable)."""
     import cv2
 
     path, start, end = request
-    result: Dict[str, object] = {"fps": 0.0, "duration": None, "error": None}
+    result: dict[str, object] = {"fps": 0.0, "duration": None, "error": None}
     max_frames, slice_framepos = _sample_args
     try:
         capture = open_capture(path)
@@ -131,7 +149,7 @@ def probe(request: Request) -> Dict[str, object]:
     return result
 
 
-def decode_all(requests: List[Request], args: argparse.Namespace) -> List[Dict[str, object]]:
+def decode_all(requests: list[Request], args: argparse.Namespace) -> list[dict[str, object]]:
     init = (args.feature_framerate, args.image_resolution, args.max_frames, args.slice_framepos)
     bar = dict(total=len(requests), desc="decoding videos", unit="video")
     if args.num_workers <= 1:
@@ -141,25 +159,25 @@ def decode_all(requests: List[Request], args: argparse.Namespace) -> List[Dict[s
         return list(tqdm(pool.map(probe, requests, chunksize=4), **bar))
 
 
-def _stats(values: List[float]) -> str:
+def _stats(values: list[float]) -> str:
     if not values:
         return "n/a"
     a = np.asarray(values, dtype=np.float64)
     return f"min {a.min():.2f}  median {np.median(a):.2f}  mean {a.mean():.2f}  max {a.max():.2f}"
 
 
-def _listing(names: List[str]) -> str:
+def _listing(names: list[str]) -> str:
     return ", ".join(names[:LISTED]) + (f", ... ({len(names) - LISTED} more)" if len(names) > LISTED else "")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is shown, not a crash
     splits = build_splits(args)
 
     print(f"Data set {args.datatype}: annotations {args.data_path}, videos {args.features_path}")
-    requests: Dict[Request, None] = {}
-    missing: Dict[str, None] = {}
+    requests: dict[Request, None] = {}
+    missing: dict[str, None] = {}
     for split in splits:
         if split.error:
             print(f"  {split.name:5s}: annotation error: {split.error}")
@@ -189,16 +207,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if missing:
         print(f"  missing (no file under {args.features_path}): {_listing(list(missing))}")
     if bad:
-        print("  undecodable (no frame read): " + _listing(
-            [f"{path}" + (f" [{s}, {e}]" if s is not None else "") + (f" ({res['error']})" if res["error"] else "")
-             for (path, s, e), res in bad]))
+        print(
+            "  undecodable (no frame read): "
+            + _listing(
+                [
+                    f"{path}"
+                    + (f" [{s}, {e}]" if s is not None else "")
+                    + (f" ({res['error']})" if res["error"] else "")
+                    for (path, s, e), res in bad
+                ]
+            )
+        )
     print(f"Duration (s): {_stats(list(durations.values()))}")
     print(f"FPS:          {_stats(list(fps.values()))}")
 
     broken = any(s.error for s in splits) or bool(missing) or bool(bad)
-    print("Result: " + ("problems found (see above). Training refuses missing videos unless --skip_missing_videos "
-                        "is given, and replaces undecodable ones; evaluation would score them as blank videos"
-                        if broken else "OK, every annotation parsed and every video decoded"))
+    print(
+        "Result: "
+        + (
+            "problems found (see above). Training refuses missing videos unless --skip_missing_videos "
+            "is given, and replaces undecodable ones; evaluation would score them as blank videos"
+            if broken
+            else "OK, every annotation parsed and every video decoded"
+        )
+    )
     return 1 if broken else 0
 
 

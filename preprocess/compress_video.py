@@ -18,6 +18,7 @@ Differences from the original:
   outputs and exits 130;
 - exit status 1 when any file failed (its source was still copied), 0 otherwise, 2 for bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -50,10 +51,7 @@ SHORT_SIDE = 224
 # a = input width / height. Landscape (a > 1): height 224, width the even number at or below 224*a.
 # Otherwise: width 224, height the even number at or below 224/a. The quotes protect the commas inside the
 # expressions from ffmpeg's filter-graph parser.
-SCALE_FILTER = (
-    f"scale='if(gt(a,1),trunc(oh*a/2)*2,{SHORT_SIDE})'"
-    f":'if(gt(a,1),{SHORT_SIDE},trunc(ow/a/2)*2)'"
-)
+SCALE_FILTER = f"scale='if(gt(a,1),trunc(oh*a/2)*2,{SHORT_SIDE})':'if(gt(a,1),{SHORT_SIDE},trunc(ow/a/2)*2)'"
 
 
 class NameCollisionError(ValueError):
@@ -88,14 +86,24 @@ def find_ffmpeg() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def build_ffmpeg_command(ffmpeg: str, src: Path, dst: Path) -> List[str]:
+def build_ffmpeg_command(ffmpeg: str, src: Path, dst: Path) -> list[str]:
     """The ffmpeg call that writes ``src`` re-encoded to ``dst``: 3 fps, short side 224, video streams only."""
     return [
-        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-        "-i", str(src),
-        "-filter:v", SCALE_FILTER,
-        "-map", "0:v", "-an",
-        "-r", str(FPS),
+        ffmpeg,
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-i",
+        str(src),
+        "-filter:v",
+        SCALE_FILTER,
+        "-map",
+        "0:v",
+        "-an",
+        "-r",
+        str(FPS),
         str(dst),
     ]
 
@@ -108,14 +116,14 @@ def _walk_files(root: Path, exclude: Path) -> Iterable[Path]:
             yield Path(dirpath, name)
 
 
-def plan_outputs(input_root: Path, output_root: Path) -> List[Tuple[Path, Path]]:
+def plan_outputs(input_root: Path, output_root: Path) -> list[tuple[Path, Path]]:
     """(source, output) for every file under ``input_root``; raises NameCollisionError on clashing names."""
     input_root, output_root = Path(input_root), Path(output_root)
     if not input_root.is_dir():
         raise FileNotFoundError(f"--input_root {input_root} is not a folder")
     if input_root.resolve() == output_root.resolve():
         raise ValueError(f"--input_root and --output_root must differ (both are {input_root})")
-    by_name: Dict[str, List[Path]] = {}
+    by_name: dict[str, list[Path]] = {}
     for src in _walk_files(input_root, output_root.resolve()):
         by_name.setdefault(src.name, []).append(src)
     clashes = {name: srcs for name, srcs in by_name.items() if len(srcs) > 1}
@@ -141,13 +149,14 @@ class _Runs:
         self._lock = threading.Lock()
         self._procs: set = set()
 
-    def run(self, command: List[str]) -> Tuple[int, str]:
+    def run(self, command: list[str]) -> tuple[int, str]:
         """(return code, stderr) of ``command``; Interrupted when the run was stopped or ffmpeg was killed."""
         with self._lock:
             if self.stopped.is_set():
                 raise Interrupted()
-            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                    errors="replace")
+            proc = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
+            )
             self._procs.add(proc)
         try:
             _, stderr = proc.communicate()
@@ -165,7 +174,7 @@ class _Runs:
                 proc.send_signal(signal.SIGINT)
 
 
-def compress_one(ffmpeg: str, src: Path, dst: Path, runs: Optional[_Runs] = None) -> Outcome:
+def compress_one(ffmpeg: str, src: Path, dst: Path, runs: _Runs | None = None) -> Outcome:
     """Re-encode ``src`` to ``dst`` unless ``dst`` is already non-empty; copy ``src`` there if ffmpeg fails.
 
     Interrupted (and nothing written) when ffmpeg was stopped by a signal rather than failing on the file.
@@ -182,7 +191,7 @@ def compress_one(ffmpeg: str, src: Path, dst: Path, runs: Optional[_Runs] = None
     return Outcome(src, dst, "copied", error)
 
 
-def _read_failures(output_root: Path) -> Dict[str, dict]:
+def _read_failures(output_root: Path) -> dict[str, dict]:
     """{output name: {src, error, size, mtime_ns}} of the copies earlier runs made; {} when there is no record."""
     path = output_root / FAILED_MANIFEST
     try:
@@ -190,16 +199,20 @@ def _read_failures(output_root: Path) -> Dict[str, dict]:
     except FileNotFoundError:
         return {}
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not the JSON this tool writes ({exc}); delete it and the outputs it lists to "
-                         f"redo them") from None
-    if not isinstance(record, dict) or not all(isinstance(v, dict) and {"src", "error", "size", "mtime_ns"} <= set(v)
-                                               for v in record.values()):
-        raise ValueError(f"{path}: expected {{output name: {{src, error, size, mtime_ns}}}}; delete it and the "
-                         f"outputs it lists to redo them")
+        raise ValueError(
+            f"{path}: not the JSON this tool writes ({exc}); delete it and the outputs it lists to redo them"
+        ) from None
+    if not isinstance(record, dict) or not all(
+        isinstance(v, dict) and {"src", "error", "size", "mtime_ns"} <= set(v) for v in record.values()
+    ):
+        raise ValueError(
+            f"{path}: expected {{output name: {{src, error, size, mtime_ns}}}}; delete it and the "
+            f"outputs it lists to redo them"
+        )
     return record
 
 
-def _recorded_failure(src: Path, dst: Path, failures: Dict[str, dict]) -> Optional[Outcome]:
+def _recorded_failure(src: Path, dst: Path, failures: dict[str, dict]) -> Outcome | None:
     """The earlier run's failure for ``dst``, when ``dst`` is still that run's copy (not replaced since)."""
     entry = failures.get(dst.name)
     if entry is None or not dst.is_file():
@@ -210,19 +223,26 @@ def _recorded_failure(src: Path, dst: Path, failures: Dict[str, dict]) -> Option
     return Outcome(src, dst, "copied", f"{entry['error']} (recorded by an earlier run)")
 
 
-def _write_failures(output_root: Path, outcomes: Sequence[Outcome], earlier: Dict[str, dict]) -> None:
+def _write_failures(output_root: Path, outcomes: Sequence[Outcome], earlier: dict[str, dict]) -> None:
     """Record this run's copies, and the earlier ones this run did not reach (stopped before them)."""
     done = {o.dst.name for o in outcomes}
-    record = {name: entry for name, entry in earlier.items()
-              if name not in done and _recorded_failure(Path(entry["src"]), output_root / name, earlier)}
+    record = {
+        name: entry
+        for name, entry in earlier.items()
+        if name not in done and _recorded_failure(Path(entry["src"]), output_root / name, earlier)
+    }
     for o in outcomes:
         if o.status == "copied":
             if _recorded_failure(o.src, o.dst, earlier):
                 record[o.dst.name] = earlier[o.dst.name]
             else:
                 st = o.dst.stat()
-                record[o.dst.name] = {"src": str(o.src), "error": o.error, "size": st.st_size,
-                                      "mtime_ns": st.st_mtime_ns}
+                record[o.dst.name] = {
+                    "src": str(o.src),
+                    "error": o.error,
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                }
     path = output_root / FAILED_MANIFEST
     if record:
         atomic_write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", path)
@@ -238,8 +258,8 @@ def default_num_workers() -> int:
 
 
 def compress_all(
-    input_root: Path, output_root: Path, num_workers: Optional[int] = None, ffmpeg: Optional[str] = None
-) -> List[Outcome]:
+    input_root: Path, output_root: Path, num_workers: int | None = None, ffmpeg: str | None = None
+) -> list[Outcome]:
     """Compress every file under ``input_root`` into ``output_root``, ``num_workers`` ffmpeg processes at a time.
 
     Raises Interrupted (or KeyboardInterrupt) when stopped; the files finished so far stay, with their failures
@@ -253,9 +273,9 @@ def compress_all(
     failures = _read_failures(output_root)
     num_workers = num_workers or default_num_workers()
     runs = _Runs()
-    outcomes: List[Outcome] = []
+    outcomes: list[Outcome] = []
 
-    def one(pair: Tuple[Path, Path]) -> Outcome:
+    def one(pair: tuple[Path, Path]) -> Outcome:
         return _recorded_failure(*pair, failures) or compress_one(ffmpeg, *pair, runs)
 
     # Threads suffice: the work happens in the ffmpeg child processes.
@@ -272,8 +292,9 @@ def compress_all(
         runs.stop()
         pool.shutdown(wait=True, cancel_futures=True)
         # Files finished while stopping count too: a copy made then must be recorded like any other.
-        outcomes += [f.result() for f in futures[len(outcomes):]
-                     if f.done() and not f.cancelled() and f.exception() is None]
+        outcomes += [
+            f.result() for f in futures[len(outcomes) :] if f.done() and not f.cancelled() and f.exception() is None
+        ]
         raise
     finally:
         pool.shutdown()
@@ -292,12 +313,13 @@ def summarize(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Re-encode videos to 3 fps, short side 224, no audio.")
     parser.add_argument("--input_root", required=True, help="folder searched recursively for videos")
     parser.add_argument("--output_root", required=True, help="flat output folder (created); must differ from input")
-    parser.add_argument("--num_workers", type=int, default=default_num_workers(),
-                        help="parallel ffmpeg processes (default: all cores)")
+    parser.add_argument(
+        "--num_workers", type=int, default=default_num_workers(), help="parallel ffmpeg processes (default: all cores)"
+    )
     args = parser.parse_args(argv)
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
@@ -308,8 +330,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Interrupted):
-        print("interrupted: partial outputs removed, finished files kept; run the same command again to go on",
-              file=sys.stderr)
+        print(
+            "interrupted: partial outputs removed, finished files kept; run the same command again to go on",
+            file=sys.stderr,
+        )
         return 130
     print(summarize(outcomes))
     return 1 if any(o.status == "copied" for o in outcomes) else 0

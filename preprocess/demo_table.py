@@ -3,6 +3,7 @@ order-dependent captions, from the driver's metrics JSON files.
 
     python preprocess/demo_table.py RUN/metrics_epoch9.json RUN/order/metrics_eval.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,21 @@ from pathlib import Path
 
 def table(test_path: Path, order_path: Path) -> str:
     """The markdown table, headed by the run's head name (read from the test record)."""
-    rows = [("test (all captions)", json.loads(test_path.read_text())),
-            ("test, order-dependent only", json.loads(order_path.read_text()))]
-    lines = [f"\n== CLIP4Clip {rows[0][1]['sim_header']}, text-to-video, last epoch of stage 2",
-             f"| {'split':<27}| videos | chance R@1 | R@1   | R@5   | R@10  | MdR  | MnR  |",
-             f"|{'-' * 28}|--------|------------|-------|-------|-------|------|------|"]
+    rows = [
+        ("test (all captions)", json.loads(test_path.read_text())),
+        ("test, order-dependent only", json.loads(order_path.read_text())),
+    ]
+    lines = [
+        f"\n== CLIP4Clip {rows[0][1]['sim_header']}, text-to-video, last epoch of stage 2",
+        f"| {'split':<27}| videos | chance R@1 | R@1   | R@5   | R@10  | MdR  | MnR  |",
+        f"|{'-' * 28}|--------|------------|-------|-------|-------|------|------|",
+    ]
     for name, record in rows:
         m, n = record["text_to_video"], record["num_videos"]
-        lines.append(f"| {name:<27}| {n:>6} | {100 / n:>10.1f} | {m['R1']:>5.1f} | {m['R5']:>5.1f} "
-                     f"| {m['R10']:>5.1f} | {m['MR']:>4.1f} | {m['MeanR']:>4.1f} |")
+        lines.append(
+            f"| {name:<27}| {n:>6} | {100 / n:>10.1f} | {m['R1']:>5.1f} | {m['R5']:>5.1f} "
+            f"| {m['R10']:>5.1f} | {m['MR']:>4.1f} | {m['MeanR']:>4.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ no val split (its test split doubles as val, as in the original). Each split is 
 so changing ``--num_train`` leaves the test set unchanged. The same seed gives byte-identical annotation files and
 identical video frames.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,9 @@ import json
 import pickle
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -61,7 +62,7 @@ from tqdm import tqdm
 
 SHAPES = ("circle", "square", "triangle")
 SHAPE_WORDS = {"circle": ("circle", "ball"), "square": ("square", "box"), "triangle": ("triangle",)}
-COLOURS: Dict[str, Tuple[int, int, int]] = {  # RGB, far apart in hue
+COLOURS: dict[str, tuple[int, int, int]] = {  # RGB, far apart in hue
     "red": (220, 30, 30),
     "green": (30, 190, 40),
     "blue": (30, 70, 235),
@@ -69,15 +70,21 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {  # RGB, far apart in hue
     "purple": (150, 40, 200),
     "orange": (250, 140, 20),
 }
-BACKGROUNDS: Dict[str, Tuple[Tuple[int, int, int], Tuple[int, int, int]]] = {  # two tones (equal = plain)
+BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {  # two tones (equal = plain)
     "black": ((15, 15, 15), (15, 15, 15)),
     "white": ((240, 240, 240), (240, 240, 240)),
     "gray": ((128, 128, 128), (128, 128, 128)),
     "checkered": ((70, 70, 70), (175, 175, 175)),
 }
 MOTIONS = ("left", "right", "up", "down", "growing", "shrinking")
-REVERSE_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up",
-                  "growing": "shrinking", "shrinking": "growing"}
+REVERSE_MOTION = {
+    "left": "right",
+    "right": "left",
+    "up": "down",
+    "down": "up",
+    "growing": "shrinking",
+    "shrinking": "growing",
+}
 MOTION_PHRASES = {
     "left": ("moves left", "moves to the left", "slides to the left", "goes left"),
     "right": ("moves right", "moves to the right", "slides to the right", "goes right"),
@@ -115,7 +122,7 @@ TWIN_FRACTION = 0.5  # share of each split's videos that come in order-reversed 
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}  # each split gets its own seeded random stream
 
 # One drawn object: shape, colour, centre x, centre y, radius (pixels).
-Obj = Tuple[str, str, int, int, int]
+Obj = tuple[str, str, int, int, int]
 
 
 @dataclass
@@ -124,11 +131,11 @@ class VideoSpec:
 
     kind: str  # "motion" or "sequence"
     background: str
-    objects: List[Tuple[str, str]]  # (shape, colour); sequence: in order of appearance
+    objects: list[tuple[str, str]]  # (shape, colour); sequence: in order of appearance
     motion: str  # a key of MOTIONS for kind "motion", "" for kind "sequence"
-    states: List[List[Obj]]  # one list of drawn objects per second
-    captions: List[str] = field(default_factory=list)
-    twin: Optional[int] = None  # index of the order-reversed twin within the split, if it has one
+    states: list[list[Obj]]  # one list of drawn objects per second
+    captions: list[str] = field(default_factory=list)
+    twin: int | None = None  # index of the order-reversed twin within the split, if it has one
 
 
 def _article(word: str) -> str:
@@ -170,26 +177,30 @@ def _motion_states(rng: np.random.Generator, shape: str, colour: str, motion: st
         margin = r + int(round(3 * u))
         across = int(rng.integers(margin, size - margin))  # the fixed coordinate
         path = np.linspace(size - margin, margin, seconds).round().astype(int)  # decreasing: left / up
-        states = [[(shape, colour, int(p), across, r)] if canonical == "left" else [(shape, colour, across, int(p), r)]
-                  for p in path]
+        states = [
+            [(shape, colour, int(p), across, r)] if canonical == "left" else [(shape, colour, across, int(p), r)]
+            for p in path
+        ]
     return states if motion == canonical else states[::-1]
 
 
-def _sequence_states(rng: np.random.Generator, first: Tuple[str, str], second: Tuple[str, str], size: int,
-                     seconds: int):
+def _sequence_states(
+    rng: np.random.Generator, first: tuple[str, str], second: tuple[str, str], size: int, seconds: int
+):
     """Object per second for a sequence video: ``first`` for half the seconds, then ``second``."""
     u = size / 64
     placed = []
     for shape, colour in (first, second):
         r = int(round(rng.integers(8, 12) * u))
         margin = r + int(round(3 * u))
-        placed.append([(shape, colour, int(rng.integers(margin, size - margin)),
-                        int(rng.integers(margin, size - margin)), r)])
+        placed.append(
+            [(shape, colour, int(rng.integers(margin, size - margin)), int(rng.integers(margin, size - margin)), r)]
+        )
     half = seconds // 2
     return [placed[0]] * half + [[]] * (seconds % 2) + [placed[1]] * half
 
 
-def _captions(spec: VideoSpec, rng: np.random.Generator, twin: bool) -> List[str]:
+def _captions(spec: VideoSpec, rng: np.random.Generator, twin: bool) -> list[str]:
     """Paraphrases naming what is seen; a sequence twin's captions name only its last shape (LAST_SHAPE_TEMPLATES)."""
     b = spec.background
     if spec.kind == "motion":
@@ -229,14 +240,15 @@ def _draw_content(rng: np.random.Generator, kind: str, canonical: bool) -> tuple
 
 
 def _reversed(spec: VideoSpec) -> VideoSpec:
-    return VideoSpec(spec.kind, spec.background, spec.objects[::-1],
-                     REVERSE_MOTION.get(spec.motion, ""), spec.states[::-1])
+    return VideoSpec(
+        spec.kind, spec.background, spec.objects[::-1], REVERSE_MOTION.get(spec.motion, ""), spec.states[::-1]
+    )
 
 
-def make_split(rng: np.random.Generator, n: int, size: int, seconds: int) -> List[VideoSpec]:
+def make_split(rng: np.random.Generator, n: int, size: int, seconds: int) -> list[VideoSpec]:
     """``n`` video specs, shuffled: about TWIN_FRACTION of them in twin pairs, single videos for the rest."""
     n_pairs = int(round(n * TWIN_FRACTION / 2))
-    groups: List[List[VideoSpec]] = []
+    groups: list[list[VideoSpec]] = []
     used = set()
     for g in range(n - n_pairs):
         twin = g < n_pairs
@@ -307,7 +319,7 @@ def make_dataset(
     fps: int = 4,
     seconds: int = 4,
     datasets: Sequence[str] = ("msrvtt", "msvd"),
-) -> Dict[str, Path]:
+) -> dict[str, Path]:
     """Write the data set; returns its paths, keyed like the training flags (e.g. ``msrvtt_val_csv``)."""
     unknown = set(datasets) - {"msrvtt", "msvd"}
     if unknown or not datasets:
@@ -315,11 +327,12 @@ def make_dataset(
     if seconds < 2 or fps < 1 or size < 32:
         raise ValueError(f"need seconds >= 2, fps >= 1 and size >= 32; got {seconds}, {fps}, {size}")
     if min(num_train, num_test) < 1 or num_val < 0 or ("msvd" in datasets and num_val < 1):
-        raise ValueError("need num_train, num_test (and num_val for msvd) >= 1; "
-                         f"got {num_train}, {num_val}, {num_test}")
+        raise ValueError(
+            f"need num_train, num_test (and num_val for msvd) >= 1; got {num_train}, {num_val}, {num_test}"
+        )
 
     counts = {"train": num_train, "val": num_val, "test": num_test}
-    splits: Dict[str, List[Tuple[str, VideoSpec]]] = {}
+    splits: dict[str, list[tuple[str, VideoSpec]]] = {}
     next_id = 0
     for split, n in counts.items():
         rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
@@ -329,11 +342,14 @@ def make_dataset(
         splits[split] = list(zip(ids, specs))
 
     out = Path(output_dir)
-    paths: Dict[str, Path] = {"root": out, "meta": out / "synthetic_meta.json"}
+    paths: dict[str, Path] = {"root": out, "meta": out / "synthetic_meta.json"}
     # Draw every video once, then copy it into the other layout if that one lists it too.
     layouts = {"msrvtt": ("train", "test"), "msvd": ("train", "val", "test")}
-    wanted = [(split, vid, spec, [out / name / "videos" for name in datasets if split in layouts[name]])
-              for split in ("train", "val", "test") for vid, spec in splits[split]]
+    wanted = [
+        (split, vid, spec, [out / name / "videos" for name in datasets if split in layouts[name]])
+        for split in ("train", "val", "test")
+        for vid, spec in splits[split]
+    ]
     wanted = [w for w in wanted if w[3]]
     for folder in {folder for *_, folders in wanted for folder in folders}:
         folder.mkdir(parents=True, exist_ok=True)
@@ -347,11 +363,20 @@ def make_dataset(
     if "msvd" in datasets:
         paths.update(_write_msvd(out / "msvd", splits))
     meta = {
-        "seed": seed, "size": size, "fps": fps, "seconds": seconds,
+        "seed": seed,
+        "size": size,
+        "fps": fps,
+        "seconds": seconds,
         "videos": {
-            vid: {"split": split, "kind": spec.kind, "background": spec.background,
-                  "objects": [list(o) for o in spec.objects], "motion": spec.motion,
-                  "twin": None if spec.twin is None else splits[split][spec.twin][0], "captions": spec.captions}
+            vid: {
+                "split": split,
+                "kind": spec.kind,
+                "background": spec.background,
+                "objects": [list(o) for o in spec.objects],
+                "motion": spec.motion,
+                "twin": None if spec.twin is None else splits[split][spec.twin][0],
+                "captions": spec.captions,
+            }
             for split, vid, spec, _ in wanted
         },
     }
@@ -359,39 +384,44 @@ def make_dataset(
     return paths
 
 
-def _write_msrvtt(d: Path, splits: Dict[str, List[Tuple[str, VideoSpec]]]) -> Dict[str, Path]:
-    paths = {"msrvtt_train_csv": d / "MSRVTT_train.9k.csv", "msrvtt_data_path": d / "MSRVTT_data.json",
-             "msrvtt_val_csv": d / "MSRVTT_JSFUSION_test.csv",
-             "msrvtt_val_order_csv": d / "MSRVTT_JSFUSION_test_order.csv", "msrvtt_features_path": d / "videos"}
+def _write_msrvtt(d: Path, splits: dict[str, list[tuple[str, VideoSpec]]]) -> dict[str, Path]:
+    paths = {
+        "msrvtt_train_csv": d / "MSRVTT_train.9k.csv",
+        "msrvtt_data_path": d / "MSRVTT_data.json",
+        "msrvtt_val_csv": d / "MSRVTT_JSFUSION_test.csv",
+        "msrvtt_val_order_csv": d / "MSRVTT_JSFUSION_test_order.csv",
+        "msrvtt_features_path": d / "videos",
+    }
     _write_text(paths["msrvtt_train_csv"], _csv_text(["video_id"], [[vid] for vid, _ in splits["train"]]))
     members = [(split, vid, spec) for split in ("train", "test") for vid, spec in splits[split]]
-    videos = [{"video_id": vid, "id": int(vid[len("video"):]), "split": split} for split, vid, _ in members]
+    videos = [{"video_id": vid, "id": int(vid[len("video") :]), "split": split} for split, vid, _ in members]
     sentences = [{"caption": caption, "video_id": vid} for _, vid, spec in members for caption in spec.captions]
     for sen_id, sentence in enumerate(sentences):
         sentence["sen_id"] = sen_id
     _write_text(paths["msrvtt_data_path"], json.dumps({"videos": videos, "sentences": sentences}, indent=1) + "\n")
     header = ["key", "vid_key", "video_id", "sentence"]
-    rows = [[f"ret{i}", f"msr{vid[len('video'):]}", vid, spec.captions[0]]
-            for i, (vid, spec) in enumerate(splits["test"])]
+    rows = [
+        [f"ret{i}", f"msr{vid[len('video') :]}", vid, spec.captions[0]] for i, (vid, spec) in enumerate(splits["test"])
+    ]
     _write_text(paths["msrvtt_val_csv"], _csv_text(header, rows))
     twins = [row for row, (_, spec) in zip(rows, splits["test"]) if spec.twin is not None]
     _write_text(paths["msrvtt_val_order_csv"], _csv_text(header, twins))
     return paths
 
 
-def _write_msvd(d: Path, splits: Dict[str, List[Tuple[str, VideoSpec]]]) -> Dict[str, Path]:
+def _write_msvd(d: Path, splits: dict[str, list[tuple[str, VideoSpec]]]) -> dict[str, Path]:
     for split in ("train", "val", "test"):
         _write_text(d / f"{split}_list.txt", "".join(f"{vid}\n" for vid, _ in splits[split]))
-    raw = {vid: [c.split() for c in spec.captions]
-           for split in ("train", "val", "test") for vid, spec in splits[split]}
+    raw = {vid: [c.split() for c in spec.captions] for split in ("train", "val", "test") for vid, spec in splits[split]}
     with open(d / "raw-captions.pkl", "wb") as f:
         pickle.dump(raw, f, protocol=4)
     return {"msvd_data_path": d, "msvd_features_path": d / "videos"}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Write a small synthetic video-text data set (MSR-VTT and MSVD layouts).")
+        description="Write a small synthetic video-text data set (MSR-VTT and MSVD layouts)."
+    )
     parser.add_argument("--output_dir", required=True, help="folder to write msrvtt/ and msvd/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_train", type=int, default=200, help="training videos")
@@ -404,8 +434,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-        paths = make_dataset(Path(args.output_dir), args.seed, args.num_train, args.num_val, args.num_test,
-                             args.size, args.fps, args.seconds, datasets)
+        paths = make_dataset(
+            Path(args.output_dir),
+            args.seed,
+            args.num_train,
+            args.num_val,
+            args.num_test,
+            args.size,
+            args.fps,
+            args.seconds,
+            datasets,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
 """Shared fixtures: tiny CLIP-shaped weights and tiny videos, built on the fly (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Dict
 
 # The suite checks numbers against CPU fp32 references (and the gloo backend for two-process runs). On a GPU machine
 # the code would pick CUDA, fp16 weights and NCCL, so the GPU is hidden from the tests and from the processes they
@@ -25,8 +25,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 REAL_ANNOTATIONS = ROOT.parent / "shared" / "real_annotations"
 
 
-def _block(prefix: str, width: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+def _block(prefix: str, width: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """One OpenAI residual block's tensors under ``prefix`` (e.g. ``transformer.resblocks.0.``)."""
+
     def rnd(*shape, std=0.02):
         return torch.randn(*shape, generator=gen) * std
 
@@ -58,7 +59,7 @@ def make_clip_state_dict(
     transformer_layers: int = 2,
     seed: int = 0,
     jit_extras: bool = False,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """A random state dict with exactly OpenAI's ViT CLIP key layout and shapes.
 
     Defaults give a tiny model whose text width is 512, as the CLIP4Clip heads require.
@@ -70,13 +71,13 @@ def make_clip_state_dict(
     def rnd(*shape, std=0.02):
         return torch.randn(*shape, generator=gen) * std
 
-    sd: Dict[str, torch.Tensor] = {
+    sd: dict[str, torch.Tensor] = {
         "positional_embedding": rnd(context_length, transformer_width, std=0.01),
-        "text_projection": rnd(transformer_width, embed_dim, std=transformer_width ** -0.5),
+        "text_projection": rnd(transformer_width, embed_dim, std=transformer_width**-0.5),
         "logit_scale": torch.tensor(float(np.log(1 / 0.07))),
-        "visual.class_embedding": rnd(vision_width, std=vision_width ** -0.5),
-        "visual.positional_embedding": rnd(grid * grid + 1, vision_width, std=vision_width ** -0.5),
-        "visual.proj": rnd(vision_width, embed_dim, std=vision_width ** -0.5),
+        "visual.class_embedding": rnd(vision_width, std=vision_width**-0.5),
+        "visual.positional_embedding": rnd(grid * grid + 1, vision_width, std=vision_width**-0.5),
+        "visual.proj": rnd(vision_width, embed_dim, std=vision_width**-0.5),
         "visual.conv1.weight": rnd(vision_width, 3, vision_patch_size, vision_patch_size),
         "visual.ln_pre.weight": 1 + rnd(vision_width, std=0.1),
         "visual.ln_pre.bias": rnd(vision_width),
@@ -98,7 +99,7 @@ def make_clip_state_dict(
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_state_dict() -> Dict[str, torch.Tensor]:
+def tiny_clip_state_dict() -> dict[str, torch.Tensor]:
     """Tiny CLIP: text width 512 (2 layers), vision width 64 (2 layers), 32x32 images, 16x16 patches."""
     return make_clip_state_dict()
 

@@ -1,8 +1,8 @@
 """bench/bench_train_throughput.py at a toy size (tiny CLIP, one step each), so the bench cannot rot."""
+
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -10,9 +10,27 @@ import bench_train_throughput as bench  # noqa: E402
 
 
 def test_bench_runs_and_its_figures_agree(tmp_path, capsys):
-    results = bench.main(["--clip", "tiny-random-ViT/16", "--batch", "2", "--frames", "3", "--workers", "0",
-                          "--steps", "1", "--warmup", "0", "--seconds", "2", "--no_compile",
-                          "--data_dir", str(tmp_path)])
+    results = bench.main(
+        [
+            "--clip",
+            "tiny-random-ViT/16",
+            "--batch",
+            "2",
+            "--frames",
+            "3",
+            "--workers",
+            "0",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--seconds",
+            "2",
+            "--no_compile",
+            "--data_dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     # Videos of 2 s at 1 frame per second give frames 0 and 1 (second 2 is past the end): 2 frames per clip.
     for name in ("loader first", "loader cached", "loader float64"):

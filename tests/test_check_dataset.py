@@ -1,4 +1,5 @@
 """preprocess/check_dataset.py: exit status and report on a good and on broken layouts."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from conftest import write_video
+
 from preprocess import check_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,23 @@ def msvd_layout(root: Path) -> Path:
 
 
 def run(root: Path, capsys, *extra: str):
-    code = check_dataset.main(["--datatype", "msvd", "--data_path", str(root), "--features_path",
-                               str(root / "videos"), "--max_frames", "4", "--image_resolution", "32",
-                               "--num_workers", "0", *extra])
+    code = check_dataset.main(
+        [
+            "--datatype",
+            "msvd",
+            "--data_path",
+            str(root),
+            "--features_path",
+            str(root / "videos"),
+            "--max_frames",
+            "4",
+            "--image_resolution",
+            "32",
+            "--num_workers",
+            "0",
+            *extra,
+        ]
+    )
     return code, capsys.readouterr()
 
 
@@ -75,9 +90,24 @@ def test_malformed_annotation_fails_naming_the_file(tmp_path, capsys):
 
 def test_runs_as_a_script_from_the_repository_root(tmp_path):
     root = msvd_layout(tmp_path)
-    done = subprocess.run([sys.executable, "preprocess/check_dataset.py", "--datatype", "msvd", "--data_path",
-                           str(root), "--features_path", str(root / "nowhere"), "--num_workers", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "preprocess/check_dataset.py",
+            "--datatype",
+            "msvd",
+            "--data_path",
+            str(root),
+            "--features_path",
+            str(root / "nowhere"),
+            "--num_workers",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     assert "not a directory" in done.stdout and "--features_path" in done.stdout
 
@@ -95,10 +125,25 @@ def test_file_name_that_is_not_utf8_is_probed_not_a_crash(tmp_path):
 def test_header_only_csv_is_an_annotation_error(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     (tmp_path / "val.csv").write_text("key,vid_key,video_id,sentence\n")
-    code = check_dataset.main(["--datatype", "msrvtt", "--val_csv", str(tmp_path / "val.csv"), "--train_csv",
-                               str(tmp_path / "val.csv"), "--data_path", str(tmp_path / "none.json"),
-                               "--features_path", str(tmp_path / "videos"), "--num_workers", "0"])
+    code = check_dataset.main(
+        [
+            "--datatype",
+            "msrvtt",
+            "--val_csv",
+            str(tmp_path / "val.csv"),
+            "--train_csv",
+            str(tmp_path / "val.csv"),
+            "--data_path",
+            str(tmp_path / "none.json"),
+            "--features_path",
+            str(tmp_path / "videos"),
+            "--num_workers",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1
-    assert f"val  : annotation error: ValueError: {tmp_path / 'val.csv'}, line 2: expected at least one row " \
-           f"after the header, got 'no rows'" in out
+    assert (
+        f"val  : annotation error: ValueError: {tmp_path / 'val.csv'}, line 2: expected at least one row "
+        f"after the header, got 'no rows'" in out
+    )

@@ -1,4 +1,5 @@
 """preprocess/compress_video.py on tiny generated videos: size, rate, audio, skipping, collisions, failures."""
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,26 @@ def make_clip(path: Path, width: int, height: int, seconds: float = 1.0, fps: in
     """A test-pattern video with a sine audio track (yuv444p, so odd sizes encode too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-         "-f", "lavfi", "-i", f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}",
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-         "-shortest", "-pix_fmt", "yuv444p", str(path)],
+        [
+            FFMPEG,
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-shortest",
+            "-pix_fmt",
+            "yuv444p",
+            str(path),
+        ],
         check=True,
     )
     return path
@@ -61,17 +78,25 @@ def compressed(tmp_path_factory):
 
 def test_every_file_lands_flat_in_the_output(compressed):
     _, out, _ = compressed
-    assert sorted(p.name for p in out.iterdir()) == [cv.FAILED_MANIFEST, "corrupt.mp4", "landscape.mp4", "odd.mp4",
-                                                     "portrait.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        cv.FAILED_MANIFEST,
+        "corrupt.mp4",
+        "landscape.mp4",
+        "odd.mp4",
+        "portrait.mp4",
+    ]
 
 
-@pytest.mark.parametrize("name, width, height", [
-    # landscape: height 224, width = even number at or below 224*a
-    ("landscape.mp4", 372, 224),  # 224 * 80/48 = 373.3
-    ("odd.mp4", 300, 224),        # 224 * 71/53 = 300.08
-    # portrait: width 224, height = even number at or below 224/a (the original squashed it to 224*a = 134)
-    ("portrait.mp4", 224, 372),   # 224 * 80/48 = 373.3
-])
+@pytest.mark.parametrize(
+    "name, width, height",
+    [
+        # landscape: height 224, width = even number at or below 224*a
+        ("landscape.mp4", 372, 224),  # 224 * 80/48 = 373.3
+        ("odd.mp4", 300, 224),  # 224 * 71/53 = 300.08
+        # portrait: width 224, height = even number at or below 224/a (the original squashed it to 224*a = 134)
+        ("portrait.mp4", 224, 372),  # 224 * 80/48 = 373.3
+    ],
+)
 def test_size_rate_and_no_audio(compressed, name, width, height):
     src_root, out, _ = compressed
     fps, w, h = video_props(out / name)
@@ -175,9 +200,19 @@ def test_script_runs_from_the_repo_root(tmp_path):
     root = Path(__file__).resolve().parents[1]
     make_clip(tmp_path / "in" / "c.mp4", 40, 30, seconds=0.5)
     proc = subprocess.run(
-        [sys.executable, "preprocess/compress_video.py", "--input_root", str(tmp_path / "in"),
-         "--output_root", str(tmp_path / "out"), "--num_workers", "1"],
-        cwd=root, capture_output=True, text=True,
+        [
+            sys.executable,
+            "preprocess/compress_video.py",
+            "--input_root",
+            str(tmp_path / "in"),
+            "--output_root",
+            str(tmp_path / "out"),
+            "--num_workers",
+            "1",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 files: 1 compressed, 0 skipped (output existed), 0 failed and copied unchanged" in proc.stdout
@@ -195,9 +230,24 @@ def test_ctrl_c_stops_removes_partial_output_and_a_rerun_finishes(tmp_path):
     (fake / "ffmpeg").write_text('#!/bin/sh\nfor last; do :; done\necho partial > "$last"\nexec sleep 60\n')
     (fake / "ffmpeg").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "preprocess/compress_video.py", "--input_root", str(src),
-                             "--output_root", str(out), "--num_workers", "2"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "preprocess/compress_video.py",
+            "--input_root",
+            str(src),
+            "--output_root",
+            str(out),
+            "--num_workers",
+            "2",
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while len(list(out.glob(".*.tmp.mp4"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)

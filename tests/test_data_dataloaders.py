@@ -1,4 +1,5 @@
 """DATALOADER_DICT and the loader builders: datasets, samplers, batch sizes, worker counts, flag plumbing."""
+
 from __future__ import annotations
 
 import pickle
@@ -6,10 +7,10 @@ from argparse import Namespace
 
 import pytest
 import torch
+from conftest import write_video
 from torch.utils.data import SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from conftest import write_video
 from dataloaders import data_dataloaders as dd
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
 
@@ -30,18 +31,35 @@ def layout(tmp_path_factory):
         (root / "videos" / f"{v}.avi").symlink_to(clip)
     (root / "train.csv").write_text("video_id\ntr0\ntr1\ntr2\n")
     (root / "test.csv").write_text("key,vid_key,video_id,sentence\nret0,m0,te0,a cat\nret1,m1,te1,a dog\n")
-    (root / "MSRVTT_data.json").write_text('{"sentences": [' + ", ".join(
-        f'{{"video_id": "tr{i}", "caption": "c{k} {i}"}}' for k in range(2) for i in range(3)) + "]}")
+    (root / "MSRVTT_data.json").write_text(
+        '{"sentences": ['
+        + ", ".join(f'{{"video_id": "tr{i}", "caption": "c{k} {i}"}}' for k in range(2) for i in range(3))
+        + "]}"
+    )
     for v in ("tr0", "tr1", "tr2", "te0", "te1"):
         (root / "videos" / f"{v}.mp4").symlink_to(clip)
     return root
 
 
 def make_args(root, **kw):
-    args = Namespace(data_path=str(root), features_path=str(root / "videos"), train_csv=str(root / "train.csv"),
-                     val_csv=str(root / "test.csv"), max_words=12, feature_framerate=1, max_frames=2,
-                     train_frame_order=0, eval_frame_order=0, slice_framepos=2, batch_size=8, batch_size_val=3,
-                     n_gpu=2, num_thread_reader=0, expand_msrvtt_sentences=False, image_resolution=32)
+    args = Namespace(
+        data_path=str(root),
+        features_path=str(root / "videos"),
+        train_csv=str(root / "train.csv"),
+        val_csv=str(root / "test.csv"),
+        max_words=12,
+        feature_framerate=1,
+        max_frames=2,
+        train_frame_order=0,
+        eval_frame_order=0,
+        slice_framepos=2,
+        batch_size=8,
+        batch_size_val=3,
+        n_gpu=2,
+        num_thread_reader=0,
+        expand_msrvtt_sentences=False,
+        image_resolution=32,
+    )
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -63,10 +81,10 @@ def test_train_builder(layout, tokenizer):
     assert isinstance(sampler, DistributedSampler) and loader.sampler is sampler
     assert (sampler.num_replicas, sampler.rank, sampler.shuffle, sampler.seed) == (1, 0, True, 0)
     assert loader.batch_size == 4 and loader.drop_last and not loader.pin_memory and loader.num_workers == 0
-    assert len(loader) == 3                                   # 15 // 4, last partial batch dropped
+    assert len(loader) == 3  # 15 // 4, last partial batch dropped
     sampler.set_epoch(0)
     order0 = list(sampler)
-    g = torch.Generator().manual_seed(0)                       # seed 0 + epoch, independent of --seed
+    g = torch.Generator().manual_seed(0)  # seed 0 + epoch, independent of --seed
     assert order0 == torch.randperm(15, generator=g).tolist()
     assert loader.dataset.frame_order == 0 and loader.dataset.slice_framepos == 2
     text, mask, segment, video, video_mask = next(iter(loader))
@@ -88,8 +106,9 @@ def test_eval_builder_and_flags(layout, tokenizer, tmp_path):
 
 
 def test_msrvtt_builders(layout, tokenizer):
-    args = make_args(layout, expand_msrvtt_sentences=True, n_gpu=1, batch_size=2,
-                     data_path=str(layout / "MSRVTT_data.json"))
+    args = make_args(
+        layout, expand_msrvtt_sentences=True, n_gpu=1, batch_size=2, data_path=str(layout / "MSRVTT_data.json")
+    )
     loader, length, sampler = dd.dataloader_msrvtt_train(args, tokenizer)
     assert length == 6 and loader.dataset.unfold_sentences and loader.batch_size == 2
     loader, length = dd.dataloader_msrvtt_test(args, tokenizer)
@@ -103,8 +122,7 @@ def test_defaults_for_new_flags_and_skip_missing(layout, tokenizer, tmp_path):
     assert loader.dataset.rawVideoExtractor.size == 224 and loader.dataset.skip_missing is False
     (layout / "test_list.txt").write_text("te0\nte1\nte_missing\n")
     try:
-        (layout / "raw-captions.pkl").write_bytes(pickle.dumps({"te0": [["a"]], "te1": [["b"]],
-                                                                "te_missing": [["c"]]}))
+        (layout / "raw-captions.pkl").write_bytes(pickle.dumps({"te0": [["a"]], "te1": [["b"]], "te_missing": [["c"]]}))
         with pytest.raises(FileNotFoundError, match="te_missing"):
             dd.dataloader_msvd_test(make_args(layout), tokenizer)
         loader, length = dd.dataloader_msvd_test(make_args(layout, skip_missing=True), tokenizer)

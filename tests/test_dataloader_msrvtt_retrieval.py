@@ -1,4 +1,5 @@
 """MSR-VTT datasets on the real split files (videos: one tiny clip linked under every id) and synthetic captions."""
+
 from __future__ import annotations
 
 import functools
@@ -11,9 +12,9 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_video
 from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
-from conftest import write_video
 from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
 
 SOT, EOT = 49406, 49407
@@ -32,7 +33,7 @@ def link_videos(folder, video_ids, source, ext=".mp4"):
     return folder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_tokenizer():
     return OpenClipTokenizer()
 
@@ -70,8 +71,9 @@ def test_train_splits_list_their_ids(real_annotations, tmp_path, name, count, to
     ids = pd.read_csv(csv)["video_id"].tolist()
     assert len(ids) == len(set(ids)) == count
     data = tmp_path / "MSRVTT_data.json"
-    data.write_text(json.dumps({"sentences": [{"video_id": v, "caption": f"clip {v}", "sen_id": i}
-                                              for i, v in enumerate(ids)]}))
+    data.write_text(
+        json.dumps({"sentences": [{"video_id": v, "caption": f"clip {v}", "sen_id": i} for i, v in enumerate(ids)]})
+    )
     (tmp_path / "videos").mkdir()
     # every id is reported missing, in one error that counts them all
     with pytest.raises(FileNotFoundError, match=rf"^{count} of {count} videos listed in .*{name}"):
@@ -84,8 +86,11 @@ def test_expanded_sentences_follow_json_order_in_linear_time(real_annotations, t
     listed = set(ids)
     videos = link_videos(tmp_path / "videos", ids, clip)
     # 20 captions per video for all 10k MSR-VTT videos, interleaved as in MSRVTT_data.json (200k sentences)
-    sentences = [{"video_id": f"video{v}", "caption": f"caption {k} of {v}", "sen_id": k * 10000 + v}
-                 for k in range(20) for v in range(10000)]
+    sentences = [
+        {"video_id": f"video{v}", "caption": f"caption {k} of {v}", "sen_id": k * 10000 + v}
+        for k in range(20)
+        for v in range(10000)
+    ]
     data = tmp_path / "MSRVTT_data.json"
     data.write_text(json.dumps({"videos": [], "sentences": sentences}))
     small_csv = tmp_path / "small.csv"
@@ -123,21 +128,32 @@ def write_small_split(root, clip):
 
 def test_expanded_sentences_small(tmp_path, clip, tokenizer):
     write_small_split(tmp_path, clip)
-    ds = MSRVTT_TrainDataLoader(str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"),
-                                str(tmp_path / "videos"), tokenizer, unfold_sentences=True, **SMALL)
+    ds = MSRVTT_TrainDataLoader(
+        str(tmp_path / "train.csv"),
+        str(tmp_path / "MSRVTT_data.json"),
+        str(tmp_path / "videos"),
+        tokenizer,
+        unfold_sentences=True,
+        **SMALL,
+    )
     assert len(ds) == 12
-    assert [c for _v, c, *_ in ds.all_pairs()][:5] == ["caption 0 of video 1", "caption 0 of video 0",
-                                                       "caption 0 of video 3", "caption 0 of video 2",
-                                                       "caption 1 of video 1"]
+    assert [c for _v, c, *_ in ds.all_pairs()][:5] == [
+        "caption 0 of video 1",
+        "caption 0 of video 0",
+        "caption 0 of video 3",
+        "caption 0 of video 2",
+        "caption 1 of video 1",
+    ]
     assert ds.video_dict["video3"].endswith("video3.webm") and ds.video_dict["video0"].endswith("video0.mp4")
-    *_, video_mask = ds[2]     # the .webm one decodes
+    *_, video_mask = ds[2]  # the .webm one decodes
     assert video_mask.sum() == 2
 
 
 def test_one_sample_per_csv_row_with_a_random_caption(tmp_path, clip, tokenizer):
     write_small_split(tmp_path, clip)
-    ds = MSRVTT_TrainDataLoader(str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"),
-                                str(tmp_path / "videos"), tokenizer, **SMALL)
+    ds = MSRVTT_TrainDataLoader(
+        str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos"), tokenizer, **SMALL
+    )
     assert len(ds) == 4
     random.seed(11)
     got = [ds[i][0][0].tolist() for i in (0, 1, 2, 3, 0)]
@@ -154,8 +170,11 @@ def test_train_errors_name_file_and_place(tmp_path, clip, tokenizer):
     bad = json.loads(data.read_text())
     del bad["sentences"][3]["caption"]
     data.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"MSRVTT_data\.json, sentences\[3\]: expected an object with keys "
-                                         r"\['video_id', 'caption'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"MSRVTT_data\.json, sentences\[3\]: expected an object with keys "
+        r"\['video_id', 'caption'\]",
+    ):
         MSRVTT_TrainDataLoader(str(tmp_path / "train.csv"), str(data), str(tmp_path / "videos"), tokenizer)
     data.write_text(json.dumps({"sentences": [{"video_id": "video2", "caption": "only one"}]}))
     with pytest.raises(ValueError, match=r"at least one caption for video 'video0' \(listed in .*train\.csv, line 3\)"):
@@ -169,8 +188,11 @@ def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, ca
     write_small_split(tmp_path, clip)
     os.remove(tmp_path / "videos" / "video0.mp4")
     csv, data, videos = str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos")
-    with pytest.raises(FileNotFoundError, match=r"1 of 4 videos listed in .*train\.csv have no file under "
-                                                r".*videos: video0\. .*--skip_missing_videos to train without"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"1 of 4 videos listed in .*train\.csv have no file under "
+        r".*videos: video0\. .*--skip_missing_videos to train without",
+    ):
         MSRVTT_TrainDataLoader(csv, data, videos, tokenizer)
     with caplog.at_level(logging.WARNING, logger="dataloaders"):
         ds = MSRVTT_TrainDataLoader(csv, data, videos, tokenizer, unfold_sentences=True, skip_missing=True)
@@ -179,8 +201,9 @@ def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, ca
     ds = MSRVTT_TrainDataLoader(csv, data, videos, tokenizer, skip_missing=True)
     assert len(ds) == 3 and ds.csv["video_id"].tolist() == ["video2", "video3", "video1"]
 
-    (tmp_path / "test.csv").write_text("key,vid_key,video_id,sentence\n"
-                                       "ret0,msr0,video0,a b\nret1,msr1,video1,c d\nret2,msr2,video2,e f\n")
+    (tmp_path / "test.csv").write_text(
+        "key,vid_key,video_id,sentence\nret0,msr0,video0,a b\nret1,msr1,video1,c d\nret2,msr2,video2,e f\n"
+    )
     with pytest.raises(FileNotFoundError, match="evaluate on the videos present"):
         MSRVTT_DataLoader(str(tmp_path / "test.csv"), videos, tokenizer)
     caplog.clear()
@@ -197,5 +220,6 @@ def test_header_only_csv_fails_when_read(tmp_path, clip, tokenizer):
         MSRVTT_DataLoader(str(tmp_path / "test.csv"), str(tmp_path / "videos"), tokenizer)
     (tmp_path / "train.csv").write_text("video_id\n")
     with pytest.raises(ValueError, match=r"train\.csv, line 2: expected at least one row after the header"):
-        MSRVTT_TrainDataLoader(str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"),
-                               str(tmp_path / "videos"), tokenizer)
+        MSRVTT_TrainDataLoader(
+            str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos"), tokenizer
+        )

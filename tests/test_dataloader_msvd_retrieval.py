@@ -1,4 +1,5 @@
 """MSVD on the real split lists and captions (raw-captions.pkl rebuilt from captions_msvd.json), tiny videos."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import write_video
 from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
-from conftest import write_video
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
 
 SOT, EOT = 49406, 49407
@@ -44,8 +45,12 @@ def test_real_test_split(msvd, tokenizer, caplog):
     assert len(ds.cut_off_points) == 670 and ds.cut_off_points[-1] == 27763
     assert ds.multi_sentence_per_video is True
     assert max(np.diff([0] + ds.cut_off_points)) == 81
-    assert out.splitlines() == ["For test, sentence number: 27763", "For test, video number: 670",
-                                "Video number: 670", "Total Paire: 27763"]
+    assert out.splitlines() == [
+        "For test, sentence number: 27763",
+        "For test, video number: 670",
+        "Video number: 670",
+        "Total Paire: 27763",
+    ]
     reference = OpenClipTokenizer()
     ids = (root / "test_list.txt").read_text().split()
     for idx, (video_id, k) in {0: (ids[0], 0), 27762: (ids[-1], len(captions[ids[-1]]) - 1)}.items():
@@ -67,7 +72,7 @@ def test_real_train_and_val_counts(msvd, tokenizer, caplog, subset, videos, sent
     with caplog.at_level(logging.INFO, logger="dataloaders"):
         ds = MSVD_DataLoader(subset, str(root), str(root / "videos"), tokenizer, **SMALL)
     assert len(ds) == sentences and len(ds.cut_off_points) == videos and ds.cut_off_points[-1] == sentences
-    assert ds.multi_sentence_per_video is True   # set for train too, as the original
+    assert ds.multi_sentence_per_video is True  # set for train too, as the original
     assert hasattr(ds, "sentence_num") == (subset == "val")
     assert f"Total Paire: {sentences}" in caplog.text
 
@@ -76,8 +81,11 @@ def test_listed_video_without_captions_names_the_files(tmp_path, tokenizer):
     (tmp_path / "videos").mkdir()
     (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({"a": [["x"]]}))
     (tmp_path / "val_list.txt").write_text("a\n\nb\n")
-    with pytest.raises(ValueError, match=r"raw-captions\.pkl, key 'b': expected captions for every video of "
-                                         r".*val_list\.txt \(line 3 lists it\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"raw-captions\.pkl, key 'b': expected captions for every video of "
+        r".*val_list\.txt \(line 3 lists it\)",
+    ):
         MSVD_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer)
     with pytest.raises(ValueError, match="subset must be one of"):
         MSVD_DataLoader("dev", str(tmp_path), str(tmp_path / "videos"), tokenizer)

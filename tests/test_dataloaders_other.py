@@ -1,4 +1,5 @@
 """LSMDC, ActivityNet and DiDeMo on tiny annotation files written here, with tiny videos."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import write_video
+
 from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader
 from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
@@ -49,10 +50,12 @@ def lsmdc_line(clip_id, sentence):
 
 
 def test_lsmdc_one_sample_per_line_in_file_order(tmp_path, clip, tokenizer, reference):
-    lines = [lsmdc_line("0001_A_00.01-00.03", "SOMEONE opens the door."),
-             lsmdc_line("0002_B_00.05-00.09", "He smiles."),
-             lsmdc_line("0001_A_00.01-00.03", "She walks in."),
-             lsmdc_line("0003_C_01.00-01.02", "They sit.")]
+    lines = [
+        lsmdc_line("0001_A_00.01-00.03", "SOMEONE opens the door."),
+        lsmdc_line("0002_B_00.05-00.09", "He smiles."),
+        lsmdc_line("0001_A_00.01-00.03", "She walks in."),
+        lsmdc_line("0003_C_01.00-01.02", "They sit."),
+    ]
     (tmp_path / "LSMDC16_annos_val.csv").write_text("\n".join(lines) + "\n")
     link(tmp_path / "videos" / "0001_A", ["0001_A_00.01-00.03.avi"], clip)
     link(tmp_path / "videos" / "0002_B", ["0002_B_00.05-00.09.avi"], clip)
@@ -60,9 +63,12 @@ def test_lsmdc_one_sample_per_line_in_file_order(tmp_path, clip, tokenizer, refe
     ds = LSMDC_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, **SMALL)
     assert len(ds) == 4
     assert [(v, c) for v, c, *_ in ds.all_pairs()] == [
-        ("0001_A_00.01-00.03", "SOMEONE opens the door."), ("0002_B_00.05-00.09", "He smiles."),
-        ("0001_A_00.01-00.03", "She walks in."), ("0003_C_01.00-01.02", "They sit.")]
-    assert all(s is None and e is None for *_, s, e in ds.all_pairs())     # whole clips
+        ("0001_A_00.01-00.03", "SOMEONE opens the door."),
+        ("0002_B_00.05-00.09", "He smiles."),
+        ("0001_A_00.01-00.03", "She walks in."),
+        ("0003_C_01.00-01.02", "They sit."),
+    ]
+    assert all(s is None and e is None for *_, s, e in ds.all_pairs())  # whole clips
     video, video_mask = check_item(ds[2], reference, "She walks in.")
     direct = ds.rawVideoExtractor.get_video_sample(str(tmp_path / "videos/0001_A/0001_A_00.01-00.03.avi"), 2)
     assert np.array_equal(video, direct[0]) and np.array_equal(video_mask, direct[1])
@@ -72,8 +78,11 @@ def test_lsmdc_bad_line_and_missing_clip(tmp_path, clip, tokenizer):
     path = tmp_path / "LSMDC16_annos_training.csv"
     path.write_text(lsmdc_line("c1", "ok") + "\n" + lsmdc_line("c2", "ok") + "\n" + "c3\t1\t2\t3\tno sentence\n")
     link(tmp_path / "videos", ["c1.avi", "c2.avi", "c3.avi"], clip)
-    with pytest.raises(ValueError, match=r"LSMDC16_annos_training\.csv, line 3: expected 6 tab-separated fields "
-                                         r"\(clip_id, .*sentence\), got '5 field\(s\)'"):
+    with pytest.raises(
+        ValueError,
+        match=r"LSMDC16_annos_training\.csv, line 3: expected 6 tab-separated fields "
+        r"\(clip_id, .*sentence\), got '5 field\(s\)'",
+    ):
         LSMDC_DataLoader("train", str(tmp_path), str(tmp_path / "videos"), tokenizer)
     path.write_text(lsmdc_line("c1", "a") + "\n" + lsmdc_line("c9", "b") + "\n" + lsmdc_line("c2", "c") + "\n")
     with pytest.raises(FileNotFoundError, match=r"1 of 3 videos listed in .*training\.csv .*: c9"):
@@ -97,7 +106,7 @@ def test_lsmdc_read_errors_are_raised(tmp_path, clip, tokenizer, monkeypatch):
 
 # -------------------------------------------------------------------------------------------------------- ActivityNet
 def write_activitynet(root, clip):
-    ids = ["v_aaa", "v_bbb", "v_aaa", "v_ccc", "v_ddd"]     # v_aaa twice; v_ccc has no captions
+    ids = ["v_aaa", "v_bbb", "v_aaa", "v_ccc", "v_ddd"]  # v_aaa twice; v_ccc has no captions
     captions = {
         "v_ddd": {"duration": 0.0, "timestamps": [[0, 0]], "sentences": ["Nothing happens."]},
         "v_aaa": {"duration": 12.3, "timestamps": [[0, 3], [3, 12]], "sentences": [" A man runs.", " He stops."]},
@@ -114,9 +123,11 @@ def test_activitynet_paragraphs_windows_and_order(tmp_path, clip, tokenizer, ref
         ds = ActivityNet_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, **SMALL)
     out = caplog.text
     assert "reduplicate." in out and "video id list: 4" in out and "pseudo caption dict: 3" in out
-    assert list(ds.all_pairs()) == [("aaa", " A man runs.  He stops.", 0, 13),   # ceil(12.3)
-                                    ("bbb", "A dog barks.", 0, 7),
-                                    ("ddd", "Nothing happens.", 0, 1)]         # end == start → end + 1
+    assert list(ds.all_pairs()) == [
+        ("aaa", " A man runs.  He stops.", 0, 13),  # ceil(12.3)
+        ("bbb", "A dog barks.", 0, 7),
+        ("ddd", "Nothing happens.", 0, 1),
+    ]  # end == start → end + 1
     seen = []
     original = ds.rawVideoExtractor.get_video_sample
 
@@ -168,8 +179,10 @@ def test_didemo_paragraphs_window_and_ids(tmp_path, clip, tokenizer, reference):
     write_didemo(tmp_path, clip)
     ds = DiDeMo_DataLoader("test", str(tmp_path), str(tmp_path / "videos"), tokenizer, **SMALL)
     # first appearance in the JSON; listed 444 has no annotation and is dropped as in the original
-    assert list(ds.all_pairs()) == [("222@N00_2.avi", "a red car the car stops", 0, 31),
-                                    ("111@N00_1.mp4", "a dog jumps", 0, 31)]
+    assert list(ds.all_pairs()) == [
+        ("222@N00_2.avi", "a red car the car stops", 0, 31),
+        ("111@N00_1.mp4", "a dog jumps", 0, 31),
+    ]
     assert ds.video_dict["111@N00_1.mp4"] == str(tmp_path / "videos" / "111@N00_1.mp4")
     video, video_mask = check_item(ds[0], reference, "a red car the car stops")
     direct = ds.rawVideoExtractor.get_video_sample(ds.video_dict["222@N00_2.avi"], 2, 0, 0, 0, 31)

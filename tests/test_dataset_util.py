@@ -1,5 +1,6 @@
 """dataset_util: caption encoding, annotation readers, restricted unpickler, video discovery, missing and undecodable
 videos (through a tiny MSVD layout, the simplest real dataset)."""
+
 from __future__ import annotations
 
 import logging
@@ -10,19 +11,29 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import write_video
+
 from dataloaders import dataset_util
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
-from dataloaders.dataset_util import (clip_window, encode_caption, find_videos, find_videos_flat, load_raw_captions,
-                                      read_csv, read_id_list, read_json, read_lines)
+from dataloaders.dataset_util import (
+    clip_window,
+    encode_caption,
+    find_videos,
+    find_videos_flat,
+    load_raw_captions,
+    read_csv,
+    read_id_list,
+    read_json,
+    read_lines,
+)
 
 SOT, EOT = 49406, 49407
 
 
 # ---------------------------------------------------------------------------------------------------------- captions
-@pytest.mark.parametrize("caption", ["a person is connecting something to system", "A DOG!  runs,   fast",
-                                     "", "un café très éloigné"])
+@pytest.mark.parametrize(
+    "caption", ["a person is connecting something to system", "A DOG!  runs,   fast", "", "un café très éloigné"]
+)
 def test_encode_caption_matches_open_clip(tokenizer, reference, caption):
     ids, mask, segment = encode_caption(tokenizer, caption, max_words=20)
     body = reference.encode(caption)
@@ -47,11 +58,11 @@ def test_encode_caption_truncates_bpe_tokens_and_keeps_end_token(tokenizer, refe
 
 def test_clip_window_follows_the_original_cleanup():
     assert clip_window(0, 31) == (0, 31)
-    assert clip_window(0, 0) == (0, 1)          # equal: one more second
-    assert clip_window(7, 3) == (3, 7)          # swapped
-    assert clip_window(-4, 5) == (0, 5)         # negatives to 0
+    assert clip_window(0, 0) == (0, 1)  # equal: one more second
+    assert clip_window(7, 3) == (3, 7)  # swapped
+    assert clip_window(-4, 5) == (0, 5)  # negatives to 0
     assert clip_window(-4, -2) == (0, 1)
-    assert clip_window(2.9, 10.7) == (2, 10)    # int() truncation
+    assert clip_window(2.9, 10.7) == (2, 10)  # int() truncation
 
 
 # ------------------------------------------------------------------------------------------------------- annotations
@@ -132,8 +143,11 @@ def test_find_videos_by_stem_and_by_name(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     found = find_videos(str(tmp_path), ["x1", "x2", "x3.v2", "noext", "zz"])
-    assert found == {"x1": str(tmp_path / "a/x1.mp4"), "x2": str(tmp_path / "a/b/x2.avi"),
-                     "x3.v2": str(tmp_path / "x3.v2.webm")}
+    assert found == {
+        "x1": str(tmp_path / "a/x1.mp4"),
+        "x2": str(tmp_path / "a/b/x2.avi"),
+        "x3.v2": str(tmp_path / "x3.v2.webm"),
+    }
     assert find_videos(str(tmp_path), ["x1.mp4", "x1"], by_stem=False) == {"x1.mp4": str(tmp_path / "a/x1.mp4")}
     with pytest.raises(FileNotFoundError, match="not a directory"):
         find_videos(str(tmp_path / "nope"), ["x1"])
@@ -165,8 +179,9 @@ def msvd_layout(tmp_path_factory):
 
 
 def _msvd(root, subset, tokenizer, **kw):
-    return MSVD_DataLoader(subset, str(root), str(root / "videos"), tokenizer, max_words=12, max_frames=2,
-                           image_resolution=32, **kw)
+    return MSVD_DataLoader(
+        subset, str(root), str(root / "videos"), tokenizer, max_words=12, max_frames=2, image_resolution=32, **kw
+    )
 
 
 def test_training_replaces_undecodable_samples_deterministically(msvd_layout, tokenizer, caplog):
@@ -174,12 +189,12 @@ def test_training_replaces_undecodable_samples_deterministically(msvd_layout, to
     assert len(ds) == 12
     random.seed(5)
     with caplog.at_level(logging.WARNING, logger="dataloaders"):
-        items = [ds[i] for i in (0, 4, 6)]      # v0 (bad), v1 (good), v2 (bad)
+        items = [ds[i] for i in (0, 4, 6)]  # v0 (bad), v1 (good), v2 (bad)
     assert ds.n_replaced >= 2 and ds.n_undecodable == ds.n_replaced
     assert set(ds.undecodable_videos) <= {str(msvd_layout / "videos" / n) for n in ("v0.avi", "v2.avi")}
     assert sum("replaced by sample" in r.getMessage() for r in caplog.records) == ds.n_replaced
-    for text, mask_t, _seg, video, video_mask in items:
-        assert video_mask.sum() == 2 and np.abs(video[0, :2]).sum() > 0   # never an all-zero video
+    for _text, _mask_t, _seg, video, video_mask in items:
+        assert video_mask.sum() == 2 and np.abs(video[0, :2]).sum() > 0  # never an all-zero video
     # the replacement's caption comes with it: the text is one of a decodable video's captions
     decodable = {tuple(ds._get_text(c)[0][0]) for v, c, *_ in ds.all_pairs() if v in ("v1", "v3")}
     assert all(tuple(t[0]) in decodable for t, *_ in items)
@@ -194,12 +209,12 @@ def test_training_replaces_undecodable_samples_deterministically(msvd_layout, to
 def test_evaluation_keeps_zero_frames_but_counts_them(msvd_layout, tokenizer, caplog):
     ds = _msvd(msvd_layout, "test", tokenizer)
     with caplog.at_level(logging.WARNING, logger="dataloaders"):
-        text, _m, _s, video, video_mask = ds[0]             # v0: undecodable
+        text, _m, _s, video, video_mask = ds[0]  # v0: undecodable
     assert video_mask.sum() == 0 and not video.any()
     assert ds.n_undecodable == 1 and ds.n_replaced == 0
     assert any("no frame decoded" in r.getMessage() and "v0.avi" in r.getMessage() for r in caplog.records)
     assert text[0, 1:4].tolist() == encode_caption(tokenizer, "caption 0 of v0", 12)[0][0, 1:4].tolist()
-    *_, video_mask = ds[3]                                   # v1: decodable
+    *_, video_mask = ds[3]  # v1: decodable
     assert video_mask.sum() == 2 and ds.n_undecodable == 1
 
 
@@ -239,15 +254,13 @@ def test_skip_missing_drops_in_training_and_announces_in_evaluation(tmp_path, to
     with caplog.at_level(logging.WARNING, logger="dataloaders"):
         train = _msvd(tmp_path, "train", tokenizer, skip_missing=True)
     assert len(train) == 2 and train.cut_off_points == [2] and train.missing_videos == ["a", "c"]
-    assert any("2 of 3 videos" in r.getMessage() and "training without them" in r.getMessage()
-               for r in caplog.records)
+    assert any("2 of 3 videos" in r.getMessage() and "training without them" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dataloaders"):
         test = _msvd(tmp_path, "test", tokenizer, skip_missing=True)
     assert (test.sentence_num, test.video_num) == (2, 1)
     # Logged, not printed: nothing needs stdout redirection.
-    assert any("evaluating on 1 of 3 videos" in r.getMessage() and r.levelno == logging.WARNING
-               for r in caplog.records)
+    assert any("evaluating on 1 of 3 videos" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert "Total Paire: 2" in caplog.text
 
 
@@ -255,7 +268,7 @@ def test_read_lines_splits_only_where_the_original_does(tmp_path):
     # U+2028, U+0085, form feed, vertical tab and \x1c-\x1e are text inside a caption, not line ends.
     caption = "a\u2028b\u0085c\x0cd\x0be\x1cf\x1dg\x1eh"
     path = tmp_path / "captions.csv"
-    path.write_bytes(f"{caption}\tx\r\nsecond\rthird\nlast".encode("utf-8"))
+    path.write_bytes(f"{caption}\tx\r\nsecond\rthird\nlast".encode())
     assert read_lines(str(path)) == [caption + "\tx", "second", "third", "last"]
     path.write_bytes(b"one\n\ntwo\n")
     assert read_lines(str(path)) == ["one", "", "two"]

@@ -4,6 +4,7 @@ order-dependent evaluation, table; then a second head that reuses stage 1.
 Tiny settings (16 train and 8 test videos, 1 + 2 epochs, 2 frames): it checks that the path runs and writes sane
 files, not that the model learns (the full demo's figures are in the README).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,36 @@ def check_metrics(record: dict, num_videos: int) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), PRETRAIN_EPOCHS="1", EPOCHS="2",
-               NUM_TRAIN="16", NUM_TEST="8", SIM_HEADER="seqTransf")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        INSTALL="0",
+        OUT=str(out),
+        PRETRAIN_EPOCHS="1",
+        EPOCHS="2",
+        NUM_TRAIN="16",
+        NUM_TEST="8",
+        SIM_HEADER="seqTransf",
+    )
     # --output_dir among the extra arguments moves the run; the order evaluation must follow it.
-    result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8",
-                             "--n_display", "1", "--output_dir", str(out / "my_run")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            "bash",
+            str(REPO / "demo.sh"),
+            "--max_frames",
+            "2",
+            "--batch_size",
+            "8",
+            "--n_display",
+            "1",
+            "--output_dir",
+            str(out / "my_run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout, result.stdout + result.stderr
 
@@ -54,11 +79,25 @@ def test_stage_two_starts_from_stage_one(demo_run):
     assert "== stage 1: training" in stdout
 
     # A second run (meanP with UniPT) reuses stage 1 instead of training it again.
-    env = dict(os.environ, PYTHON=sys.executable, INSTALL="0", OUT=str(out), PRETRAIN_EPOCHS="1", EPOCHS="1",
-               NUM_TRAIN="16", NUM_TEST="8", TUNING="unipt")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        INSTALL="0",
+        OUT=str(out),
+        PRETRAIN_EPOCHS="1",
+        EPOCHS="1",
+        NUM_TRAIN="16",
+        NUM_TEST="8",
+        TUNING="unipt",
+    )
     before = (pre / "pytorch_model.bin.0").stat().st_mtime_ns
-    result = subprocess.run(["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", str(REPO / "demo.sh"), "--max_frames", "2", "--batch_size", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"== stage 1: reusing {pre / 'pytorch_model.bin.0'}" in result.stdout
     assert (pre / "pytorch_model.bin.0").stat().st_mtime_ns == before
@@ -105,7 +144,7 @@ def test_demo_prints_metric_lines_and_table(demo_run):
         assert line == pytest.approx(tuple(round(record[k], 1) for k in ("R1", "R5", "R10", "MR", "MeanR")))
     assert "Epoch: 2/2, Step: 2/2" in log  # 16 videos in batches of 8, logged every step
 
-    table = stdout[stdout.index("== CLIP4Clip seqTransf"):].splitlines()
+    table = stdout[stdout.index("== CLIP4Clip seqTransf") :].splitlines()
     assert table[1].startswith("| split") and len(table) == 5
     order_row = [c.strip() for c in table[4].split("|")[1:-1]]
     order_record = json.loads((out / "my_run" / "order" / "metrics_eval.json").read_text())

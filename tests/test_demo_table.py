@@ -1,4 +1,5 @@
 """preprocess/demo_table.py: the demo's closing table, from two hand-written metrics records."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """eval_report.py: ranks, recall curve and gallery checked by hand against a small similarity matrix; the HTML."""
+
 from __future__ import annotations
 
 import base64
@@ -15,11 +16,15 @@ from PIL import Image  # noqa: E402
 import eval_report  # noqa: E402
 
 # 5 captions x 4 videos; caption i's right video is TRUTH[i] (two captions for video 0, as in multi-sentence data).
-SIM = np.array([[0.9, 0.1, 0.2, 0.3],    # right video 0 first: rank 1
-                [0.1, 0.5, 0.7, 0.6],    # right video 0 below 1, 2, 3: rank 4
-                [0.2, 0.8, 0.1, 0.0],    # right video 1 first: rank 1
-                [0.3, 0.4, 0.2, 0.9],    # right video 2 below 3, 1, 0: rank 4
-                [0.5, 0.1, 0.6, 0.4]])   # right video 3 below 2, 0: rank 3
+SIM = np.array(
+    [
+        [0.9, 0.1, 0.2, 0.3],  # right video 0 first: rank 1
+        [0.1, 0.5, 0.7, 0.6],  # right video 0 below 1, 2, 3: rank 4
+        [0.2, 0.8, 0.1, 0.0],  # right video 1 first: rank 1
+        [0.3, 0.4, 0.2, 0.9],  # right video 2 below 3, 1, 0: rank 4
+        [0.5, 0.1, 0.6, 0.4],
+    ]
+)  # right video 3 below 2, 0: rank 3
 TRUTH = [0, 0, 1, 2, 3]
 RANKS = [1, 4, 1, 4, 3]
 
@@ -50,12 +55,22 @@ def _data_uri_image(uri: str) -> Image.Image:
 def test_report_holds_the_table_the_plots_and_the_gallery(tmp_path):
     captions = ["a red circle", "<script>alert('x')</script> & co", "a blue square", "two stars", "a green box"]
     names = ["v0", "v<1>", "v2", "v3"]
-    metrics = {"Text-to-Video": {"R1": 40.0, "R5": 100.0, "R10": 100.0, "MR": 3.0, "MeanR": 2.6},
-               "Video-to-Text": {"R1": 25.0, "R5": 100.0, "R10": 100.0, "MR": 2.5, "MeanR": 2.25}}
+    metrics = {
+        "Text-to-Video": {"R1": 40.0, "R5": 100.0, "R10": 100.0, "MR": 3.0, "MeanR": 2.6},
+        "Video-to-Text": {"R1": 25.0, "R5": 100.0, "R10": 100.0, "MR": 2.5, "MeanR": 2.25},
+    }
     curves = tmp_path / "metrics.jsonl"
-    curves.write_text("\n".join(json.dumps(r) for r in [
-        {"event": "step", "global_step": 1, "loss": 2.0}, {"event": "step", "global_step": 2, "loss": 1.5},
-        {"event": "eval", "global_step": 2, "text_to_video": {"R1": 40.0, "R5": 100.0, "R10": 100.0}}]) + "\n{\"torn")
+    curves.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"event": "step", "global_step": 1, "loss": 2.0},
+                {"event": "step", "global_step": 2, "loss": 1.5},
+                {"event": "eval", "global_step": 2, "text_to_video": {"R1": 40.0, "R5": 100.0, "R10": 100.0}},
+            ]
+        )
+        + '\n{"torn'
+    )
     out = tmp_path / "eval_report.html"
     eval_report.write_report(out, SIM, TRUTH, captions, names, metrics, _solid, curves=curves, worst=3, top=2)
     page = out.read_text()
@@ -69,8 +84,9 @@ def test_report_holds_the_table_the_plots_and_the_gallery(tmp_path):
         uri = re.search(rf"id='{name}' [^>]*src='([^']+)'", page).group(1)
         assert uri.startswith("data:image/png;base64,") and _data_uri_image(uri).size[0] > 300
 
-    entries = re.findall(r'<div class="entry" data-caption="(\d+)" data-rank="(\d+)">(.*?)</div></div></div>',
-                         page, flags=re.S)
+    entries = re.findall(
+        r'<div class="entry" data-caption="(\d+)" data-rank="(\d+)">(.*?)</div></div></div>', page, flags=re.S
+    )
     assert [(int(c), int(r)) for c, r, _ in entries] == [(1, 4), (3, 4), (4, 3)]
     # Each entry: the right video, then the caption's top 2 by the matrix.
     shown = [[int(v) for v in re.findall(r'data-video="(\d+)"', body)] for _, _, body in entries]
@@ -97,11 +113,10 @@ def test_plot_command_writes_a_png(tmp_path, capsys):
 
 def test_curves_leave_out_a_later_evaluation_of_the_run(tmp_path):
     records = [{"event": "step", "global_step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
-    records += [{"event": "eval", "global_step": 3, "tag": "epoch0", "text_to_video": {"R1": 10.0, "R5": 30.0,
-                                                                                      "R10": 50.0}},
-                {"event": "eval", "global_step": 0, "tag": "eval", "text_to_video": {"R1": 12.0, "R5": 31.0,
-                                                                                    "R10": 52.0}}]
+    records += [
+        {"event": "eval", "global_step": 3, "tag": "epoch0", "text_to_video": {"R1": 10.0, "R5": 30.0, "R10": 50.0}},
+        {"event": "eval", "global_step": 0, "tag": "eval", "text_to_video": {"R1": 12.0, "R5": 31.0, "R10": 52.0}},
+    ]
     recall_ax = eval_report.plot_curves(records).axes[1]
     assert [list(line.get_xdata()) for line in recall_ax.lines] == [[3], [3], [3]]
     assert [list(line.get_ydata()) for line in recall_ax.lines] == [[10.0], [30.0], [50.0]]
-

@@ -3,6 +3,7 @@
 Runs go through subprocesses (the real command line, a fresh process group each); one tiny data set and one tiny
 CLIP file are shared by the module.
 """
+
 import argparse
 import json
 import logging
@@ -13,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import make_clip_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +26,11 @@ from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return env
 
@@ -45,29 +47,81 @@ def setup(tmp_path_factory):
 
 
 def _common(clip, out):
-    return ["--output_dir", str(out), "--pretrained_clip_name", str(clip), "--max_words", "8", "--max_frames", "2",
-            "--batch_size", "4", "--batch_size_val", "4", "--num_thread_reader", "0", "--n_display", "1",
-            "--lr", "1e-4", "--coef_lr", "1", "--loose_type", "--seed", "0", "--slice_framepos", "2"]
+    return [
+        "--output_dir",
+        str(out),
+        "--pretrained_clip_name",
+        str(clip),
+        "--max_words",
+        "8",
+        "--max_frames",
+        "2",
+        "--batch_size",
+        "4",
+        "--batch_size_val",
+        "4",
+        "--num_thread_reader",
+        "0",
+        "--n_display",
+        "1",
+        "--lr",
+        "1e-4",
+        "--coef_lr",
+        "1",
+        "--loose_type",
+        "--seed",
+        "0",
+        "--slice_framepos",
+        "2",
+    ]
 
 
 def msvd_args(paths, clip, out, *extra):
-    return ["--datatype", "msvd", "--data_path", str(paths["msvd_data_path"]),
-            "--features_path", str(paths["msvd_features_path"]), *_common(clip, out), *extra]
+    return [
+        "--datatype",
+        "msvd",
+        "--data_path",
+        str(paths["msvd_data_path"]),
+        "--features_path",
+        str(paths["msvd_features_path"]),
+        *_common(clip, out),
+        *extra,
+    ]
 
 
 def msrvtt_args(paths, clip, out, *extra):
-    return ["--datatype", "msrvtt", "--train_csv", str(paths["msrvtt_train_csv"]),
-            "--val_csv", str(paths["msrvtt_val_csv"]), "--data_path", str(paths["msrvtt_data_path"]),
-            "--features_path", str(paths["msrvtt_features_path"]), "--expand_msrvtt_sentences",
-            *_common(clip, out), *extra]
+    return [
+        "--datatype",
+        "msrvtt",
+        "--train_csv",
+        str(paths["msrvtt_train_csv"]),
+        "--val_csv",
+        str(paths["msrvtt_val_csv"]),
+        "--data_path",
+        str(paths["msrvtt_data_path"]),
+        "--features_path",
+        str(paths["msrvtt_features_path"]),
+        "--expand_msrvtt_sentences",
+        *_common(clip, out),
+        *extra,
+    ]
 
 
 def run_cli(args, nproc=0, timeout=240):
     """python main_task_retrieval.py ... (nproc 0) or torchrun --nproc_per_node=nproc ..."""
     cmd = [sys.executable, SCRIPT, *args]
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), SCRIPT, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            SCRIPT,
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -75,6 +129,7 @@ def run_cli(args, nproc=0, timeout=240):
 
 def _free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -94,9 +149,16 @@ def weights(path):
 
 # ----------------------------------------------------------------------------------------------- pure pieces
 
+
 def _tiny_model(header, clip_file):
-    config = CLIP4ClipConfig(pretrained_clip_name=str(clip_file), sim_header=header, cross_num_hidden_layers=2,
-                             max_words=8, max_frames=4, precision="fp32")
+    config = CLIP4ClipConfig(
+        pretrained_clip_name=str(clip_file),
+        sim_header=header,
+        cross_num_hidden_layers=2,
+        max_words=8,
+        max_frames=4,
+        precision="fp32",
+    )
     torch.manual_seed(0)
     return CLIP4Clip.from_config(config).eval()
 
@@ -119,9 +181,16 @@ def test_blocked_similarity_equals_original_per_batch_pairs(header, setup, monke
         # The original: batches of 3 texts × batches of 3 videos, the head re-applied for every pair of batches.
         rows = []
         for t0 in range(0, n_text, 3):
-            row = [model.get_similarity_logits(seq[t0:t0 + 3], vis[v0:v0 + 3], text_mask[t0:t0 + 3],
-                                               video_mask[v0:v0 + 3], loose_type=model.loose_type)[0]
-                   for v0 in range(0, n_video, 3)]
+            row = [
+                model.get_similarity_logits(
+                    seq[t0 : t0 + 3],
+                    vis[v0 : v0 + 3],
+                    text_mask[t0 : t0 + 3],
+                    video_mask[v0 : v0 + 3],
+                    loose_type=model.loose_type,
+                )[0]
+                for v0 in range(0, n_video, 3)
+            ]
             rows.append(torch.cat(row, dim=1))
         original = torch.cat(rows)
     assert ours.shape == (n_text, n_video)
@@ -146,28 +215,35 @@ def test_optimizer_groups_follow_spec(setup):
 
 # ----------------------------------------------------------------------------------------------- command line
 
-@pytest.mark.parametrize("extra, message", [
-    (["--no_such_flag"], "unrecognized arguments"),
-    (["--do_train", "--sim_header", "meanP"], "needs --loose_type"),
-    (["--do_train", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
-    ([], "At least one of `do_train` or `do_eval`"),
-    (["--do_train", "--freeze_layer_num", "13"], "freeze_layer_num"),
-    (["--do_train", "--sim_header", "meanP", "--loose_type", "--resume_model", "{clip}"], "--init_model"),
-    (["--do_eval", "--sim_header", "meanP", "--loose_type", "--init_model", "missing.bin"], "--init_model"),
-    (["--do_eval", "--loose_type", "--pretrained_clip_name", "ViT-X/99"], "--pretrained_clip_name"),
-    (["--do_eval", "--loose_type", "--features_path", "/nonexistent/videos"], "--features_path"),
-    (["--do_train", "--loose_type", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
-    (["--do_train", "--loose_type", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
-    (["--do_train", "--loose_type", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
-    (["--do_train", "--loose_type", "--coef_lr", "-1"], "--coef_lr must be a positive finite number, got -1.0"),
-    (["--do_train", "--loose_type", "--warmup_proportion", "1"], "--warmup_proportion must be in [0, 1), got 1.0"),
-    (["--do_train", "--loose_type", "--warmup_proportion", "-0.1"], "--warmup_proportion must be in [0, 1)"),
-    (["--do_train", "--loose_type", "--warmup_proportion", "nan"], "--warmup_proportion must be in [0, 1), got nan"),
-    (["--do_train", "--loose_type", "--max_words", "2"], "--max_words must be >= 3"),
-    (["--do_train", "--loose_type", "--dsl_temperature", "inf"], "--dsl_temperature must be a positive finite"),
-    (["--do_train", "--loose_type", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
-    (["--do_train", "--loose_type", "--output_dir", "{clip}/out"], "cannot write there (Not a directory)"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--no_such_flag"], "unrecognized arguments"),
+        (["--do_train", "--sim_header", "meanP"], "needs --loose_type"),
+        (["--do_train", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        ([], "At least one of `do_train` or `do_eval`"),
+        (["--do_train", "--freeze_layer_num", "13"], "freeze_layer_num"),
+        (["--do_train", "--sim_header", "meanP", "--loose_type", "--resume_model", "{clip}"], "--init_model"),
+        (["--do_eval", "--sim_header", "meanP", "--loose_type", "--init_model", "missing.bin"], "--init_model"),
+        (["--do_eval", "--loose_type", "--pretrained_clip_name", "ViT-X/99"], "--pretrained_clip_name"),
+        (["--do_eval", "--loose_type", "--features_path", "/nonexistent/videos"], "--features_path"),
+        (["--do_train", "--loose_type", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+        (["--do_train", "--loose_type", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+        (["--do_train", "--loose_type", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+        (["--do_train", "--loose_type", "--coef_lr", "-1"], "--coef_lr must be a positive finite number, got -1.0"),
+        (["--do_train", "--loose_type", "--warmup_proportion", "1"], "--warmup_proportion must be in [0, 1), got 1.0"),
+        (["--do_train", "--loose_type", "--warmup_proportion", "-0.1"], "--warmup_proportion must be in [0, 1)"),
+        (
+            ["--do_train", "--loose_type", "--warmup_proportion", "nan"],
+            "--warmup_proportion must be in [0, 1), got nan",
+        ),
+        (["--do_train", "--loose_type", "--max_words", "2"], "--max_words must be >= 3"),
+        (["--do_train", "--loose_type", "--dsl_temperature", "inf"], "--dsl_temperature must be a positive finite"),
+        (["--do_train", "--loose_type", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--do_train", "--loose_type", "--output_dir", "{clip}/out"], "cannot write there (Not a directory)"),
+    ],
+)
 def test_bad_flags_give_one_line(extra, message, setup, capsys, tmp_path):
     _, paths, clip = setup
     args = msvd_args(paths, clip, tmp_path / "out")
@@ -194,12 +270,14 @@ def test_missing_optional_package_is_named(flag, package, setup, capsys, tmp_pat
     monkeypatch.setattr(mtr.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     assert mtr.main(["--do_eval", flag, *msvd_args(paths, clip, tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"main_task_retrieval.py: error: {flag} needs the {package} package: "
-                   f"pip install -r requirements-report.txt")
+    assert err == (
+        f"main_task_retrieval.py: error: {flag} needs the {package} package: pip install -r requirements-report.txt"
+    )
     assert not (tmp_path / "out").exists()  # said before anything ran
 
 
 # ----------------------------------------------------------------------------------------------- end to end
+
 
 @pytest.fixture(scope="module")
 def run_a(setup):
@@ -212,15 +290,34 @@ def run_a(setup):
 
 def test_train_two_epochs_and_evaluate(run_a):
     names = {p.name for p in run_a.iterdir()}
-    assert {"log.txt", "pytorch_model.bin.0", "pytorch_opt.bin.0", "pytorch_model.bin.1", "pytorch_opt.bin.1",
-            "metrics_epoch0.json", "metrics_epoch1.json"} <= names
+    assert {
+        "log.txt",
+        "pytorch_model.bin.0",
+        "pytorch_opt.bin.0",
+        "pytorch_model.bin.1",
+        "pytorch_opt.bin.1",
+        "metrics_epoch0.json",
+        "metrics_epoch1.json",
+    } <= names
     assert not [n for n in names if ".tmp" in n]
     log = (run_a / "log.txt").read_text()
-    for line in ("Effective parameters:", "***** Running training *****", "Epoch 1/2 Finished, Train Loss:",
-                 "Model saved to", "Optimizer saved to", "Eval under the multi-sentence per video clip setting.",
-                 "sentence num: 30, video num: 6", "before reshape, sim matrix size: 30 x 6",
-                 "after reshape, sim matrix size: 6 x 5 x 6", "Text-to-Video:", "Video-to-Text:",
-                 "V2T$R@1:", "The best model is:", "dual-softmax re-ranked", "DSL$R@1:"):
+    for line in (
+        "Effective parameters:",
+        "***** Running training *****",
+        "Epoch 1/2 Finished, Train Loss:",
+        "Model saved to",
+        "Optimizer saved to",
+        "Eval under the multi-sentence per video clip setting.",
+        "sentence num: 30, video num: 6",
+        "before reshape, sim matrix size: 30 x 6",
+        "after reshape, sim matrix size: 6 x 5 x 6",
+        "Text-to-Video:",
+        "Video-to-Text:",
+        "V2T$R@1:",
+        "The best model is:",
+        "dual-softmax re-ranked",
+        "DSL$R@1:",
+    ):
         assert line in log, line
     assert re.search(r"Epoch: 1/2, Step: 2/10, Lr: 0\.000\d{6}, Loss: \d+\.\d{6}, Time/step: \d+\.\d{6}", log)
     m = read_metrics(run_a / "metrics_epoch1.json")
@@ -263,39 +360,43 @@ def test_interrupted_and_resumed_run_is_bit_identical(run_a, setup):
     root, paths, clip = setup
     out = root / "run_b"
     args = ["--do_train", "--epochs", "2", "--eval_dsl", *msvd_args(paths, clip, out)]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 180
     while not (out / "pytorch_opt.bin.0").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.kill()  # killed right after epoch 0's checkpoint landed
     proc.wait()
     assert (out / "pytorch_opt.bin.0").exists()
-    run_cli([*args, "--init_model", str(out / "pytorch_model.bin.0"),
-             "--resume_model", str(out / "pytorch_opt.bin.0")])
+    run_cli([*args, "--init_model", str(out / "pytorch_model.bin.0"), "--resume_model", str(out / "pytorch_opt.bin.0")])
     resumed, uninterrupted = weights(out / "pytorch_model.bin.1"), weights(run_a / "pytorch_model.bin.1")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     assert not torch.equal(weights(out / "pytorch_model.bin.0")["clip.visual.proj"], resumed["clip.visual.proj"])
     log = (out / "log.txt").read_text()
     assert "Resumed from" in log and "Epoch: 2/2, Step: 1/10" in log
-    assert read_metrics(out / "metrics_epoch1.json")["text_to_video"] == \
-        read_metrics(run_a / "metrics_epoch1.json")["text_to_video"]
+    assert (
+        read_metrics(out / "metrics_epoch1.json")["text_to_video"]
+        == read_metrics(run_a / "metrics_epoch1.json")["text_to_video"]
+    )
 
 
 def test_eval_only_of_saved_checkpoint(run_a, setup):
     root, paths, clip = setup
     # In this process (no launcher): the checkpoint of epoch 1 scores what the training run logged for it.
     out = root / "eval_msvd"
-    assert mtr.main(["--do_eval", "--init_model", str(run_a / "pytorch_model.bin.1"),
-                     *msvd_args(paths, clip, out)]) == 0
+    assert (
+        mtr.main(["--do_eval", "--init_model", str(run_a / "pytorch_model.bin.1"), *msvd_args(paths, clip, out)]) == 0
+    )
     ours, logged = read_metrics(out / "metrics_eval.json"), read_metrics(run_a / "metrics_epoch1.json")
     for side in ("text_to_video", "video_to_text"):
         assert ours[side] == pytest.approx(logged[side])
     # The same checkpoint on the single-sentence MSR-VTT test.
     out = root / "eval_msrvtt"
-    assert mtr.main(["--do_eval", "--init_model", str(run_a / "pytorch_model.bin.1"),
-                     *msrvtt_args(paths, clip, out)]) == 0
+    assert (
+        mtr.main(["--do_eval", "--init_model", str(run_a / "pytorch_model.bin.1"), *msrvtt_args(paths, clip, out)]) == 0
+    )
     log = (out / "log.txt").read_text()
     assert "sim matrix size: 6, 6" in log and "\t Length-T: 6, Length-V:6" in log
     assert read_metrics(out / "metrics_eval.json")["num_texts"] == 6
@@ -308,10 +409,14 @@ def test_checkpoints_that_do_not_fit_give_one_line(run_a, setup, capsys, tmp_pat
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, resnet)
     misshaped = tmp_path / "misshaped.bin"
     torch.save(dict(weights(meanp), **{"clip.visual.proj": torch.zeros(3, 512)}), misshaped)
-    cases = [(["--init_model", str(meanp), "--sim_header", "seqTransf"],
-              f"--init_model {meanp} was trained with --linear_patch 2d --sim_header meanP"),
-             (["--init_model", str(resnet)], f"--init_model {resnet}: none of its 2 weights is one of this model's"),
-             (["--init_model", str(misshaped)], "clip.visual.proj has shape (3, 512)")]
+    cases = [
+        (
+            ["--init_model", str(meanp), "--sim_header", "seqTransf"],
+            f"--init_model {meanp} was trained with --linear_patch 2d --sim_header meanP",
+        ),
+        (["--init_model", str(resnet)], f"--init_model {resnet}: none of its 2 weights is one of this model's"),
+        (["--init_model", str(misshaped)], "clip.visual.proj has shape (3, 512)"),
+    ]
     for extra, message in cases:
         assert mtr.main(["--do_eval", *msvd_args(paths, clip, tmp_path / "out"), *extra]) == 2
         err = capsys.readouterr().err.strip()
@@ -321,12 +426,19 @@ def test_checkpoints_that_do_not_fit_give_one_line(run_a, setup, capsys, tmp_pat
 def test_an_error_while_training_keeps_its_traceback(setup, tmp_path):
     _, paths, clip = setup
     # A ValueError raised mid-run is a failure of the run, not a bad flag: traceback and exit 1, not one line and 2.
-    code = ("import sys, main_task_retrieval as m\n"
-            "def broken(*args, **kwargs):\n    raise ValueError('video 3 became unreadable')\n"
-            "m.train_epoch = broken\nsys.exit(m.main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", code, "--do_train", "--epochs", "1",
-                           *msvd_args(paths, clip, tmp_path / "out")], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=240)
+    code = (
+        "import sys, main_task_retrieval as m\n"
+        "def broken(*args, **kwargs):\n    raise ValueError('video 3 became unreadable')\n"
+        "m.train_epoch = broken\nsys.exit(m.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--do_train", "--epochs", "1", *msvd_args(paths, clip, tmp_path / "out")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
     assert "ValueError: video 3 became unreadable" in proc.stderr
@@ -339,11 +451,25 @@ def test_eval_report_and_tensorboard(run_a, setup):
 
     root, paths, clip = setup
     out = root / "eval_report"
-    assert mtr.main(["--do_eval", "--eval_report", "--tensorboard", "--init_model", str(run_a / "pytorch_model.bin.1"),
-                     *msrvtt_args(paths, clip, out)]) == 0
+    assert (
+        mtr.main(
+            [
+                "--do_eval",
+                "--eval_report",
+                "--tensorboard",
+                "--init_model",
+                str(run_a / "pytorch_model.bin.1"),
+                *msrvtt_args(paths, clip, out),
+            ]
+        )
+        == 0
+    )
     log, page = (out / "log.txt").read_text(), (out / "eval_report.html").read_text()
-    logged = re.findall(r"\t>>>  (?:V2T\$)?R@1: ([0-9.]+) - (?:V2T\$)?R@5: ([0-9.]+) - (?:V2T\$)?R@10: ([0-9.]+) - "
-                        r"(?:V2T\$)?Median R: ([0-9.]+) - (?:V2T\$)?Mean R: ([0-9.]+)", log)
+    logged = re.findall(
+        r"\t>>>  (?:V2T\$)?R@1: ([0-9.]+) - (?:V2T\$)?R@5: ([0-9.]+) - (?:V2T\$)?R@10: ([0-9.]+) - "
+        r"(?:V2T\$)?Median R: ([0-9.]+) - (?:V2T\$)?Mean R: ([0-9.]+)",
+        log,
+    )
     table = re.findall(r"<tr><td>([^<]+)</td>((?:<td>[^<]+</td>)+)</tr>", page)
     assert [name for name, _ in table] == ["Text-to-Video", "Video-to-Text"]
     assert [tuple(re.findall(r"<td>([^<]+)</td>", cells)) for _, cells in table] == logged
@@ -376,8 +502,9 @@ def test_two_process_training_and_evaluation(run_a, setup):
     assert two[:2] == pytest.approx(one[:2], abs=2e-6)
     # The two-process evaluation after the epoch equals a one-process evaluation of the saved checkpoint.
     single = root / "run_2proc_eval"
-    assert mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.0"),
-                     *msvd_args(paths, clip, single)]) == 0
+    assert (
+        mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.0"), *msvd_args(paths, clip, single)]) == 0
+    )
     distributed, one_process = read_metrics(out / "metrics_epoch0.json"), read_metrics(single / "metrics_eval.json")
     assert (distributed["num_texts"], distributed["num_videos"]) == (30, 6)
     for side in ("text_to_video", "video_to_text"):
@@ -418,9 +545,25 @@ def test_two_process_gradients_are_one_over_world_size(setup, tmp_path):
     args = ["--do_train", "--epochs", "1", *msvd_args(paths, clip, tmp_path / "out2")]
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), str(worker), str(dump), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(worker),
+            str(dump),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(dump, weights_only=True)
     one = first_step_grads(["--do_train", "--epochs", "1", *msvd_args(paths, clip, tmp_path / "out1")])
@@ -435,6 +578,7 @@ def test_two_process_gradients_are_one_over_world_size(setup, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- failures mid-run
+
 
 class _NaNAfterOneStep(torch.nn.Module):
     """A model whose loss is finite at the first step and NaN from the second on."""
@@ -453,8 +597,9 @@ class _NaNAfterOneStep(torch.nn.Module):
 
 def test_nan_loss_stops_at_its_step_before_the_update(tmp_path):
     model = _NaNAfterOneStep()
-    args = argparse.Namespace(n_display=100, gradient_accumulation_steps=1, epochs=1, precision="fp32", lr=0.1,
-                              warmup_proportion=0.0)
+    args = argparse.Namespace(
+        n_display=100, gradient_accumulation_steps=1, epochs=1, precision="fp32", lr=0.1, warmup_proportion=0.0
+    )
     optimizer = mtr.prep_optimizer(args, model, 10.0)
     batches = [tuple(torch.zeros(1, 1) for _ in range(5))] * 3
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -492,10 +637,12 @@ def test_failed_save_leaves_neither_file_and_the_previous_pair_usable(tmp_path, 
 
 def test_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, caplog):
     # A process killed (SIGKILL, no clean-up of its own) while writing the pair leaves only temporary files.
-    child = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import util\n"
-             f"with util.atomic_path({str(tmp_path / 'pytorch_opt.bin.3')!r}) as o, "
-             f"util.atomic_path({str(tmp_path / 'pytorch_model.bin.3')!r}) as m:\n"
-             f"    m.write_bytes(b'model'); o.write_bytes(b'half'); os.kill(os.getpid(), 9)\n")
+    child = (
+        f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import util\n"
+        f"with util.atomic_path({str(tmp_path / 'pytorch_opt.bin.3')!r}) as o, "
+        f"util.atomic_path({str(tmp_path / 'pytorch_model.bin.3')!r}) as m:\n"
+        f"    m.write_bytes(b'model'); o.write_bytes(b'half'); os.kill(os.getpid(), 9)\n"
+    )
     assert subprocess.run([sys.executable, "-c", child]).returncode == -9
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 2 and all(n.startswith(".pytorch_") and ".tmp" in n for n in left)
@@ -517,9 +664,16 @@ def test_unreadable_clip_weights_give_one_line(content, setup, capsys, tmp_path)
 
 # ----------------------------------------------------------------------------------------------- UniPT
 
+
 def test_unipt_optimizer_groups_hold_only_the_adapters(setup):
-    config = CLIP4ClipConfig(pretrained_clip_name=str(setup[2]), cross_num_hidden_layers=2, max_words=8,
-                             max_frames=4, precision="fp32", tuning="unipt")
+    config = CLIP4ClipConfig(
+        pretrained_clip_name=str(setup[2]),
+        cross_num_hidden_layers=2,
+        max_words=8,
+        max_frames=4,
+        precision="fp32",
+        tuning="unipt",
+    )
     torch.manual_seed(0)
     model = CLIP4Clip.from_config(config).train()
     opt = mtr.prep_optimizer(argparse.Namespace(lr=1e-3, warmup_proportion=0.1), model, 4.0, coef_lr=1e-3)
@@ -549,12 +703,15 @@ def test_unipt_optimizer_groups_hold_only_the_adapters(setup):
     assert adapters - gate_biases <= changed <= adapters
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--do_eval", "--tuning", "full", "--init_model", "{unipt}"], "--tuning full: --init_model"),
-    (["--do_eval", "--tuning", "unipt", "--init_model", "{full}"], "evaluating it with --tuning unipt"),
-    (["--do_train", "--tuning", "unipt", "--sim_header", "tightTransf"], "cannot use sim_header tightTransf"),
-    (["--do_eval", "--init_model", "{unipt}", "--sim_header", "tightTransf"], "cannot use sim_header tightTransf"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--do_eval", "--tuning", "full", "--init_model", "{unipt}"], "--tuning full: --init_model"),
+        (["--do_eval", "--tuning", "unipt", "--init_model", "{full}"], "evaluating it with --tuning unipt"),
+        (["--do_train", "--tuning", "unipt", "--sim_header", "tightTransf"], "cannot use sim_header tightTransf"),
+        (["--do_eval", "--init_model", "{unipt}", "--sim_header", "tightTransf"], "cannot use sim_header tightTransf"),
+    ],
+)
 def test_unipt_flag_and_checkpoint_mismatches_give_one_line(extra, message, setup, capsys, tmp_path):
     _, paths, clip = setup
     full = tmp_path / "full.bin"
@@ -581,8 +738,18 @@ def test_unipt_train_resume_and_eval(setup):
     assert not torch.equal(first["text_adapter.gate_layer.weight"], second["text_adapter.gate_layer.weight"])
 
     resumed = root / "unipt_b"
-    proc = run_cli(["--do_train", "--epochs", "2", *msvd_args(paths, clip, resumed),
-                    "--init_model", str(out / "pytorch_model.bin.0"), "--resume_model", str(out / "pytorch_opt.bin.0")])
+    proc = run_cli(
+        [
+            "--do_train",
+            "--epochs",
+            "2",
+            *msvd_args(paths, clip, resumed),
+            "--init_model",
+            str(out / "pytorch_model.bin.0"),
+            "--resume_model",
+            str(out / "pytorch_opt.bin.0"),
+        ]
+    )
     log = (resumed / "log.txt").read_text()
     assert "holds UniPT adapters" in log and "Resumed from" in log, proc.stderr[-2000:]
     again = weights(resumed / "pytorch_model.bin.1")
@@ -595,8 +762,10 @@ def test_unipt_train_resume_and_eval(setup):
     assert len(two) == 10 and two[:2] == pytest.approx(one[:2], abs=2e-6)
 
     evaluated = root / "unipt_eval"
-    assert mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.1"),
-                     *msvd_args(paths, clip, evaluated)]) == 0
+    assert (
+        mtr.main(["--do_eval", "--init_model", str(out / "pytorch_model.bin.1"), *msvd_args(paths, clip, evaluated)])
+        == 0
+    )
     ours, logged = read_metrics(evaluated / "metrics_eval.json"), read_metrics(out / "metrics_epoch1.json")
     for side in ("text_to_video", "video_to_text"):
         assert ours[side] == pytest.approx(logged[side])

@@ -1,4 +1,5 @@
 """preprocess/make_synthetic_dataset.py: layout, determinism, captions that match the pixels, twin pairs."""
+
 from __future__ import annotations
 
 import csv
@@ -118,12 +119,14 @@ def test_same_seed_same_files_other_seed_differs(dataset, tmp_path):
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a.name
     for vid in ("video0", "video7", "video20"):
-        np.testing.assert_array_equal(decode(dataset["msrvtt_features_path"] / f"{vid}.mp4"),
-                                      decode(again["msrvtt_features_path"] / f"{vid}.mp4"))
+        np.testing.assert_array_equal(
+            decode(dataset["msrvtt_features_path"] / f"{vid}.mp4"), decode(again["msrvtt_features_path"] / f"{vid}.mp4")
+        )
     other = msd.make_dataset(tmp_path / "other", seed=1, **SMALL)
     assert other["msrvtt_data_path"].read_bytes() != dataset["msrvtt_data_path"].read_bytes()
-    assert not np.array_equal(decode(dataset["msrvtt_features_path"] / "video0.mp4"),
-                              decode(other["msrvtt_features_path"] / "video0.mp4"))
+    assert not np.array_equal(
+        decode(dataset["msrvtt_features_path"] / "video0.mp4"), decode(other["msrvtt_features_path"] / "video0.mp4")
+    )
 
 
 def test_test_split_does_not_depend_on_train_size(dataset, tmp_path):
@@ -184,10 +187,12 @@ def test_twins_hold_the_same_frames_in_reverse_order(dataset, meta):
     assert len(pairs) == 3 + 1 + 2  # round(n * 0.5 / 2) per split: train 12, val 4, test 8
     fps = SMALL["fps"]
     for a, b in pairs:
-        fa = decode(dataset["msrvtt_features_path" if meta[a]["split"] != "val" else "msvd_features_path"]
-                    / f"{a}.mp4").astype(np.int32)
-        fb = decode(dataset["msrvtt_features_path" if meta[b]["split"] != "val" else "msvd_features_path"]
-                    / f"{b}.mp4").astype(np.int32)
+        fa = decode(
+            dataset["msrvtt_features_path" if meta[a]["split"] != "val" else "msvd_features_path"] / f"{a}.mp4"
+        ).astype(np.int32)
+        fb = decode(
+            dataset["msrvtt_features_path" if meta[b]["split"] != "val" else "msvd_features_path"] / f"{b}.mp4"
+        ).astype(np.int32)
         per_second_a, per_second_b = fa[::fps], fb[::fps]
         # Same drawn frames in reverse order; the codec adds small differences only.
         assert np.abs(per_second_a - per_second_b[::-1]).mean() < 2.0, (a, b)
@@ -224,8 +229,23 @@ def test_sequence_twins_name_only_their_last_shape_and_test_captions_are_unique(
 
 
 def test_cli(tmp_path, capsys):
-    assert msd.main(["--output_dir", str(tmp_path / "x"), "--num_train", "2", "--num_test", "2",
-                     "--seconds", "2", "--datasets", "msrvtt"]) == 0
+    assert (
+        msd.main(
+            [
+                "--output_dir",
+                str(tmp_path / "x"),
+                "--num_train",
+                "2",
+                "--num_test",
+                "2",
+                "--seconds",
+                "2",
+                "--datasets",
+                "msrvtt",
+            ]
+        )
+        == 0
+    )
     assert "msrvtt_val_csv:" in capsys.readouterr().out
     assert not (tmp_path / "x" / "msvd").exists()
     assert len(list((tmp_path / "x" / "msrvtt" / "videos").iterdir())) == 4
@@ -243,28 +263,33 @@ def test_the_real_loaders_read_it(dataset, meta):
     tokenizer = SimpleTokenizer()
     # feature_framerate as main_task_retrieval passes it (an int flag)
     frames = dict(max_words=32, max_frames=6, image_resolution=32, feature_framerate=1)
-    test = MSRVTT_DataLoader(str(dataset["msrvtt_val_csv"]), str(dataset["msrvtt_features_path"]), tokenizer,
-                             **frames)
+    test = MSRVTT_DataLoader(str(dataset["msrvtt_val_csv"]), str(dataset["msrvtt_features_path"]), tokenizer, **frames)
     assert len(test) == SMALL["num_test"]
     text, text_mask, _, video, video_mask = test[0]
     words = tokenizer.tokenize(meta["video16"]["captions"][0])
     assert text_mask.sum() == len(words) + 2
-    assert list(text[0, 1:len(words) + 1]) == tokenizer.convert_tokens_to_ids(words)
+    assert list(text[0, 1 : len(words) + 1]) == tokenizer.convert_tokens_to_ids(words)
     # One frame per second at feature_framerate 1: as many frames as seconds, all non-blank.
     assert video.shape == (1, 6, 1, 3, 32, 32) and video_mask.tolist() == [[1, 1, 1, 1, 0, 0]]
     assert (video[0, :4].std(axis=(1, 2, 3, 4)) > 0.1).all()
 
-    train_args = (str(dataset["msrvtt_train_csv"]), str(dataset["msrvtt_data_path"]),
-                  str(dataset["msrvtt_features_path"]), tokenizer)
+    train_args = (
+        str(dataset["msrvtt_train_csv"]),
+        str(dataset["msrvtt_data_path"]),
+        str(dataset["msrvtt_features_path"]),
+        tokenizer,
+    )
     unfolded = MSRVTT_TrainDataLoader(*train_args, unfold_sentences=True, **frames)
     assert len(unfolded) == SMALL["num_train"] * len(msd.MOTION_TEMPLATES)
     assert len(MSRVTT_TrainDataLoader(*train_args, **frames)) == SMALL["num_train"]
 
     assert load_raw_captions(str(dataset["msvd_data_path"] / "raw-captions.pkl"))["video3"] == [
-        c.split() for c in meta["video3"]["captions"]]
+        c.split() for c in meta["video3"]["captions"]
+    ]
     for subset, n in (("train", SMALL["num_train"]), ("val", SMALL["num_val"]), ("test", SMALL["num_test"])):
-        msvd = MSVD_DataLoader(subset, str(dataset["msvd_data_path"]), str(dataset["msvd_features_path"]),
-                               tokenizer, **frames)
+        msvd = MSVD_DataLoader(
+            subset, str(dataset["msvd_data_path"]), str(dataset["msvd_features_path"]), tokenizer, **frames
+        )
         per_video = len(msd.MOTION_TEMPLATES)
         assert msvd.cut_off_points == [per_video * (i + 1) for i in range(n)]
     *_, video_mask = msvd[len(msvd) - 1]

@@ -1,4 +1,5 @@
 """Retrieval metrics against hand-computed values and independent straightforward loops."""
+
 from __future__ import annotations
 
 import math
@@ -51,32 +52,28 @@ def test_known_permutation():
     x = matrix_with_ranks(ranks)
     m = compute_metrics(x)
     assert m["cols"] == ranks
-    assert m["R1"] == pytest.approx(100 * 2 / 12)    # ranks 0, 0
-    assert m["R5"] == pytest.approx(50.0)            # 0, 1, 4, 0, 2, 3
+    assert m["R1"] == pytest.approx(100 * 2 / 12)  # ranks 0, 0
+    assert m["R5"] == pytest.approx(50.0)  # 0, 1, 4, 0, 2, 3
     assert m["R10"] == pytest.approx(100 * 10 / 12)  # all but 10, 11
-    assert m["MR"] == 5.5 and m["MedianR"] == 5.5    # sorted 0 0 1 2 3 4 | 5 6 7 9 10 11: (4 + 5) / 2 + 1
+    assert m["MR"] == 5.5 and m["MedianR"] == 5.5  # sorted 0 0 1 2 3 4 | 5 6 7 9 10 11: (4 + 5) / 2 + 1
     assert m["MeanR"] == pytest.approx(58 / 12 + 1)  # sum of ranks = 58
     # A torch tensor gives the same numbers (the original feeds it tensor_video_to_text_sim's output).
     assert compute_metrics(torch.from_numpy(x)) == m
 
 
 def test_ties_add_entries():
-    x = np.array([[0.5, 0.5, 0.1],
-                  [0.2, 0.9, 0.9],
-                  [0.3, 0.3, 0.3]], dtype=np.float32)
+    x = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9], [0.3, 0.3, 0.3]], dtype=np.float32)
     m = compute_metrics(x)
     # row 0: 0.5 at positions 0, 1; row 1: 0.9 at 0, 1; row 2: all three tie -> 7 entries
     assert m["cols"] == [0, 1, 0, 1, 0, 1, 2]
-    assert m["R1"] == pytest.approx(300 / 7)           # 3 of 7 entries are 0
+    assert m["R1"] == pytest.approx(300 / 7)  # 3 of 7 entries are 0
     assert m["R5"] == 100.0
-    assert m["MR"] == 2.0                              # median of 0 0 0 1 1 1 2 is 1
+    assert m["MR"] == 2.0  # median of 0 0 0 1 1 1 2 is 1
     assert m["MeanR"] == pytest.approx(5 / 7 + 1)
 
 
 def test_non_finite_ground_truth_drops_the_query():
-    x = np.array([[1.0, 0.0, 0.0],
-                  [0.0, np.nan, 0.0],
-                  [0.0, 2.0, -np.inf]], dtype=np.float32)
+    x = np.array([[1.0, 0.0, 0.0], [0.0, np.nan, 0.0], [0.0, 2.0, -np.inf]], dtype=np.float32)
     m = compute_metrics(x)
     assert m["cols"] == [0]  # rows 1 (NaN) and 2 (-inf) match nowhere
     assert m["R1"] == 100.0
@@ -109,7 +106,7 @@ def test_print_computed_metrics(capsys):
 
 def test_numpy_median_averages_torch_median_takes_lower():
     x = matrix_with_ranks([0, 1, 2, 3])
-    assert compute_metrics(x)["MR"] == 2.5                               # ranks+1 = 1 2 3 4: (2 + 3) / 2
+    assert compute_metrics(x)["MR"] == 2.5  # ranks+1 = 1 2 3 4: (2 + 3) / 2
     assert tensor_text_to_video_metrics(x[:, None, :])["MedianR"] == 2.0  # torch.median: lower middle
 
 
@@ -121,14 +118,21 @@ def test_text_to_video_r_at_k_is_float32():
 
 NEG = float("-inf")
 # 2 videos; video 0 has 3 captions, video 1 has 2 and one -inf padding row. [video, caption, video]
-PADDED = torch.tensor([
-    [[0.9, 0.1],    # v0 c0: rank 0
-     [0.2, 0.8],    # v0 c1: rank 1
-     [0.5, 0.4]],   # v0 c2: rank 0
-    [[0.3, 0.7],    # v1 c0: rank 0
-     [0.6, 0.2],    # v1 c1: rank 1
-     [NEG, NEG]],   # v1 c2: padding
-], dtype=torch.float64)
+PADDED = torch.tensor(
+    [
+        [
+            [0.9, 0.1],  # v0 c0: rank 0
+            [0.2, 0.8],  # v0 c1: rank 1
+            [0.5, 0.4],
+        ],  # v0 c2: rank 0
+        [
+            [0.3, 0.7],  # v1 c0: rank 0
+            [0.6, 0.2],  # v1 c1: rank 1
+            [NEG, NEG],
+        ],  # v1 c2: padding
+    ],
+    dtype=torch.float64,
+)
 
 
 @pytest.mark.parametrize("pad", [NEG, float("nan")])
@@ -139,7 +143,7 @@ def test_text_to_video_padded(pad):
     # valid ranks 0 0 1 1 0 (5 captions); ranks+1 = 1 1 2 2 1
     assert m["R1"] == 60.0 and m["R5"] == 100.0 and m["R10"] == 100.0
     assert m["MedianR"] == 1.0 and m["MR"] == 1.0
-    assert m["MeanR"] == pytest.approx(1.4)                 # 7 / 5
+    assert m["MeanR"] == pytest.approx(1.4)  # 7 / 5
     assert m["Std_Rank"] == pytest.approx(math.sqrt(0.24))  # (3 * 0.4**2 + 2 * 0.6**2) / 5 = 0.24
     assert list(m) == ["R1", "R5", "R10", "MedianR", "MeanR", "Std_Rank", "MR"]
     assert tensor_text_to_video_metrics(sim.numpy(), top_k=[1, 2])["R2"] == 100.0
@@ -170,8 +174,7 @@ def test_video_to_text_sim_max_over_captions():
     before = sim.clone()
     vt = tensor_video_to_text_sim(sim)
     # best of video 0's captions vs videos 0, 1: 0.9, 0.8; of video 1's: 0.6, 0.7 -> transposed
-    assert torch.equal(vt, torch.tensor([[0.9, 0.6],
-                                         [0.8, 0.7]], dtype=torch.float64))
+    assert torch.equal(vt, torch.tensor([[0.9, 0.6], [0.8, 0.7]], dtype=torch.float64))
     assert torch.equal(torch.isnan(sim), torch.isnan(before))  # the caller's tensor is left alone
     m = compute_metrics(vt)
     assert m["cols"] == [0, 1] and m["R1"] == 50.0  # row 0: 0.9 > 0.6; row 1: 0.7 < 0.8, rank 1
@@ -181,11 +184,9 @@ def test_video_to_text_sim_max_over_captions():
 
 def test_dual_softmax_hand_example():
     ln2, ln3 = math.log(2), math.log(3)
-    sim = np.array([[ln3, ln2],
-                    [0.0, ln2]])
+    sim = np.array([[ln3, ln2], [0.0, ln2]])
     # column 0: softmax(ln3, 0) = (3/4, 1/4) -> prior x2 = (1.5, 0.5); column 1: (1/2, 1/2) -> (1, 1)
-    expected = np.array([[1.5 * ln3, ln2],
-                         [0.0, ln2]])
+    expected = np.array([[1.5 * ln3, ln2], [0.0, ln2]])
     out = dual_softmax_rerank(sim)
     assert isinstance(out, np.ndarray)
     np.testing.assert_allclose(out, expected, rtol=1e-12)
@@ -195,8 +196,7 @@ def test_dual_softmax_hand_example():
 
 def test_dual_softmax_matches_loop_and_reranks():
     # Both texts prefer video 0; text 0 prefers it more, so DSL hands video 1 to text 1.
-    sim = torch.tensor([[5.0, 1.0],
-                        [4.0, 3.0]])
+    sim = torch.tensor([[5.0, 1.0], [4.0, 3.0]])
     out = dual_softmax_rerank(sim)
     for q in range(2):
         for i in range(2):

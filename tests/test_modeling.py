@@ -1,17 +1,18 @@
 """CLIP4Clip on a tiny CLIP: shapes, masking, heads against hand re-computations, load-time copies, key layout,
 freezing, precision, checkpointing, and the loss."""
+
 from __future__ import annotations
 
 import logging
 import types
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
-
 from conftest import make_clip_state_dict
-from modules.module_cross import CrossConfig
+
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers, implied_by_state_dict, resolve_precision
+from modules.module_cross import CrossConfig
 
 HEADS = ["meanP", "seqLSTM", "seqTransf", "tightTransf"]
 LOOSE = ["meanP", "seqLSTM", "seqTransf"]
@@ -22,36 +23,73 @@ VOCAB = 1024
 END_ID = VOCAB - 1
 
 BLOCK_SUFFIXES = [
-    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-    "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-    "ln_2.weight", "ln_2.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_1.weight",
+    "ln_1.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
 ]
 # OpenAI's key layout for the tiny CLIP of conftest (2 text and 2 visual blocks), prefixed as CLIP4Clip stores it.
-CLIP_KEYS = [
-    "clip.positional_embedding", "clip.text_projection", "clip.logit_scale",
-    "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.visual.proj",
-    "clip.visual.conv1.weight", "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias",
-    "clip.visual.ln_post.weight", "clip.visual.ln_post.bias",
-    "clip.token_embedding.weight", "clip.ln_final.weight", "clip.ln_final.bias",
-] + [f"clip.visual.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES] \
-  + [f"clip.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
-HEAD_KEYS: Dict[str, List[str]] = {
+CLIP_KEYS = (
+    [
+        "clip.positional_embedding",
+        "clip.text_projection",
+        "clip.logit_scale",
+        "clip.visual.class_embedding",
+        "clip.visual.positional_embedding",
+        "clip.visual.proj",
+        "clip.visual.conv1.weight",
+        "clip.visual.ln_pre.weight",
+        "clip.visual.ln_pre.bias",
+        "clip.visual.ln_post.weight",
+        "clip.visual.ln_post.bias",
+        "clip.token_embedding.weight",
+        "clip.ln_final.weight",
+        "clip.ln_final.bias",
+    ]
+    + [f"clip.visual.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
+    + [f"clip.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
+)
+HEAD_KEYS: dict[str, list[str]] = {
     "meanP": [],
-    "seqLSTM": ["frame_position_embeddings.weight", "lstm_visual.weight_ih_l0", "lstm_visual.weight_hh_l0",
-                "lstm_visual.bias_ih_l0", "lstm_visual.bias_hh_l0"],
+    "seqLSTM": [
+        "frame_position_embeddings.weight",
+        "lstm_visual.weight_ih_l0",
+        "lstm_visual.weight_hh_l0",
+        "lstm_visual.bias_ih_l0",
+        "lstm_visual.bias_hh_l0",
+    ],
     "seqTransf": ["frame_position_embeddings.weight"]
-                 + [f"transformerClip.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES],
+    + [f"transformerClip.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES],
     "tightTransf": ["cross.embeddings.position_embeddings.weight"]
-                   + [f"cross.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
-                   + ["cross.pooler.ln_pool.weight", "cross.pooler.ln_pool.bias",
-                      "cross.pooler.dense.weight", "cross.pooler.dense.bias",
-                      "similarity_dense.weight", "similarity_dense.bias"],
+    + [f"cross.transformer.resblocks.{i}.{s}" for i in range(2) for s in BLOCK_SUFFIXES]
+    + [
+        "cross.pooler.ln_pool.weight",
+        "cross.pooler.ln_pool.bias",
+        "cross.pooler.dense.weight",
+        "cross.pooler.dense.bias",
+        "similarity_dense.weight",
+        "similarity_dense.bias",
+    ],
 }
 
 
 def make_config(clip_file, head: str, linear_patch: str = "2d", **overrides) -> CLIP4ClipConfig:
-    fields = dict(pretrained_clip_name=str(clip_file), linear_patch=linear_patch, sim_header=head,
-                  cross_num_hidden_layers=2, max_words=MAX_WORDS, max_frames=MAX_FRAMES)
+    fields = dict(
+        pretrained_clip_name=str(clip_file),
+        linear_patch=linear_patch,
+        sim_header=head,
+        cross_num_hidden_layers=2,
+        max_words=MAX_WORDS,
+        max_frames=MAX_FRAMES,
+    )
     return CLIP4ClipConfig(**{**fields, **overrides})
 
 
@@ -62,7 +100,7 @@ def build(clip_file, head: str, linear_patch: str = "2d", state_dict=None, seed:
 
 
 @pytest.fixture(scope="module")
-def clip_state_dict() -> Dict[str, torch.Tensor]:
+def clip_state_dict() -> dict[str, torch.Tensor]:
     return make_clip_state_dict(vocab_size=VOCAB)
 
 
@@ -76,16 +114,17 @@ def clip_file(tmp_path_factory, clip_state_dict):
 @pytest.fixture(scope="module")
 def model_of(clip_file):
     """Shared eval-mode models, one per (head, patch); tests that change a model build their own."""
-    cache: Dict[tuple, CLIP4Clip] = {}
+    cache: dict[tuple, CLIP4Clip] = {}
 
     def get(head: str, linear_patch: str = "2d") -> CLIP4Clip:
         if (head, linear_patch) not in cache:
             cache[head, linear_patch] = build(clip_file, head, linear_patch).eval()
         return cache[head, linear_patch]
+
     return get
 
 
-def make_inputs(batch: int, frames: int, lengths: Optional[Sequence[int]] = None, seed: int = 0):
+def make_inputs(batch: int, frames: int, lengths: Sequence[int] | None = None, seed: int = 0):
     """A batch in the data loader's layout; frames past ``lengths[b]`` are zero with mask 0."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, END_ID, (batch, 1, MAX_WORDS), generator=gen)
@@ -93,8 +132,8 @@ def make_inputs(batch: int, frames: int, lengths: Optional[Sequence[int]] = None
     for b in range(batch):
         end = 2 + b % (MAX_WORDS - 2)
         ids[b, 0, end] = END_ID
-        ids[b, 0, end + 1:] = 0
-        attention_mask[b, 0, :end + 1] = 1
+        ids[b, 0, end + 1 :] = 0
+        attention_mask[b, 0, : end + 1] = 1
     segment_ids = torch.zeros_like(ids)
     video = torch.randn(batch, 1, frames, 1, 3, 32, 32, generator=gen, dtype=torch.float64)
     video_mask = torch.ones(batch, 1, frames, dtype=torch.long)
@@ -112,6 +151,7 @@ def logits_of(model: CLIP4Clip, inputs) -> torch.Tensor:
 
 
 # --- shapes and masking -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("head", HEADS)
 def test_shapes_for_batch_and_frame_counts(model_of, head):
@@ -155,6 +195,7 @@ def test_padded_frames_never_change_the_output(model_of, head):
 
 # --- heads against independent re-computations -------------------------------------------------------------------
 
+
 def reference_loose_logits(model: CLIP4Clip, seq, vis, lengths: Sequence[int]) -> torch.Tensor:
     """Each video alone, using only its valid frames: head, unit frames, plain mean, unit video, scaled dot."""
     videos = []
@@ -196,8 +237,9 @@ def test_embeddings_reproduce_the_loose_logits(model_of, head):
         logits, _ = model.get_similarity_logits(seq, vis, am, vm, loose_type=True)
         text = model.get_text_embedding(seq)
         videos = model.get_video_embedding(vis, vm)  # the loader's (B, 1, F) mask
-        per_video = torch.cat([model.get_video_embedding(vis[b:b + 1, :n], vm[b:b + 1, :, :n])
-                               for b, n in enumerate(lengths)])
+        per_video = torch.cat(
+            [model.get_video_embedding(vis[b : b + 1, :n], vm[b : b + 1, :, :n]) for b, n in enumerate(lengths)]
+        )
     assert text.shape == videos.shape == (4, 512)
     assert torch.allclose(text.norm(dim=-1), torch.ones(4), rtol=0, atol=1e-6)
     assert torch.allclose(videos.norm(dim=-1), torch.ones(4), rtol=0, atol=1e-6)
@@ -262,14 +304,16 @@ def test_all_zero_video_mask_gives_a_finite_loss(clip_file, head):
 
 # --- load-time initialisation ------------------------------------------------------------------------------------
 
+
 def test_seq_and_tight_heads_copy_the_text_tower(clip_file, clip_state_dict):
     sd = clip_state_dict
     seq = build(clip_file, "seqTransf", cross_num_hidden_layers=1)
     assert torch.equal(seq.frame_position_embeddings.weight, sd["positional_embedding"])
     assert len(seq.transformerClip.resblocks) == 1  # cut from the bottom of the text tower
     for suffix in BLOCK_SUFFIXES:
-        assert torch.equal(seq.state_dict()[f"transformerClip.resblocks.0.{suffix}"],
-                           sd[f"transformer.resblocks.0.{suffix}"]), suffix
+        assert torch.equal(
+            seq.state_dict()[f"transformerClip.resblocks.0.{suffix}"], sd[f"transformer.resblocks.0.{suffix}"]
+        ), suffix
 
     lstm = build(clip_file, "seqLSTM")
     assert torch.equal(lstm.frame_position_embeddings.weight, sd["positional_embedding"])
@@ -279,8 +323,9 @@ def test_seq_and_tight_heads_copy_the_text_tower(clip_file, clip_state_dict):
     assert torch.equal(tight_sd["cross.embeddings.position_embeddings.weight"], sd["positional_embedding"])
     for i in range(2):
         for suffix in BLOCK_SUFFIXES:
-            assert torch.equal(tight_sd[f"cross.transformer.resblocks.{i}.{suffix}"],
-                               sd[f"transformer.resblocks.{i}.{suffix}"])
+            assert torch.equal(
+                tight_sd[f"cross.transformer.resblocks.{i}.{suffix}"], sd[f"transformer.resblocks.{i}.{suffix}"]
+            )
     # What stays random got the BERT-style init.
     assert torch.count_nonzero(tight.similarity_dense.bias) == 0
     assert torch.count_nonzero(tight.cross.pooler.dense.bias) == 0
@@ -325,8 +370,9 @@ def test_copies_happen_only_when_absent_and_init_model_overrides_clip(clip_file,
 
     present = build(clip_file, "seqTransf", state_dict={"frame_position_embeddings.weight": frame_pos})
     assert torch.equal(present.frame_position_embeddings.weight, frame_pos)
-    assert not torch.equal(present.transformerClip.resblocks[0].attn.in_proj_weight,
-                           sd["transformer.resblocks.0.attn.in_proj_weight"])
+    assert not torch.equal(
+        present.transformerClip.resblocks[0].attn.in_proj_weight, sd["transformer.resblocks.0.attn.in_proj_weight"]
+    )
 
     ln = torch.full((512,), 3.0)
     tight = build(clip_file, "tightTransf", state_dict={"cross.transformer.resblocks.0.ln_1.weight": ln})
@@ -339,6 +385,7 @@ def test_copies_happen_only_when_absent_and_init_model_overrides_clip(clip_file,
 
 
 # --- checkpoint layout -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("linear_patch", ["2d", "3d"])
 @pytest.mark.parametrize("head", HEADS)
@@ -362,27 +409,47 @@ def test_key_layout_and_strict_round_trip(clip_file, tmp_path, model_of, caplog,
 
 # --- freezing ----------------------------------------------------------------------------------------------------
 
-ALWAYS_TRAINED = ["clip.ln_final.weight", "clip.ln_final.bias", "clip.text_projection", "clip.logit_scale",
-                  "clip.visual.ln_post.weight", "clip.visual.ln_post.bias", "clip.visual.proj"]
-FROZEN_BELOW_ALL_BLOCKS = ["clip.positional_embedding", "clip.token_embedding.weight", "clip.visual.class_embedding",
-                           "clip.visual.positional_embedding", "clip.visual.conv1.weight",
-                           "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias"]
+ALWAYS_TRAINED = [
+    "clip.ln_final.weight",
+    "clip.ln_final.bias",
+    "clip.text_projection",
+    "clip.logit_scale",
+    "clip.visual.ln_post.weight",
+    "clip.visual.ln_post.bias",
+    "clip.visual.proj",
+]
+FROZEN_BELOW_ALL_BLOCKS = [
+    "clip.positional_embedding",
+    "clip.token_embedding.weight",
+    "clip.visual.class_embedding",
+    "clip.visual.positional_embedding",
+    "clip.visual.conv1.weight",
+    "clip.visual.ln_pre.weight",
+    "clip.visual.ln_pre.bias",
+]
 
 
-def _blocks(indices) -> List[str]:
-    return [f"clip.{tower}transformer.resblocks.{i}.{s}" for tower in ("", "visual.") for i in indices
-            for s in BLOCK_SUFFIXES]
+def _blocks(indices) -> list[str]:
+    return [
+        f"clip.{tower}transformer.resblocks.{i}.{s}"
+        for tower in ("", "visual.")
+        for i in indices
+        for s in BLOCK_SUFFIXES
+    ]
 
 
 # Hand count for the tiny CLIP: a text block has 3,152,384 values and a visual block 49,984; the always-trained
 # tensors 296,065; embeddings (token table 1024 x 512) + conv1 + ln_pre 613,376; total 7,314,177 (2d, meanP).
-@pytest.mark.parametrize("freeze_layer_num, trainable_blocks, n_trainable", [
-    (-1, [0, 1], 7_314_177),
-    (0, [0, 1], 6_700_801),
-    (1, [1], 3_498_433),
-    (6, [], 296_065),
-    (12, [], 296_065),
-])
+@pytest.mark.parametrize(
+    "freeze_layer_num, trainable_blocks, n_trainable",
+    [
+        (-1, [0, 1], 7_314_177),
+        (0, [0, 1], 6_700_801),
+        (1, [1], 3_498_433),
+        (6, [], 296_065),
+        (12, [], 296_065),
+    ],
+)
 def test_freeze_sets(clip_file, freeze_layer_num, trainable_blocks, n_trainable):
     model = build(clip_file, "meanP")
     counts = freeze_clip_layers(model, freeze_layer_num, "2d")
@@ -406,6 +473,7 @@ def test_freeze_does_nothing_in_3d_and_checks_its_range(clip_file):
 
 # --- precision, memory, errors -----------------------------------------------------------------------------------
 
+
 def test_resolve_precision():
     assert resolve_precision(None, "cpu") == "fp32"
     assert resolve_precision("auto", "cpu") == "fp32"
@@ -422,11 +490,21 @@ def test_fp16_weights_mode_keeps_keys_and_converts_only_clip(clip_file, clip_sta
     assert model.precision == "fp16-weights" and model_of("tightTransf").precision == "fp32"
     assert list(model.state_dict()) == list(model_of("tightTransf").state_dict())
     clip = model.clip
-    for tensor in (clip.visual.conv1.weight, clip.visual.proj, clip.text_projection,
-                   clip.transformer.resblocks[0].attn.in_proj_weight, clip.transformer.resblocks[0].mlp.c_fc.bias):
+    for tensor in (
+        clip.visual.conv1.weight,
+        clip.visual.proj,
+        clip.text_projection,
+        clip.transformer.resblocks[0].attn.in_proj_weight,
+        clip.transformer.resblocks[0].mlp.c_fc.bias,
+    ):
         assert tensor.dtype == torch.float16
-    for tensor in (clip.token_embedding.weight, clip.positional_embedding, clip.logit_scale, clip.ln_final.weight,
-                   clip.visual.class_embedding):
+    for tensor in (
+        clip.token_embedding.weight,
+        clip.positional_embedding,
+        clip.logit_scale,
+        clip.ln_final.weight,
+        clip.visual.class_embedding,
+    ):
         assert tensor.dtype == torch.float32
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if not n.startswith("clip."))
     # Loaded values take the parameter's dtype.
@@ -494,6 +572,7 @@ def test_bad_configurations_raise_clear_errors(clip_file, clip_state_dict, model
 
 # --- what the temporal heads can learn ---------------------------------------------------------------------------
 
+
 def _order_task(n: int, contents: torch.Tensor, gen: torch.Generator):
     """Videos A,A,B,B over fixed frame features, and a caption vector that leans to the shape seen last."""
     a = torch.randint(0, len(contents), (n,), generator=gen)
@@ -546,6 +625,7 @@ def test_temporal_heads_learn_an_order_that_mean_pooling_cannot_see(clip_file, h
 
 # --- the typed config --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("linear_patch", ["2d", "3d"])
 @pytest.mark.parametrize("head", HEADS)
 def test_config_round_trips_through_the_model_it_builds(clip_file, model_of, head, linear_patch):
@@ -554,33 +634,61 @@ def test_config_round_trips_through_the_model_it_builds(clip_file, model_of, hea
     assert model.task_config == config and model.sim_header == head and model.linear_patch == linear_patch
     assert model.loose_type is (head != "tightTransf")
     # What a checkpoint cannot say (the CLIP file, the input sizes) is given; the rest comes from its keys.
-    implied = CLIP4ClipConfig.from_state_dict(model.state_dict(), pretrained_clip_name=str(clip_file),
-                                              max_words=MAX_WORDS, max_frames=MAX_FRAMES)
+    implied = CLIP4ClipConfig.from_state_dict(
+        model.state_dict(), pretrained_clip_name=str(clip_file), max_words=MAX_WORDS, max_frames=MAX_FRAMES
+    )
     if head in ("meanP", "seqLSTM"):  # no layer count in these heads' keys: the default stands
         implied = implied.replace(cross_num_hidden_layers=config.cross_num_hidden_layers)
     assert implied == config
 
 
 def test_config_reads_the_original_namespace_and_checks_itself():
-    original = types.SimpleNamespace(local_rank=0, sim_header="seqTransf", loose_type=True, linear_patch="3d",
-                                     cross_num_hidden_layers=3, max_words=20, max_frames=8, n_gpu=4, lr=1e-4)
+    original = types.SimpleNamespace(
+        local_rank=0,
+        sim_header="seqTransf",
+        loose_type=True,
+        linear_patch="3d",
+        cross_num_hidden_layers=3,
+        max_words=20,
+        max_frames=8,
+        n_gpu=4,
+        lr=1e-4,
+    )
     config = CLIP4ClipConfig.from_args(original)
     assert (config.sim_header, config.linear_patch, config.cross_num_hidden_layers) == ("seqTransf", "3d", 3)
     assert (config.max_words, config.max_frames, config.precision, config.pretrained_clip_name) == (
-        20, 8, "auto", "ViT-B/32")
+        20,
+        8,
+        "auto",
+        "ViT-B/32",
+    )
     assert CLIP4ClipConfig.from_args(config) is config
     assert CLIP4ClipConfig(sim_header="tightTransf").loose_type is False
     assert implied_by_state_dict({"cross.transformer.resblocks.2.ln_1.weight": torch.zeros(1)}) == {
-        "linear_patch": "2d", "sim_header": "tightTransf", "cross_num_hidden_layers": 3, "tuning": "full"}
+        "linear_patch": "2d",
+        "sim_header": "tightTransf",
+        "cross_num_hidden_layers": 3,
+        "tuning": "full",
+    }
     w = torch.zeros(1)
-    assert implied_by_state_dict({"clip.visual.proj": w}) == {"linear_patch": "2d", "sim_header": "meanP",
-                                                              "tuning": "full"}
+    assert implied_by_state_dict({"clip.visual.proj": w}) == {
+        "linear_patch": "2d",
+        "sim_header": "meanP",
+        "tuning": "full",
+    }
     assert implied_by_state_dict({"lstm_visual.weight_ih_l0": w, "clip.visual.conv2.weight": w}) == {
-        "linear_patch": "3d", "sim_header": "seqLSTM", "tuning": "full"}
+        "linear_patch": "3d",
+        "sim_header": "seqLSTM",
+        "tuning": "full",
+    }
     assert implied_by_state_dict({"clip.visual.proj": w, "text_adapter.gate_layer.bias": w})["tuning"] == "unipt"
     assert CLIP4ClipConfig.from_args(types.SimpleNamespace(tuning=None)).tuning == "full"  # flag not given
-    for bad, message in [(dict(linear_patch="4d"), "linear_patch"), (dict(precision="fp64"), "precision"),
-                         (dict(max_frames=0), "max_frames"), (dict(freeze_layer_num=13), "freeze_layer_num")]:
+    for bad, message in [
+        (dict(linear_patch="4d"), "linear_patch"),
+        (dict(precision="fp64"), "precision"),
+        (dict(max_frames=0), "max_frames"),
+        (dict(freeze_layer_num=13), "freeze_layer_num"),
+    ]:
         with pytest.raises(ValueError, match=message):
             CLIP4ClipConfig(**bad)
 
@@ -590,8 +698,10 @@ def test_checkpoints_that_do_not_fit_are_refused(clip_file, model_of):
     resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64), "fc.weight": torch.zeros(10, 512)}
     with pytest.raises(ValueError, match="none of its 3 weights is one of this model's"):
         build(clip_file, "meanP", state_dict=resnet)
-    other_clip = {"clip.visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "frame_position_embeddings.weight":
-                  torch.zeros(77, 512)}
+    other_clip = {
+        "clip.visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+        "frame_position_embeddings.weight": torch.zeros(77, 512),
+    }
     with pytest.raises(ValueError, match="none of its 1 CLIP weights"):
         build(clip_file, "seqLSTM", state_dict=other_clip)
     misshaped = dict(meanp, **{"clip.visual.proj": torch.zeros(32, 512)})
@@ -604,8 +714,10 @@ def test_another_heads_checkpoint_loads_with_a_warning(clip_file, model_of, capl
     with caplog.at_level("WARNING", logger="modules.modeling"):
         seq = build(clip_file, "seqTransf", state_dict=meanp)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("has no weights for 25 parameters of the seqTransf head" in w and "frame_position_embeddings.weight"
-               in w for w in warnings), warnings
+    assert any(
+        "has no weights for 25 parameters of the seqTransf head" in w and "frame_position_embeddings.weight" in w
+        for w in warnings
+    ), warnings
     assert torch.equal(seq.clip.visual.proj, meanp["clip.visual.proj"])
     caplog.clear()
     with caplog.at_level("WARNING", logger="modules.modeling"):
@@ -615,7 +727,8 @@ def test_another_heads_checkpoint_loads_with_a_warning(clip_file, model_of, capl
 
 # --- UniPT parallel tuning ---------------------------------------------------------------------------------------
 
-def adapter_keys(prefix: str, layers: int, width: int, embed: int = 512) -> Dict[str, tuple]:
+
+def adapter_keys(prefix: str, layers: int, width: int, embed: int = 512) -> dict[str, tuple]:
     """The fork's adapter keys and shapes, written out from its module layout (ReLU at .0, Linear at .1)."""
     keys = {}
     for i in range(layers):
@@ -640,7 +753,7 @@ def test_unipt_adds_the_adapters_after_init_and_round_trips(clip_file, tmp_path,
     for key, value in full.state_dict().items():
         assert torch.equal(unipt.state_dict()[key], value), key
     assert unipt.text_adapter.gate_layer.bias.abs().item() > 0
-    assert unipt.image_adapter.downsample_layers[0][1].bias.abs().max() <= 64 ** -0.5
+    assert unipt.image_adapter.downsample_layers[0][1].bias.abs().max() <= 64**-0.5
 
     path = tmp_path / "pytorch_model.bin.0"
     torch.save(unipt.state_dict(), path)
@@ -660,8 +773,7 @@ def test_unipt_outputs_are_the_anchor_plus_the_adapter(clip_file):
         anchor_seq, anchor_vis = full.get_sequence_visual_output(ids, seg, am, video, vm)
         flat_ids = ids.view(-1, MAX_WORDS)
         pooled, states = model.clip.encode_text(flat_ids, hidden_states=True)
-        expected_seq = model.text_adapter(states, pooled.unsqueeze(1), mask=flat_ids != 0,
-                                          position=flat_ids.argmax(-1))
+        expected_seq = model.text_adapter(states, pooled.unsqueeze(1), mask=flat_ids != 0, position=flat_ids.argmax(-1))
         pooled, states = model.clip.encode_image(video.view(-1, 3, 32, 32).float(), hidden_states=True)
         expected_vis = model.image_adapter(states, pooled.unsqueeze(1))
     assert seq.shape == (2, 1, 512) and vis.shape == (2, 3, 512)
@@ -699,9 +811,18 @@ def test_fork_vit_b32_checkpoint_loads_strictly():
     """A state dict laid out as the fork saves it (ViT-B/32: 13 x 768 vision, 13 x 512 text) has exactly our keys."""
     from modules.module_clip import CLIP
 
-    vit_b32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                   context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                   transformer_layers=12)
+    vit_b32 = dict(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=32,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    )
     with torch.device("meta"):
         clip_state_dict = CLIP(**vit_b32).state_dict()
         cfg = CLIP4ClipConfig(precision="fp32", tuning="unipt")

@@ -1,4 +1,5 @@
 """UniPT's side network against a per-sample re-computation of its formula, and the fork's state-dict layout."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,9 @@ def reference(adapter: Our_tuning_for_transformer, states, anchors, mask=None, p
         merged, gates = [], []
         for i in range(adapter.num_layer):
             t = lin(adapter.downsample_layers[i], states[i][n].double())  # (L, M)
-            scores = torch.stack([torch.relu(a_ @ t[j]) if valid[j] else torch.zeros((), dtype=t.dtype)
-                                  for j in range(length)])
+            scores = torch.stack(
+                [torch.relu(a_ @ t[j]) if valid[j] else torch.zeros((), dtype=t.dtype) for j in range(length)]
+            )
             total = max(float(scores.abs().sum()), 1e-6)
             w = scores / total
             own = 0 if position is None else int(position[n])

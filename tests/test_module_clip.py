@@ -1,49 +1,73 @@
 """CLIP backbone: architecture inference, weight files, fp16 set, and numbers against open_clip (an independent CLIP)."""
+
 from __future__ import annotations
 
 import math
 import pickle
-import zipfile
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import torch
+from conftest import make_clip_state_dict
 from torch import nn
 
-from conftest import make_clip_state_dict
 from modules import module_clip
 from modules.module_clip import (
-    CLIP, TINY_MODELS, LayerNorm, QuickGELU, available_models, build_model, clip_config_from_state_dict,
-    convert_weights, load_state_dict_file,
+    CLIP,
+    TINY_MODELS,
+    LayerNorm,
+    QuickGELU,
+    available_models,
+    build_model,
+    clip_config_from_state_dict,
+    convert_weights,
+    load_state_dict_file,
 )
 
 open_clip_model = pytest.importorskip("open_clip.model")
 
-TINY_CONFIG = dict(embed_dim=512, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
-                   context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                   transformer_layers=2)
+TINY_CONFIG = dict(
+    embed_dim=512,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=64,
+    vision_patch_size=16,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=2,
+)
 END = 49407  # end-of-text id: the largest id, so argmax finds it
 
 
-def fp32_clip(state_dict: Dict[str, torch.Tensor], linear_patch: str = "2d") -> CLIP:
+def fp32_clip(state_dict: dict[str, torch.Tensor], linear_patch: str = "2d") -> CLIP:
     """Our CLIP in fp32 holding ``state_dict`` (no convert_weights), eval mode."""
     model = CLIP(**clip_config_from_state_dict(state_dict), linear_patch=linear_patch)
     model.load_state_dict(state_dict, strict=linear_patch == "2d")
     return model.eval()
 
 
-def open_clip_reference(state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+def open_clip_reference(state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """open_clip's CLIP (QuickGELU, fp32) with the same weights."""
     c = clip_config_from_state_dict(state_dict)
     model = open_clip_model.CLIP(
         c["embed_dim"],
-        vision_cfg=open_clip_model.CLIPVisionCfg(layers=c["vision_layers"], width=c["vision_width"],
-                                                 patch_size=c["vision_patch_size"], image_size=c["image_resolution"]),
-        text_cfg=open_clip_model.CLIPTextCfg(context_length=c["context_length"], vocab_size=c["vocab_size"],
-                                             width=c["transformer_width"], heads=c["transformer_heads"],
-                                             layers=c["transformer_layers"]),
+        vision_cfg=open_clip_model.CLIPVisionCfg(
+            layers=c["vision_layers"],
+            width=c["vision_width"],
+            patch_size=c["vision_patch_size"],
+            image_size=c["image_resolution"],
+        ),
+        text_cfg=open_clip_model.CLIPTextCfg(
+            context_length=c["context_length"],
+            vocab_size=c["vocab_size"],
+            width=c["transformer_width"],
+            heads=c["transformer_heads"],
+            layers=c["transformer_layers"],
+        ),
         quick_gelu=True,
     )
     model.load_state_dict(state_dict, strict=True)
@@ -56,7 +80,7 @@ def make_texts(lengths, context: int = 77, seed: int = 0) -> torch.Tensor:
     ids = torch.zeros(len(lengths), context, dtype=torch.long)
     for row, n in enumerate(lengths):
         ids[row, 0] = 49406
-        ids[row, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=gen)
+        ids[row, 1 : n - 1] = torch.randint(1, 49000, (n - 2,), generator=gen)
         ids[row, n - 1] = END
     return ids
 
@@ -71,6 +95,7 @@ def tiny_fp32(tiny_clip_state_dict) -> CLIP:
 
 
 # --- small pieces -------------------------------------------------------------------------------------------------
+
 
 def test_quick_gelu_and_fp32_layernorm():
     x = torch.tensor([1.0, -2.0, 0.0])
@@ -93,46 +118,76 @@ def test_causal_mask():
 
 # --- architecture inference -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("patch, grid", [(32, 7), (16, 14)])
 def test_config_and_keys_for_real_vit_b_shapes(patch, grid):
     """Shapes only (meta device): open_clip's ViT-B layout → our inferred config; our keys and shapes equal open_clip's."""
     with torch.device("meta"):
         reference = open_clip_model.CLIP(
-            512, vision_cfg=open_clip_model.CLIPVisionCfg(layers=12, width=768, patch_size=patch, image_size=224),
+            512,
+            vision_cfg=open_clip_model.CLIPVisionCfg(layers=12, width=768, patch_size=patch, image_size=224),
             text_cfg=open_clip_model.CLIPTextCfg(context_length=77, vocab_size=49408, width=512, heads=8, layers=12),
-            quick_gelu=True)
+            quick_gelu=True,
+        )
     shapes = reference.state_dict()
     assert shapes["visual.positional_embedding"].shape[0] == grid * grid + 1
     config = clip_config_from_state_dict(shapes)
-    assert config == dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                          vision_patch_size=patch, context_length=77, vocab_size=49408, transformer_width=512,
-                          transformer_heads=8, transformer_layers=12)
+    assert config == dict(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=patch,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    )
     with torch.device("meta"):
         ours = CLIP(**config)
     assert ours.visual.transformer.resblocks[0].attn.num_heads == 12
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in shapes.items()}
     assert len(shapes) == 302
-    extras = dict(shapes, input_resolution=torch.tensor(224), context_length=torch.tensor(77),
-                  vocab_size=torch.tensor(49408))
+    extras = dict(
+        shapes, input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408)
+    )
     assert clip_config_from_state_dict(extras) == config
 
 
 def test_config_of_tiny_dict(tiny_clip_state_dict):
     assert clip_config_from_state_dict(tiny_clip_state_dict) == TINY_CONFIG
-    sd = make_clip_state_dict(vision_width=128, vision_layers=3, image_resolution=48, transformer_layers=1,
-                              embed_dim=256, context_length=20, vocab_size=1000)
+    sd = make_clip_state_dict(
+        vision_width=128,
+        vision_layers=3,
+        image_resolution=48,
+        transformer_layers=1,
+        embed_dim=256,
+        context_length=20,
+        vocab_size=1000,
+    )
     assert clip_config_from_state_dict(sd) == dict(
-        embed_dim=256, image_resolution=48, vision_layers=3, vision_width=128, vision_patch_size=16,
-        context_length=20, vocab_size=1000, transformer_width=512, transformer_heads=8, transformer_layers=1)
+        embed_dim=256,
+        image_resolution=48,
+        vision_layers=3,
+        vision_width=128,
+        vision_patch_size=16,
+        context_length=20,
+        vocab_size=1000,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=1,
+    )
 
 
 # --- weight files -------------------------------------------------------------------------------------------------
+
 
 class _Holder(nn.Module):
     """A bare module tree, so a scripted archive carries tensors under OpenAI's dotted names."""
 
 
-def save_torchscript(state_dict: Dict[str, torch.Tensor], path: Path) -> Path:
+def save_torchscript(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     root = _Holder()
     for key, value in state_dict.items():
         *parents, leaf = key.split(".")
@@ -161,11 +216,11 @@ class _Hostile(nn.Module):
         return x @ self.weight.t()
 
     @torch.jit.export
-    def __getstate__(self) -> Dict[str, torch.Tensor]:
+    def __getstate__(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "scale": self.scale}
 
     @torch.jit.export
-    def __setstate__(self, state: Dict[str, torch.Tensor]) -> None:
+    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
         print("HOSTILE-SETSTATE-RAN")
         self.weight = state["weight"]
         self.scale = state["scale"]
@@ -194,8 +249,12 @@ def test_torchscript_archive_is_read_without_running_its_code(tmp_path, capfd):
 
     loaded = load_state_dict_file(path)
     assert "HOSTILE-SETSTATE-RAN" not in capfd.readouterr().out
-    expected = {"inner.weight": holder.inner.weight, "inner.scale": holder.inner.scale,
-                "proj.weight": holder.proj.weight, "proj.bias": holder.proj.bias}
+    expected = {
+        "inner.weight": holder.inner.weight,
+        "inner.scale": holder.inner.scale,
+        "proj.weight": holder.proj.weight,
+        "proj.bias": holder.proj.bias,
+    }
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value.detach())
@@ -303,6 +362,7 @@ def test_wrong_architecture_is_a_clear_value_error(tiny_clip_state_dict):
 
 # --- numbers ------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["conftest-tiny", "tiny-random-ViT/16"])
 def test_encoders_match_open_clip(which, tiny_clip_state_dict, tiny_fp32):
     if which == "conftest-tiny":
@@ -328,7 +388,7 @@ def test_encoders_match_open_clip(which, tiny_clip_state_dict, tiny_fp32):
         # The causal mask makes tokens ignore the padding behind them: a length-L input gives the same end token.
         for row, n in enumerate(lengths[:3]):
             for cut in (n, n + 5):
-                short = ours.encode_text(ids[row:row + 1, :cut])
+                short = ours.encode_text(ids[row : row + 1, :cut])
                 assert (short - text_features[row]).abs().max() < 1e-5
 
         logits_per_image, logits_per_text = ours(image, ids)
@@ -341,9 +401,18 @@ def test_encoders_match_open_clip(which, tiny_clip_state_dict, tiny_fp32):
 def test_full_size_vit_b32_matches_open_clip():
     """Random ViT-B/32 weights at full size (OpenAI's initialisation, 12+12 layers): encoders agree to 1e-4."""
     torch.manual_seed(32)
-    ours = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                transformer_layers=12).eval()
+    ours = CLIP(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=32,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ).eval()
     state_dict = ours.state_dict()
     assert len(state_dict) == 302
     reference = open_clip_reference(state_dict)
@@ -382,15 +451,26 @@ def test_3d_patch_with_centre_init_equals_2d(tiny_clip_state_dict, tiny_fp32):
 def test_convert_weights_casts_exactly_openai_set(tiny_clip_state_dict):
     model = CLIP(**TINY_CONFIG, linear_patch="3d")
     convert_weights(model)
-    half_suffixes = ("conv1.weight", "conv2.weight", "attn.in_proj_weight", "attn.in_proj_bias",
-                     "attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                     "mlp.c_proj.weight", "mlp.c_proj.bias")
+    half_suffixes = (
+        "conv1.weight",
+        "conv2.weight",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    )
     expected_half = {k for k in model.state_dict() if k.endswith(half_suffixes)} | {"text_projection", "visual.proj"}
     assert len(expected_half) == 2 + 2 + 8 * (2 + 2)  # conv1, conv2, proj, text_projection, 8 tensors x 4 blocks
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     assert {k for k, d in dtypes.items() if d == torch.float16} == expected_half
     assert {d for k, d in dtypes.items() if k not in expected_half} == {torch.float32}
-    assert dtypes["logit_scale"] == dtypes["token_embedding.weight"] == dtypes["visual.class_embedding"] == torch.float32
+    assert (
+        dtypes["logit_scale"] == dtypes["token_embedding.weight"] == dtypes["visual.class_embedding"] == torch.float32
+    )
     assert model.dtype == torch.float16
 
     # fp16 model stays close to the fp32 one.
@@ -427,6 +507,7 @@ def test_grad_checkpointing_same_outputs_and_grads(tiny_clip_state_dict):
 
 # --- tiny named architecture --------------------------------------------------------------------------------------
 
+
 def test_tiny_named_architecture_is_deterministic_and_leaves_rng_alone():
     assert "tiny-random-ViT/16" in TINY_MODELS and "tiny-random-ViT/16" in available_models()
     torch.manual_seed(123)
@@ -436,11 +517,20 @@ def test_tiny_named_architecture_is_deterministic_and_leaves_rng_alone():
     second = CLIP.get_config("tiny-random-ViT/16")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert clip_config_from_state_dict(first) == dict(
-        embed_dim=512, image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16,
-        context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=2)
+        embed_dim=512,
+        image_resolution=64,
+        vision_layers=2,
+        vision_width=128,
+        vision_patch_size=16,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=2,
+    )
     # OpenAI's initialisation: token embedding std 0.02, text projection std width ** -0.5.
     assert abs(first["token_embedding.weight"].std().item() - 0.02) < 1e-3
-    assert abs(first["text_projection"].std().item() - 512 ** -0.5) < 2e-3
+    assert abs(first["text_projection"].std().item() - 512**-0.5) < 2e-3
     # The logit scale of OpenAI's checkpoints, not the class's placeholder exp(1).
     assert first["logit_scale"].dtype == torch.float32 and first["logit_scale"].exp().item() == pytest.approx(100.0)
     model = build_model(first)
@@ -468,12 +558,14 @@ def test_self_attention_equals_multihead_attention(masked):
 
 # --- hidden states (UniPT) ----------------------------------------------------------------------------------------
 
+
 def _block_inputs_and_outputs(transformer) -> tuple:
     """Hooks recording the first block's input and every block's output, as (N, L, D) tensors."""
     seen = []
     first = transformer.resblocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].permute(1, 0, 2)))
-    rest = [b.register_forward_hook(lambda m, args, out: seen.append(out.permute(1, 0, 2)))
-            for b in transformer.resblocks]
+    rest = [
+        b.register_forward_hook(lambda m, args, out: seen.append(out.permute(1, 0, 2))) for b in transformer.resblocks
+    ]
     return seen, [first, *rest]
 
 
@@ -481,8 +573,11 @@ def _block_inputs_and_outputs(transformer) -> tuple:
 def test_hidden_states_are_block_inputs_and_outputs(tower, tiny_fp32):
     model = tiny_fp32
     transformer = model.visual.transformer if tower == "visual" else model.transformer
-    encode = ((lambda **kw: model.encode_image(images(2, 32), **kw)) if tower == "visual"
-              else (lambda **kw: model.encode_text(make_texts([3, 9]), **kw)))
+    encode = (
+        (lambda **kw: model.encode_image(images(2, 32), **kw))
+        if tower == "visual"
+        else (lambda **kw: model.encode_text(make_texts([3, 9]), **kw))
+    )
     with torch.no_grad():
         plain = encode()
         seen, hooks = _block_inputs_and_outputs(transformer)

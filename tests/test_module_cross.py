@@ -1,4 +1,5 @@
 """CrossConfig reading, the per-head attention mask, and CrossModel's key layout and masking."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,31 @@ from modules.module_cross import CrossConfig, CrossModel, ResidualAttentionBlock
 from modules.until_module import LayerNorm
 
 CROSS_BASE = {
-    "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 512,
-    "initializer_range": 0.02, "intermediate_size": 2048, "max_position_embeddings": 128,
-    "num_attention_heads": 8, "num_hidden_layers": 4, "vocab_size": 512, "type_vocab_size": 2,
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 512,
+    "initializer_range": 0.02,
+    "intermediate_size": 2048,
+    "max_position_embeddings": 128,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 4,
+    "vocab_size": 512,
+    "type_vocab_size": 2,
 }
 BLOCK_SUFFIXES = [
-    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-    "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-    "ln_2.weight", "ln_2.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_1.weight",
+    "ln_1.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
 ]
 
 
@@ -72,8 +90,8 @@ def _hand_attention(block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.
     out = torch.zeros_like(x)
     for n in range(B):
         q = x[:, n] @ w[:D].T + b[:D]
-        k = x[:, n] @ w[D:2 * D].T + b[D:2 * D]
-        v = x[:, n] @ w[2 * D:].T + b[2 * D:]
+        k = x[:, n] @ w[D : 2 * D].T + b[D : 2 * D]
+        v = x[:, n] @ w[2 * D :].T + b[2 * D :]
         heads = []
         for h in range(H):
             cols = slice(h * hd, (h + 1) * hd)

@@ -1,4 +1,5 @@
 """BertAdam and its schedules against hand-computed values and a plain re-statement of the original's update rule."""
+
 import math
 
 import pytest
@@ -7,13 +8,16 @@ import torch
 from modules.optimization import BertAdam, warmup_constant, warmup_cosine, warmup_linear
 
 
-@pytest.mark.parametrize("x, cosine, constant, linear", [
-    (0.0, 0.0, 0.0, 0.0),
-    (0.05, 0.5, 0.5, 0.5),
-    (0.1, 0.5 * (1 + math.cos(0.1 * math.pi)), 1.0, 1.0),  # cosine not re-based: 0.97553
-    (0.5, 0.5, 1.0, 0.5 / 0.9),
-    (1.0, 0.0, 1.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "x, cosine, constant, linear",
+    [
+        (0.0, 0.0, 0.0, 0.0),
+        (0.05, 0.5, 0.5, 0.5),
+        (0.1, 0.5 * (1 + math.cos(0.1 * math.pi)), 1.0, 1.0),  # cosine not re-based: 0.97553
+        (0.5, 0.5, 1.0, 0.5 / 0.9),
+        (1.0, 0.0, 1.0, 0.0),
+    ],
+)
 def test_schedules_at_warmup_0_1(x, cosine, constant, linear):
     assert warmup_cosine(x, 0.1) == pytest.approx(cosine, abs=1e-12)
     assert warmup_constant(x, 0.1) == pytest.approx(constant, abs=1e-12)
@@ -22,10 +26,18 @@ def test_schedules_at_warmup_0_1(x, cosine, constant, linear):
         assert warmup_cosine(x, 0.1) == pytest.approx(0.9755282581, abs=1e-9)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(lr=-1.0), dict(lr=1.0, schedule="cosine"), dict(lr=1.0, warmup=1.0), dict(lr=1.0, warmup=-0.5),
-    dict(lr=1.0, b1=1.0), dict(lr=1.0, b2=-0.1), dict(lr=1.0, e=-1e-6),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-1.0),
+        dict(lr=1.0, schedule="cosine"),
+        dict(lr=1.0, warmup=1.0),
+        dict(lr=1.0, warmup=-0.5),
+        dict(lr=1.0, b1=1.0),
+        dict(lr=1.0, b2=-0.1),
+        dict(lr=1.0, e=-1e-6),
+    ],
+)
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):
         BertAdam([torch.nn.Parameter(torch.zeros(2))], **kwargs)
@@ -65,8 +77,7 @@ def run_bertadam(p0, grads, **kwargs):
 def test_first_step_is_zero_and_state_layout():
     p0 = torch.randn(5, generator=torch.Generator().manual_seed(0))
     g = torch.full((5,), 0.1)
-    p, opt, _ = run_bertadam(p0, [g], lr=1e-2, warmup=0.1, t_total=10, schedule="warmup_cosine",
-                             weight_decay=0.2)
+    p, opt, _ = run_bertadam(p0, [g], lr=1e-2, warmup=0.1, t_total=10, schedule="warmup_cosine", weight_decay=0.2)
     assert torch.equal(p, p0)  # lr_t = lr * sched(0 / t_total) = 0
     state = opt.state[opt.param_groups[0]["params"][0]]
     assert state["step"] == 1
@@ -101,19 +112,29 @@ def test_per_tensor_clip_applies_in_place():
     assert torch.equal(q.grad, torch.tensor([3.0, 4.0]))
 
 
-@pytest.mark.parametrize("schedule_name, schedule, t_total", [
-    ("warmup_cosine", warmup_cosine, 6), ("warmup_constant", warmup_constant, 6),
-    ("warmup_linear", warmup_linear, 6), ("warmup_linear", warmup_linear, -1),
-])
+@pytest.mark.parametrize(
+    "schedule_name, schedule, t_total",
+    [
+        ("warmup_cosine", warmup_cosine, 6),
+        ("warmup_constant", warmup_constant, 6),
+        ("warmup_linear", warmup_linear, 6),
+        ("warmup_linear", warmup_linear, -1),
+    ],
+)
 def test_several_steps_match_reference(schedule_name, schedule, t_total):
     gen = torch.Generator().manual_seed(1)
     p0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64) * s for s in (0.3, 2.0, 0.05, 1.5, 0.7)]
-    kwargs = dict(lr=0.05, warmup=0.2, t_total=t_total, b1=0.9, b2=0.98, e=1e-6, weight_decay=0.2,
-                  max_grad_norm=1.0)
+    kwargs = dict(lr=0.05, warmup=0.2, t_total=t_total, b1=0.9, b2=0.98, e=1e-6, weight_decay=0.2, max_grad_norm=1.0)
     ours, _, _ = run_bertadam(p0, grads, schedule=schedule_name, **kwargs)
-    expected = reference_steps(p0, grads, schedule=schedule, wd=0.2, max_norm=1.0,
-                               **{k: v for k, v in kwargs.items() if k not in ("weight_decay", "max_grad_norm")})
+    expected = reference_steps(
+        p0,
+        grads,
+        schedule=schedule,
+        wd=0.2,
+        max_norm=1.0,
+        **{k: v for k, v in kwargs.items() if k not in ("weight_decay", "max_grad_norm")},
+    )
     assert not torch.equal(ours, p0)
     assert torch.allclose(ours, expected, rtol=0, atol=1e-12)
 
@@ -151,6 +172,7 @@ class PerTensorBertAdam(BertAdam):
     @torch.no_grad()
     def step(self, closure=None):
         from torch.nn.utils import clip_grad_norm_
+
         from modules.optimization import _scheduled_lr
 
         for group in self.param_groups:
@@ -181,20 +203,33 @@ def _model_like_params(seed: int):
     shapes = [(8, 6), (6,), (3, 4, 5), (1,), (7,)]
     clip = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).half()) for s in shapes]
     head = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
-    return [{"params": clip[:3] + head[:1], "weight_decay": 0.2, "lr": 1e-3},
-            {"params": head[1:3], "weight_decay": 0.2},
-            {"params": clip[3:], "weight_decay": 0.0, "lr": 1e-3},
-            {"params": head[3:] + clip[:0], "weight_decay": 0.0}]
+    return [
+        {"params": clip[:3] + head[:1], "weight_decay": 0.2, "lr": 1e-3},
+        {"params": head[1:3], "weight_decay": 0.2},
+        {"params": clip[3:], "weight_decay": 0.0, "lr": 1e-3},
+        {"params": head[3:] + clip[:0], "weight_decay": 0.0},
+    ]
 
 
-@pytest.mark.parametrize("schedule, t_total", [
-    ("warmup_cosine", 20), ("warmup_constant", 20), ("warmup_linear", 20), ("warmup_linear", -1)])
+@pytest.mark.parametrize(
+    "schedule, t_total", [("warmup_cosine", 20), ("warmup_constant", 20), ("warmup_linear", 20), ("warmup_linear", -1)]
+)
 def test_foreach_step_equals_per_tensor_step_bit_for_bit(schedule, t_total):
     runs = []
     for cls in (BertAdam, PerTensorBertAdam):
         groups = _model_like_params(seed=3)
-        opt = cls(groups, lr=0.05, warmup=0.1, schedule=schedule, b1=0.9, b2=0.98, e=1e-6, t_total=t_total,
-                  weight_decay=0.2, max_grad_norm=1.0)
+        opt = cls(
+            groups,
+            lr=0.05,
+            warmup=0.1,
+            schedule=schedule,
+            b1=0.9,
+            b2=0.98,
+            e=1e-6,
+            t_total=t_total,
+            weight_decay=0.2,
+            max_grad_norm=1.0,
+        )
         params = [p for g in groups for p in g["params"]]
         gen = torch.Generator().manual_seed(4)
         clipped = 0

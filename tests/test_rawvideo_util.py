@@ -1,4 +1,5 @@
 """Frame selection, sample assembly, the forward read against the seek-per-frame reference, and the frame cache."""
+
 from __future__ import annotations
 
 import os
@@ -9,13 +10,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import write_video
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-from conftest import write_video
 from dataloaders import rawvideo_util as rvu
-from dataloaders.rawvideo_util import (RawVideoExtractor, RawVideoExtractorCV2, order_positions,
-                                       sample_frame_indices, select_kept)
+from dataloaders.rawvideo_util import (
+    RawVideoExtractor,
+    RawVideoExtractorCV2,
+    order_positions,
+    sample_frame_indices,
+    select_kept,
+)
 
 SIZE = 32  # small crops keep the file fast; the maths does not depend on the size
 
@@ -23,9 +29,25 @@ SIZE = 32  # small crops keep the file fast; the maths does not depend on the si
 def _ffmpeg(out: Path, seconds: float, fps: float, extra: list) -> Path:
     import imageio_ffmpeg
 
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-           "-i", f"testsrc2=size=64x48:rate={fps}", "-t", str(seconds), "-c:v", "libx264", "-pix_fmt", "yuv420p",
-           *extra, str(out)]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size=64x48:rate={fps}",
+        "-t",
+        str(seconds),
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        *extra,
+        str(out),
+    ]
     subprocess.run(cmd, check=True)
     return out
 
@@ -65,9 +87,15 @@ def _decode_all(path: str) -> list:
 
 def _reference_transform(frame_bgr: np.ndarray, size: int = SIZE) -> torch.Tensor:
     """The original's transform, written out independently of the module."""
-    t = Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
-                 lambda im: im.convert("RGB"), ToTensor(),
-                 Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    t = Compose(
+        [
+            Resize(size, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(size),
+            lambda im: im.convert("RGB"),
+            ToTensor(),
+            Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
     return t(Image.fromarray(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)).convert("RGB"))
 
 
@@ -92,28 +120,35 @@ def _assemble(data: torch.Tensor, ex: RawVideoExtractorCV2, max_frames: int, sli
 
 # ---- frame selection ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, expected", [
-    ((100, 25, 1), [0, 25, 50, 75, 100]),                 # 4 s: the inclusive end second asks for frame 100
-    ((90, 29, 1), [0, 29, 58, 87, 116]),                  # 29.97 fps truncates to 29-frame "seconds"
-    ((90, 30, 1), [0, 30, 60, 90]),
-    ((60, 30, 2), [0, 15, 30, 45, 60, 75]),               # interval 15
-    ((9, 3, 1), [0, 3, 6, 9]),
-    ((6, 3, 2), [0, 1, 3, 4, 6, 7]),                      # interval 1, offsets cut to 2
-    ((50, 25, 3), [0, 8, 16, 25, 33, 41, 50, 58, 66]),    # offsets [0, 8, 16, 24][:3]
-    ((7, 3, 0), list(range(12))),                         # 0 = every frame
-    ((10, 25, 1), [0, 25]),                               # shorter than a second
-    ((1, 25, 1), [0, 25]),                                # one frame
-    ((0, 25, 1), [0]),
-])
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((100, 25, 1), [0, 25, 50, 75, 100]),  # 4 s: the inclusive end second asks for frame 100
+        ((90, 29, 1), [0, 29, 58, 87, 116]),  # 29.97 fps truncates to 29-frame "seconds"
+        ((90, 30, 1), [0, 30, 60, 90]),
+        ((60, 30, 2), [0, 15, 30, 45, 60, 75]),  # interval 15
+        ((9, 3, 1), [0, 3, 6, 9]),
+        ((6, 3, 2), [0, 1, 3, 4, 6, 7]),  # interval 1, offsets cut to 2
+        ((50, 25, 3), [0, 8, 16, 25, 33, 41, 50, 58, 66]),  # offsets [0, 8, 16, 24][:3]
+        ((7, 3, 0), list(range(12))),  # 0 = every frame
+        ((10, 25, 1), [0, 25]),  # shorter than a second
+        ((1, 25, 1), [0, 25]),  # one frame
+        ((0, 25, 1), [0]),
+    ],
+)
 def test_sample_frame_indices_by_hand(args, expected):
     assert sample_frame_indices(*args) == expected
 
 
-@pytest.mark.parametrize("window, expected", [
-    ((1, 2), [25, 50]),       # seconds 1 and 2
-    ((2, 10), [50, 75, 100]),   # end clipped to the 4 s total, still inclusive
-    ((5, 6), []),               # starts after the end
-])
+@pytest.mark.parametrize(
+    "window, expected",
+    [
+        ((1, 2), [25, 50]),  # seconds 1 and 2
+        ((2, 10), [50, 75, 100]),  # end clipped to the 4 s total, still inclusive
+        ((5, 6), []),  # starts after the end
+    ],
+)
 def test_sample_frame_indices_window(window, expected):
     assert sample_frame_indices(100, 25, 1, *window) == expected
 
@@ -123,14 +158,17 @@ def test_sample_frame_indices_rejects_more_samples_than_frames():
         sample_frame_indices(30, 3, 5)
 
 
-@pytest.mark.parametrize("name, fps_int, n_frames, expected", [
-    ("mp4v_25", 25, 100, [0, 25, 50, 75]),
-    ("mp4v_2997", 29, 90, [0, 29, 58, 87]),
-    ("mp4v_30", 30, 90, [0, 30, 60]),
-    ("mp4v_3", 3, 12, [0, 3, 6, 9]),
-    ("short", 25, 10, [0]),
-    ("one", 25, 1, [0]),
-])
+@pytest.mark.parametrize(
+    "name, fps_int, n_frames, expected",
+    [
+        ("mp4v_25", 25, 100, [0, 25, 50, 75]),
+        ("mp4v_2997", 29, 90, [0, 29, 58, 87]),
+        ("mp4v_30", 30, 90, [0, 30, 60]),
+        ("mp4v_3", 3, 12, [0, 3, 6, 9]),
+        ("short", 25, 10, [0]),
+        ("one", 25, 1, [0]),
+    ],
+)
 def test_get_video_data_reads_the_hand_computed_frames(videos, name, fps_int, n_frames, expected):
     cap = cv2.VideoCapture(videos[name])
     assert int(cap.get(cv2.CAP_PROP_FPS)) == fps_int and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == n_frames
@@ -211,8 +249,8 @@ def _real_looking_frame(h: int, w: int, seed: int) -> np.ndarray:
     for _ in range(8):
         cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(3, max(4, h // 3))
         img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
-    img[h // 3: h // 3 + 3, :] = 255
-    img[:, w // 4: w // 4 + 2] = 0
+    img[h // 3 : h // 3 + 3, :] = 255
+    img[:, w // 4 : w // 4 + 2] = 0
     img += rng.normal(0, 12, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -231,6 +269,7 @@ def test_tensor_resize_within_2_of_pil(h, w):
 
 
 # ---- sample assembly ----------------------------------------------------------------------------------------------
+
 
 def test_select_kept():
     assert select_kept(30, 12, 2).tolist() == [0, 2, 5, 7, 10, 13, 15, 18, 21, 23, 26, 29]
@@ -271,10 +310,25 @@ def test_sample_layout_and_order(videos):
 
 # ---- the forward read equals the reference -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, framerate", [
-    ("h264", 1), ("h264", 3), ("h264_gop", 1), ("h264_gop", 3), ("mp4v_25", 1), ("mp4v_25", 3), ("mp4v_2997", 1),
-    ("truncated", 1), ("truncated", 3), ("short", 1), ("one", 1), ("mp4v_3", 0), ("short", 0),
-])
+
+@pytest.mark.parametrize(
+    "name, framerate",
+    [
+        ("h264", 1),
+        ("h264", 3),
+        ("h264_gop", 1),
+        ("h264_gop", 3),
+        ("mp4v_25", 1),
+        ("mp4v_25", 3),
+        ("mp4v_2997", 1),
+        ("truncated", 1),
+        ("truncated", 3),
+        ("short", 1),
+        ("one", 1),
+        ("mp4v_3", 0),
+        ("short", 0),
+    ],
+)
 def test_sample_equals_reference_assembly(videos, name, framerate):
     ex = RawVideoExtractor(size=SIZE, framerate=framerate)
     data = ex.get_video_data(videos[name])["video"]
@@ -292,7 +346,8 @@ def test_clean_files_never_take_the_reference_read(videos, monkeypatch):
     for name in ("h264", "h264_gop", "mp4v_2997"):
         for slice_framepos in (0, 1, 2):
             expected[name, slice_framepos] = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(
-                videos[name], 3, slice_framepos)
+                videos[name], 3, slice_framepos
+            )
     monkeypatch.setattr(rvu, "_read_seek_per_frame", lambda *a: pytest.fail("fell back to seek-per-frame"))
     for (name, slice_framepos), ref in expected.items():
         got = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(videos[name], 3, slice_framepos)
@@ -348,6 +403,7 @@ def test_forward_read_seeks_only_past_keyframes(videos):
 
 # ---- the frame cache ----------------------------------------------------------------------------------------------
 
+
 def test_frame_cache(videos, tmp_path, monkeypatch):
     src = tmp_path / "v.mp4"
     src.write_bytes(Path(videos["h264"]).read_bytes())
@@ -373,7 +429,7 @@ def test_frame_cache(videos, tmp_path, monkeypatch):
         assert np.array_equal(a, b) and np.array_equal(a, c)
     assert not np.array_equal(shuffled_a, shuffled_b)  # order is drawn after the cache, per call
 
-    ex.get_video_sample(str(src), 4, 2)                       # another setting: another entry
+    ex.get_video_sample(str(src), 4, 2)  # another setting: another entry
     RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(cache)).get_video_sample(str(src), 5, 2)
     ex.get_video_sample(str(src), 5, 2, start_time=1, end_time=3)
     RawVideoExtractor(size=SIZE, framerate=2, cache_dir=str(cache), pil_resize=True).get_video_sample(str(src), 5, 2)
@@ -397,6 +453,7 @@ def test_frame_cache_rewrites_a_bad_entry_and_skips_failures(videos, tmp_path):
 
 
 # ---- uint8 samples, normalised later ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("frame_order", [0, 1])
 def test_uint8_sample_normalised_later_equals_float_sample(videos, frame_order):

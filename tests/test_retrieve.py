@@ -1,4 +1,5 @@
 """retrieve.py: the index files, the incremental bookkeeping, and search scores against the model's own logits."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_clip_state_dict, write_video
 
 import retrieve
 from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import RawVideoExtractor
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig, implied_by_state_dict
 from modules.tokenization_clip import SimpleTokenizer
-from conftest import make_clip_state_dict, write_video
 from retrieve import Index, RetrieveError, load_index, plan_update, save_index, top_k
 
 MAX_FRAMES = 4
@@ -26,10 +27,16 @@ def _index(n: int, dim: int = 4, seed: int = 0) -> Index:
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim)).astype(np.float32)
     videos = [{"path": f"v{i}.mp4", "size": 10 + i, "mtime_ns": 100 + i, "frames": 3} for i in range(n)]
-    model = {"init_model": None, "pretrained_clip_name": "ViT-B/32", "sim_header": "meanP", "linear_patch": "2d",
-             "fingerprint": "0" * 64}
-    return Index({"videos_root": "/videos", "model": model, "sampling": dict(retrieve.DEFAULT_SAMPLING)}, videos, [],
-                 emb)
+    model = {
+        "init_model": None,
+        "pretrained_clip_name": "ViT-B/32",
+        "sim_header": "meanP",
+        "linear_patch": "2d",
+        "fingerprint": "0" * 64,
+    }
+    return Index(
+        {"videos_root": "/videos", "model": model, "sampling": dict(retrieve.DEFAULT_SAMPLING)}, videos, [], emb
+    )
 
 
 def test_index_files_are_plain_json_and_npy_and_replaced_whole(tmp_path):
@@ -69,17 +76,23 @@ def _damage(directory: Path, change) -> None:
     (directory / "index.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["settings"].pop("sampling"), r"settings: expected 'sampling' of type dict, found missing"),
-    (lambda m: m["settings"]["model"].pop("fingerprint"), r"settings\.model: expected 'fingerprint' of type str"),
-    (lambda m: m["settings"]["sampling"].update(max_frames="4"), r"settings\.sampling: expected 'max_frames' of type "
-                                                                 r"int, found '4'"),
-    (lambda m: m["videos"][1].pop("path"), r"videos\[1\]: expected 'path' of type str, found missing"),
-    (lambda m: m["videos"].__setitem__(0, "v0.mp4"), r"videos\[0\]: expected an object with"),
-    (lambda m: m["unreadable"].append({"path": "x.mp4"}), r"unreadable\[0\]: expected 'size' of type int"),
-    (lambda m: m.update(embeddings="../elsewhere.npy"), r"embeddings: expected a file name in the index directory"),
-    (lambda m: m.update(settings=[]), r"settings: expected an object"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["settings"].pop("sampling"), r"settings: expected 'sampling' of type dict, found missing"),
+        (lambda m: m["settings"]["model"].pop("fingerprint"), r"settings\.model: expected 'fingerprint' of type str"),
+        (
+            lambda m: m["settings"]["sampling"].update(max_frames="4"),
+            r"settings\.sampling: expected 'max_frames' of type "
+            r"int, found '4'",
+        ),
+        (lambda m: m["videos"][1].pop("path"), r"videos\[1\]: expected 'path' of type str, found missing"),
+        (lambda m: m["videos"].__setitem__(0, "v0.mp4"), r"videos\[0\]: expected an object with"),
+        (lambda m: m["unreadable"].append({"path": "x.mp4"}), r"unreadable\[0\]: expected 'size' of type int"),
+        (lambda m: m.update(embeddings="../elsewhere.npy"), r"embeddings: expected a file name in the index directory"),
+        (lambda m: m.update(settings=[]), r"settings: expected an object"),
+    ],
+)
 def test_damaged_manifest_is_one_line_naming_the_file_and_field(tmp_path, change, message):
     save_index(tmp_path, _index(3))
     _damage(tmp_path, change)
@@ -88,10 +101,13 @@ def test_damaged_manifest_is_one_line_naming_the_file_and_field(tmp_path, change
     assert len(str(err.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "not a readable .npy array"),
-    (b"\x93NUMPY garbage", "not a readable .npy array"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a readable .npy array"),
+        (b"\x93NUMPY garbage", "not a readable .npy array"),
+    ],
+)
 def test_damaged_embeddings_file_is_named(tmp_path, content, message):
     save_index(tmp_path, _index(3))
     emb = next(tmp_path.glob("embeddings-*.npy"))
@@ -99,18 +115,29 @@ def test_damaged_embeddings_file_is_named(tmp_path, content, message):
     with pytest.raises(RetrieveError, match=emb.name + ": " + message):
         load_index(tmp_path, mmap=True)
     np.save(emb, np.zeros((3, 4, 1), dtype=np.float32))
-    with pytest.raises(RetrieveError, match=emb.name + r": expected float32 of shape \(3, D\), found float32 "
-                                            r"\(3, 4, 1\)"):
+    with pytest.raises(
+        RetrieveError,
+        match=emb.name + r": expected float32 of shape \(3, D\), found float32 "
+        r"\(3, 4, 1\)",
+    ):
         load_index(tmp_path)
 
 
 def test_plan_update_keeps_unchanged_encodes_new_and_changed_drops_removed():
     old = _index(3)  # v0 (10, 100), v1 (11, 101), v2 (12, 102)
-    old.unreadable = [{"path": "bad.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
-                      {"path": "fixed.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
-                      {"path": "gone.mp4", "size": 5, "mtime_ns": 5, "error": "x"}]
-    found = {"bad.mp4": (5, 5), "fixed.mp4": (6, 9), "new.mp4": (1, 1),
-             "v0.mp4": (10, 100), "v1.mp4": (11, 999), "v2.mp4": (99, 102)}
+    old.unreadable = [
+        {"path": "bad.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
+        {"path": "fixed.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
+        {"path": "gone.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
+    ]
+    found = {
+        "bad.mp4": (5, 5),
+        "fixed.mp4": (6, 9),
+        "new.mp4": (1, 1),
+        "v0.mp4": (10, 100),
+        "v1.mp4": (11, 999),
+        "v2.mp4": (99, 102),
+    }
     plan = plan_update(old, found)
     assert plan.keep == [0]
     assert plan.encode == ["fixed.mp4", "new.mp4", "v1.mp4", "v2.mp4"]
@@ -150,9 +177,15 @@ def test_top_k_matches_a_full_sort_and_orders_ties_by_index():
 # ----------------------------------------------------------------------------------------------- model-based tests
 def _reference_model(clip_file: Path, head: str = "meanP", temporal_layers: int = 4, tuning: str = "full"):
     """CLIP4Clip built directly, as main_task_retrieval.py does, for independent logits."""
-    config = CLIP4ClipConfig(pretrained_clip_name=str(clip_file), sim_header=head,
-                             cross_num_hidden_layers=temporal_layers, max_words=32, max_frames=MAX_FRAMES,
-                             precision="fp32", tuning=tuning)
+    config = CLIP4ClipConfig(
+        pretrained_clip_name=str(clip_file),
+        sim_header=head,
+        cross_num_hidden_layers=temporal_layers,
+        max_words=32,
+        max_frames=MAX_FRAMES,
+        precision="fp32",
+        tuning=tuning,
+    )
     torch.manual_seed(123)
     return CLIP4Clip.from_config(config).eval()
 
@@ -209,8 +242,9 @@ def built(tmp_path_factory, tiny_clip_file):
     """Three distinct videos (one in a sub-folder, one .avi), a corrupt file, a text file; indexed once."""
     root = _write_videos(tmp_path_factory.mktemp("videos"))
     index_dir = tmp_path_factory.mktemp("index")
-    report = retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES,
-                                  num_workers=1, progress=False)
+    report = retrieve.build_index(
+        root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, num_workers=1, progress=False
+    )
     return root, index_dir, report
 
 
@@ -242,8 +276,9 @@ def test_search_scores_are_the_models_logits_and_ranked_by_them(built, reference
 
 def test_search_cli_json_and_table(built, tmp_path, capsys):
     _, index_dir, _ = built
-    assert retrieve.main(["search", "--index", str(index_dir), "--query", "a red circle", "--top_k", "2",
-                          "--json"]) == 0
+    assert (
+        retrieve.main(["search", "--index", str(index_dir), "--query", "a red circle", "--top_k", "2", "--json"]) == 0
+    )
     parsed = json.loads(capsys.readouterr().out)
     assert len(parsed) == 1 and parsed[0]["query"] == "a red circle"
     assert [r["rank"] for r in parsed[0]["results"]] == [1, 2]
@@ -264,8 +299,10 @@ def test_captions_ranks_captions_for_indexed_and_new_videos(built, reference, tm
     logits = _reference_logits(reference, captions, *_decode([video]))[:, 0]
     order = np.argsort(-logits, kind="stable")
 
-    assert retrieve.main(["captions", "--index", str(index_dir), "--video", str(video), "--caption", *captions,
-                          "--json"]) == 0
+    assert (
+        retrieve.main(["captions", "--index", str(index_dir), "--video", str(video), "--caption", *captions, "--json"])
+        == 0
+    )
     ranked = json.loads(capsys.readouterr().out)
     assert [r["caption"] for r in ranked["results"]] == [captions[i] for i in order]
     np.testing.assert_allclose([r["score"] for r in ranked["results"]], logits[order], rtol=1e-5, atol=1e-5)
@@ -280,8 +317,9 @@ def test_captions_ranks_captions_for_indexed_and_new_videos(built, reference, tm
 def test_reindex_encodes_only_new_and_changed_files(tmp_path, tiny_clip_file, reference, monkeypatch):
     root = _write_videos(tmp_path / "videos")
     index_dir = tmp_path / "index"
-    retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES,
-                         progress=False)
+    retrieve.build_index(
+        root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, progress=False
+    )
     before = load_index(index_dir)
 
     def no_model(*args, **kwargs):
@@ -322,8 +360,14 @@ def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_fil
     for rel, seed in CONTENT.items():
         write_video(root / rel, n_frames=12, fps=4, seed=seed)
 
-    report = retrieve.build_index(root, tmp_path / "index", init_model=str(ckpt),
-                                  pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, progress=False)
+    report = retrieve.build_index(
+        root,
+        tmp_path / "index",
+        init_model=str(ckpt),
+        pretrained_clip_name=str(tiny_clip_file),
+        max_frames=MAX_FRAMES,
+        progress=False,
+    )
     assert report.total == 3
     assert load_index(tmp_path / "index").settings["model"]["sim_header"] == "seqTransf"  # read off the checkpoint
     queries = ["a red circle", "a blue square"]
@@ -342,8 +386,14 @@ def test_unipt_checkpoint_is_detected_from_its_adapter_keys(tmp_path, tiny_clip_
     root = tmp_path / "videos"
     for rel, seed in CONTENT.items():
         write_video(root / rel, n_frames=12, fps=4, seed=seed)
-    retrieve.build_index(root, tmp_path / "index", init_model=str(ckpt), pretrained_clip_name=str(tiny_clip_file),
-                         max_frames=MAX_FRAMES, progress=False)
+    retrieve.build_index(
+        root,
+        tmp_path / "index",
+        init_model=str(ckpt),
+        pretrained_clip_name=str(tiny_clip_file),
+        max_frames=MAX_FRAMES,
+        progress=False,
+    )
     queries = ["a red circle", "a blue square"]
     found = retrieve.search(tmp_path / "index", queries, top=3)
     paths = [root / rel for rel in sorted(CONTENT)]
@@ -358,28 +408,33 @@ def test_unipt_checkpoint_is_detected_from_its_adapter_keys(tmp_path, tiny_clip_
 def test_refusals_are_clear(built, tmp_path, tiny_clip_file, capsys):
     root, index_dir, _ = built
     with pytest.raises(RetrieveError, match="tightTransf cannot be indexed"):
-        retrieve.build_index(root, tmp_path / "tight", pretrained_clip_name=str(tiny_clip_file),
-                             sim_header="tightTransf", progress=False)
+        retrieve.build_index(
+            root, tmp_path / "tight", pretrained_clip_name=str(tiny_clip_file), sim_header="tightTransf", progress=False
+        )
     with pytest.raises(RetrieveError, match="seqTransf needs trained head weights"):
-        retrieve.build_index(root, tmp_path / "seq", pretrained_clip_name=str(tiny_clip_file),
-                             sim_header="seqTransf", progress=False)
+        retrieve.build_index(
+            root, tmp_path / "seq", pretrained_clip_name=str(tiny_clip_file), sim_header="seqTransf", progress=False
+        )
     with pytest.raises(RetrieveError, match=r"other settings: --max_frames 6 \(index: 4\)"):
         retrieve.build_index(root, index_dir, max_frames=6, progress=False)
     assert not list(tmp_path.glob("tight/*")) and not list(tmp_path.glob("seq/*"))
 
     other = tmp_path / "other-clip.pt"
     torch.save(make_clip_state_dict(seed=1), other)
-    assert retrieve.main(["search", "--index", str(index_dir), "--query", "x", "--pretrained_clip_name",
-                          str(other)]) == 2
+    assert (
+        retrieve.main(["search", "--index", str(index_dir), "--query", "x", "--pretrained_clip_name", str(other)]) == 2
+    )
     err = capsys.readouterr().err
     assert "is not the model that built" in err and str(other) in err and len(err.splitlines()) == 1
 
 
 def test_blank_query_or_caption_is_refused_like_an_empty_file(built, tmp_path, capsys):
     _, index_dir, _ = built
-    for argv in (["search", "--index", str(index_dir), "--query", " \t "],
-                 ["search", "--index", str(index_dir), "--query", ""],
-                 ["captions", "--index", str(index_dir), "--video", "x.mp4", "--caption", "a dog", "  "]):
+    for argv in (
+        ["search", "--index", str(index_dir), "--query", " \t "],
+        ["search", "--index", str(index_dir), "--query", ""],
+        ["captions", "--index", str(index_dir), "--video", "x.mp4", "--caption", "a dog", "  "],
+    ):
         assert retrieve.main(argv) == 2
         err = capsys.readouterr().err
         assert "is empty (or only whitespace)" in err and len(err.splitlines()) == 1
@@ -410,8 +465,16 @@ def test_concurrent_writers_take_turns_and_a_reader_never_sees_a_half_swap(built
 
     def write():
         try:
-            reports.append(retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file),
-                                                max_frames=MAX_FRAMES, num_workers=0, progress=False))
+            reports.append(
+                retrieve.build_index(
+                    root,
+                    index_dir,
+                    pretrained_clip_name=str(tiny_clip_file),
+                    max_frames=MAX_FRAMES,
+                    num_workers=0,
+                    progress=False,
+                )
+            )
         except Exception as e:  # noqa: BLE001 - the test reports whatever went wrong
             errors.append(e)
 
@@ -460,10 +523,13 @@ def test_video_whose_name_is_not_utf8_is_scanned_decoded_and_stored(tmp_path):
     assert load_index(tmp_path / "index").videos[0]["path"] == odd
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["search", "--index", "i", "--query", "a", "--max_words", "2"], "--max_words must be at least 3"),
-    (["index", "--videos", "v", "--index", "i", "--num_workers", "-1"], "--num_workers must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["search", "--index", "i", "--query", "a", "--max_words", "2"], "--max_words must be at least 3"),
+        (["index", "--videos", "v", "--index", "i", "--num_workers", "-1"], "--num_workers must be at least 0"),
+    ],
+)
 def test_bad_numbers_are_refused_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         retrieve.parse_args(argv)

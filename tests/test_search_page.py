@@ -1,5 +1,6 @@
 """search_page.py: the JSON API against retrieve.py's rankings, refusals, a missing file, and the page in a real
 headless browser (Debian's chromium driven by selenium; skipped with the reason where either is absent)."""
+
 from __future__ import annotations
 
 import http.client
@@ -10,7 +11,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +18,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the search page needs FastAPI: pip install -r requirements-web.txt")
 uvicorn = pytest.importorskip("uvicorn", reason="the search page needs uvicorn: pip install -r requirements-web.txt")
 
-import retrieve  # noqa: E402
 from conftest import write_video  # noqa: E402
+
+import retrieve  # noqa: E402
 from search_page import create_app  # noqa: E402
 
-SCRIPT_NAME = "<script>alert(1)</script>.mp4"   # a folder "<script>alert(1)<" holding "script>.mp4"
+SCRIPT_NAME = "<script>alert(1)</script>.mp4"  # a folder "<script>alert(1)<" holding "script>.mp4"
 IMG_NAME = "<img src=x onerror=document.title='pwned'>.mp4"
 QUERY = "a red circle moves left"
 
@@ -44,8 +45,9 @@ def served(tmp_path_factory, tiny_clip_file):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(index, index_dir, model), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(index, index_dir, model), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -83,8 +85,9 @@ def test_api_gives_retrieve_search_rankings(served):
     found = api(served, f"/api/search?q={urllib.parse.quote(QUERY)}&k=3")
     (expected,) = retrieve.search(served["index_dir"], [QUERY], top=3)
     assert [r["id"] for r in found["results"]] == [r["id"] for r in expected["results"]]
-    np.testing.assert_allclose([r["score"] for r in found["results"]], [r["score"] for r in expected["results"]],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["score"] for r in found["results"]], [r["score"] for r in expected["results"]], rtol=1e-5
+    )
     assert [r["path"] for r in found["results"]] == [r["path"] for r in expected["results"]]
 
     similar = api(served, "/api/similar?id=0&k=10")
@@ -99,9 +102,17 @@ def test_only_indexed_files_by_id_are_served(served):
     assert list((served["index_dir"] / "thumbs").glob("*.jpg"))  # cached in the index folder
     status, body, kind = get(served, f"/video/{row(served, 'play.webm')}")
     assert status == 200 and kind == "video/webm" and body == (served["root"] / "play.webm").read_bytes()
-    for path in ("/video/../../etc/passwd", "/video/..%2F..%2Fetc%2Fpasswd", "/video/%2Fetc%2Fpasswd",
-                 "/video/99", "/video/-1", "/thumbs/99.jpg", "/video/a.mp4", "/static/../retrieve.py",
-                 "/api/similar?id=99"):
+    for path in (
+        "/video/../../etc/passwd",
+        "/video/..%2F..%2Fetc%2Fpasswd",
+        "/video/%2Fetc%2Fpasswd",
+        "/video/99",
+        "/video/-1",
+        "/thumbs/99.jpg",
+        "/video/a.mp4",
+        "/static/../retrieve.py",
+        "/api/similar?id=99",
+    ):
         status, body, _ = get(served, path)
         assert status in (404, 422), (path, status)
         assert b"root:" not in body and b"import" not in body
@@ -125,8 +136,10 @@ def test_serve_warns_off_loopback_and_names_missing_packages(served, monkeypatch
     assert "warning: --host 0.0.0.0" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert retrieve.main(["serve", "--index", str(served["index_dir"])]) == 2
-    assert capsys.readouterr().err.strip() == ("retrieve.py serve: error: serve needs FastAPI and uvicorn (uvicorn is "
-                                               "not installed): pip install -r requirements-web.txt")
+    assert capsys.readouterr().err.strip() == (
+        "retrieve.py serve: error: serve needs FastAPI and uvicorn (uvicorn is "
+        "not installed): pip install -r requirements-web.txt"
+    )
 
 
 def test_serve_indexes_a_folder_first_when_given_one(served, tiny_clip_file, tmp_path, monkeypatch):
@@ -135,12 +148,17 @@ def test_serve_indexes_a_folder_first_when_given_one(served, tiny_clip_file, tmp
     index_dir = tmp_path / "fresh_index"
     videos = tmp_path / "videos"
     write_video(videos / "x.mp4", n_frames=12, fps=4, seed=7)
-    assert retrieve.main(["serve", "--videos", str(videos), "--index", str(index_dir),
-                          "--pretrained_clip_name", str(tiny_clip_file)]) == 0
+    assert (
+        retrieve.main(
+            ["serve", "--videos", str(videos), "--index", str(index_dir), "--pretrained_clip_name", str(tiny_clip_file)]
+        )
+        == 0
+    )
     assert len(apps) == 1 and [v["path"] for v in retrieve.load_index(index_dir).videos] == ["x.mp4"]
 
 
 # ------------------------------------------------------------------------------------------------ in a browser
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -151,8 +169,14 @@ def browser():
         pytest.skip("chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
     driver.set_script_timeout(20)
@@ -172,8 +196,9 @@ def wait_for(driver, script: str, timeout: float = 15):
 
 
 def card_ids(driver):
-    return [int(i) for i in driver.execute_script(
-        "return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")]
+    return [
+        int(i) for i in driver.execute_script("return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")
+    ]
 
 
 def test_the_page_in_a_browser(served, browser):
@@ -191,24 +216,30 @@ def test_the_page_in_a_browser(served, browser):
 
     # Thumbnails load for every file still there; the gone one says so.
     gone = row(served, "gone.mp4")
-    wait_for(browser, "[...document.querySelectorAll('.card')].filter(c => c.dataset.id != '%d')"
-                      ".every(c => { const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0 })"
-                      % gone)
-    assert browser.find_element(By.CSS_SELECTOR, f".card[data-id='{gone}'] .missing").text == \
-        "file missing since indexing"
+    wait_for(
+        browser,
+        "[...document.querySelectorAll('.card')].filter(c => c.dataset.id != '%d')"
+        ".every(c => { const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0 })" % gone,
+    )
+    assert (
+        browser.find_element(By.CSS_SELECTOR, f".card[data-id='{gone}'] .missing").text == "file missing since indexing"
+    )
 
     # Hostile file names are text: shown as written, nothing runs.
     names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .name")]
     assert SCRIPT_NAME in names and IMG_NAME in names
     assert browser.title == "CLIP4Clip search" and not browser.find_elements(By.CSS_SELECTOR, ".card .name *")
     with pytest.raises(NoAlertPresentException):
-        browser.switch_to.alert.text
+        _ = browser.switch_to.alert.text
 
     # Play the VP8 file in the page.
     playable = row(served, "play.webm")
     browser.find_element(By.CSS_SELECTOR, f".card[data-id='{playable}'] .media").click()
-    wait_for(browser, f"(v => v && v.readyState >= 2 && v.videoWidth == 64)"
-                      f"(document.querySelector(\".card[data-id='{playable}'] video\"))")
+    wait_for(
+        browser,
+        f"(v => v && v.readyState >= 2 && v.videoWidth == 64)"
+        f"(document.querySelector(\".card[data-id='{playable}'] video\"))",
+    )
 
     # More like this: the page shows retrieve.py search --video's ranking.
     first = card_ids(browser)[0]

@@ -1,4 +1,5 @@
 """CLIP tokenizer: vocabulary layout, hand-checked vectors, and id-for-id agreement with open_clip's copy of OpenAI's."""
+
 from __future__ import annotations
 
 import csv
@@ -67,11 +68,14 @@ def test_special_tokens_tokenize_to_themselves(tok):
     assert tok.convert_tokens_to_ids(words) == [49406, 320, 1929, 49407]
 
 
-@pytest.mark.parametrize("text, ids", [
-    ("a person is connecting something to system", [49406, 320, 2533, 533, 41429, 2006, 531, 2422, 49407]),
-    ("A little girl does gymnastics!", [49406, 320, 1274, 1611, 1897, 20116, 256, 49407]),
-    ("it's a DOG's life &amp; more", [49406, 585, 568, 320, 1929, 568, 970, 261, 750, 49407]),
-])
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("a person is connecting something to system", [49406, 320, 2533, 533, 41429, 2006, 531, 2422, 49407]),
+        ("A little girl does gymnastics!", [49406, 320, 1274, 1611, 1897, 20116, 256, 49407]),
+        ("it's a DOG's life &amp; more", [49406, 585, 568, 320, 1929, 568, 970, 261, 750, 49407]),
+    ],
+)
 def test_spec_vectors(tok, text, ids):
     assert [49406] + tok.encode(text) + [49407] == ids
 

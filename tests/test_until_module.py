@@ -1,4 +1,5 @@
 """TF-style LayerNorm, weight init, the logging non-strict load, CrossEn, and AllGather across two gloo processes."""
+
 from __future__ import annotations
 
 import logging
@@ -102,7 +103,9 @@ def test_init_preweight_renames_keeps_dtype_and_logs(caplog):
 def test_init_preweight_quiet_off_rank_zero_and_with_prefix(caplog):
     model = _Small()
     with caplog.at_level(logging.INFO, logger="modules.until_module"):
-        PreTrainedModel.init_preweight(model, {"stray": torch.zeros(1)}, task_config=types.SimpleNamespace(local_rank=1))
+        PreTrainedModel.init_preweight(
+            model, {"stray": torch.zeros(1)}, task_config=types.SimpleNamespace(local_rank=1)
+        )
         PreTrainedModel.init_preweight(model, {"weight": torch.full((3, 2), 2.0)}, prefix="other.")
     assert caplog.text == ""
     assert torch.equal(model.other.weight, torch.full((3, 2), 2.0))
@@ -139,8 +142,10 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)  # not gathered, like logit_scale
         loss = _symmetric_loss(allgather(text), allgather(video), scale)
         loss.backward()
-        torch.save({"loss": loss.detach(), "text_grad": text.grad, "video_grad": video.grad,
-                    "scale_grad": scale.grad}, f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"loss": loss.detach(), "text_grad": text.grad, "video_grad": video.grad, "scale_grad": scale.grad},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """util.py: logger formats, launcher detection, seeding and RNG state round trips, atomic writes."""
+
 import logging
 import os
 import random
@@ -146,7 +147,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".pytorch_model.bin.0.{dead_pid}.0123abcd.tmp.0"
     live = tmp_path / f".pytorch_opt.bin.0.{os.getpid()}.0123abcd.tmp.0"
-    mine = tmp_path / ".hidden.tmp"          # not one of ours: no pid and token
+    mine = tmp_path / ".hidden.tmp"  # not one of ours: no pid and token
     for path in (stale, live, mine):
         path.write_bytes(b"x")
     assert util.remove_stale_temporaries(tmp_path) == [stale]
@@ -166,9 +167,13 @@ def test_torch_files_are_read_without_code_and_bad_ones_named_in_one_line(tmp_pa
     text.write_text("hello")
     empty.write_bytes(b"")
     torch.save([torch.zeros(1)], listing)
-    cases = [(objects, "holds Python objects besides tensors"), (text, "not a torch.save file, or a truncated one"),
-             (empty, "not a torch.save file, or a truncated one: EOFError"),
-             (tmp_path / "missing.bin", "no such file"), (listing, "expected a state dict (name → tensor), got list")]
+    cases = [
+        (objects, "holds Python objects besides tensors"),
+        (text, "not a torch.save file, or a truncated one"),
+        (empty, "not a torch.save file, or a truncated one: EOFError"),
+        (tmp_path / "missing.bin", "no such file"),
+        (listing, "expected a state dict (name → tensor), got list"),
+    ]
     for path, message in cases:
         with pytest.raises(util.UsageError) as info:
             util.read_state_dict(path, "--init_model")
