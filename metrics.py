@@ -10,6 +10,7 @@ CLIP4Clip's, so numbers compare with published ones:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -154,3 +155,71 @@ def dual_softmax_rerank(sim: ArrayLike, temperature: float = 1.0) -> ArrayLike:
     prior = torch.softmax(t / temperature, dim=0) * t.shape[0]
     out = t * prior
     return out if torch.is_tensor(sim) else out.numpy()
+
+
+# Querybank normalisation (QB-Norm, Bogolin et al., CVPR 2022, arXiv 2112.12777) with the dynamic inverted softmax.
+# Unlike DSL it needs no other test query: a fixed bank of queries (the training captions for text-to-video; the
+# training videos for video-to-text) is scored once against the gallery, and each query is then re-scored alone.
+
+
+@dataclass(frozen=True)
+class QueryBank:
+    """What QB-Norm keeps of a querybank's [bank queries, gallery] similarities, one entry per gallery item."""
+
+    active: np.ndarray  # bool: the item is among some bank query's top k (the "activation set")
+    log_norm: np.ndarray  # float64: log sum over bank queries b of exp(beta * bank_sim[b, item])
+    beta: float
+    k: int
+    size: int  # number of bank queries
+
+
+def build_querybank(bank_sim: ArrayLike, beta: float = 20.0, k: int = 1, chunk: int = 4096) -> QueryBank:
+    """Summarise a [bank queries, gallery] similarity matrix for ``dynamic_inverted_softmax``.
+
+    ``beta`` is the inverse temperature (the paper's default, 20) and multiplies the similarities as given, so only
+    beta x similarity counts: beta 20 on cosine similarities is beta 0.2 on CLIP4Clip's logits (100 x cosine).
+    ``k`` = 1 is the paper's activation set. Rows are read ``chunk`` at a time in float64 with a
+    running log-sum-exp, so a bank of a few hundred thousand captions needs no float64 copy of the whole matrix.
+    """
+    bank = _as_numpy(bank_sim)
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ValueError(f"build_querybank: expected a non-empty 2-D [bank, gallery] matrix, got {tuple(bank.shape)}")
+    if not beta > 0:
+        raise ValueError(f"build_querybank: beta must be positive, got {beta}")
+    if not 1 <= k <= bank.shape[1]:
+        raise ValueError(f"build_querybank: k must be in [1, {bank.shape[1]}] (the gallery size), got {k}")
+    active = np.zeros(bank.shape[1], dtype=bool)
+    log_norm = np.full(bank.shape[1], -np.inf)
+    for start in range(0, bank.shape[0], chunk):
+        part = beta * bank[start : start + chunk].astype(np.float64)
+        if not np.all(np.isfinite(part)):
+            raise ValueError("build_querybank: bank similarities (times beta) must be finite")
+        # ties go to the lower gallery index, as argmax does for the queries in dynamic_inverted_softmax
+        active[np.argsort(-part, axis=1, kind="stable")[:, :k]] = True
+        peak = part.max(axis=0)
+        log_norm = np.logaddexp(log_norm, peak + np.log(np.exp(part - peak).sum(axis=0)))
+    return QueryBank(active=active, log_norm=log_norm, beta=float(beta), k=k, size=bank.shape[0])
+
+
+def dynamic_inverted_softmax(sim: ArrayLike, bank: QueryBank) -> np.ndarray:
+    """QB-Norm's dynamic inverted softmax of one query's [gallery] scores or of a [queries, gallery] matrix (float64).
+
+    A query whose best-scoring gallery item is in the bank's activation set gets the inverted softmax over the
+    bank for every item, exp(beta * s) / sum_b exp(beta * bank_sim[b, item]), which lowers hubs (items that many
+    bank queries score highly); any other query keeps its scores unchanged. The decision is per query, not per
+    item, because a normalised score and a raw one are on different scales and cannot be ranked together.
+    Normalised rows are returned as the log of the inverted softmax, beta * s - log_norm: the same order, and
+    finite where exp(beta * s) would overflow. Each row is independent of the others, so scoring one query at a
+    time gives the same numbers as scoring the matrix. For video-to-text, pass video queries against caption
+    gallery with a bank built from training videos against the same captions; -inf padding rows stay -inf.
+    """
+    scores = _as_numpy(sim).astype(np.float64)
+    rows = scores[None] if scores.ndim == 1 else scores
+    if rows.ndim != 2 or rows.shape[1] != bank.active.shape[0]:
+        raise ValueError(
+            f"dynamic_inverted_softmax: expected [gallery] or [queries, gallery] scores with gallery = "
+            f"{bank.active.shape[0]} (the bank's), got shape {tuple(scores.shape)}"
+        )
+    normalise = bank.active[rows.argmax(axis=1)]
+    out = np.where(normalise[:, None], bank.beta * rows - bank.log_norm, rows)
+    return out[0] if scores.ndim == 1 else out

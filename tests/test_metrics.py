@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from metrics import (
+    QueryBank,
+    build_querybank,
     compute_metrics,
     dual_softmax_rerank,
+    dynamic_inverted_softmax,
     multi_sentence_tensor,
     print_computed_metrics,
     retrieval_metrics,
@@ -224,3 +227,111 @@ def test_multi_sentence_tensor_and_metrics_by_hand():
     assert vt["R1"] == 50.0 and vt["MeanR"] == 1.5
     single_tv, single_vt = retrieval_metrics(sim[:2], None)
     assert single_tv == compute_metrics(sim[:2]) and single_vt == compute_metrics(sim[:2].T)
+
+
+# QB-Norm. The hand example uses beta = 1 and similarities that are logs of integers, so every exp is an integer.
+# Gallery items A, B, C; four bank queries (rows), with their exp and top-1 item:
+#   b1 = ln(6, 1, 2) -> A    b2 = ln(3, 1, 1) -> A    b3 = ln(1, 3, 2) -> B    b4 = ln(2, 4, 1) -> B
+# Activation set (k = 1): {A, B}; C is no bank query's top-1 (with k = 2, b1's second item C joins).
+# Normalisers, sum of exp per column: A = 6+3+1+2 = 12, B = 1+1+3+4 = 9, C = 2+1+2+1 = 6.
+HAND_BANK = np.log([[6.0, 1, 2], [3, 1, 1], [1, 3, 2], [2, 4, 1]])
+
+
+def test_querybank_by_hand():
+    bank = build_querybank(HAND_BANK, beta=1.0)
+    assert isinstance(bank, QueryBank) and bank.size == 4 and bank.k == 1 and bank.beta == 1.0
+    assert bank.active.tolist() == [True, True, False]
+    np.testing.assert_allclose(bank.log_norm, np.log([12.0, 9, 6]), rtol=1e-15)
+    assert build_querybank(HAND_BANK, beta=1.0, k=2).active.tolist() == [True, True, True]
+    # the running log-sum-exp over row chunks gives what one pass gives
+    chunked = build_querybank(HAND_BANK, beta=1.0, chunk=3)
+    np.testing.assert_allclose(chunked.log_norm, bank.log_norm, rtol=1e-15)
+
+
+def test_dynamic_inverted_softmax_by_hand():
+    bank = build_querybank(HAND_BANK, beta=1.0)
+    sim = np.log([[5.0, 4, 1], [1, 2, 3], [2, 6, 1]])
+    out = dynamic_inverted_softmax(sim, bank)
+    # q1: top-1 A (active) -> (5/12, 4/9, 1/6) = (0.417, 0.444, 0.167): the hub A drops below B
+    np.testing.assert_allclose(np.exp(out[0]), [5 / 12, 4 / 9, 1 / 6], rtol=1e-14)
+    assert np.argmax(sim[0]) == 0 and np.argmax(out[0]) == 1
+    # q2: top-1 C, outside the activation set -> the whole row keeps its raw scores
+    assert np.array_equal(out[1], sim[1])
+    # q3: top-1 B (active) -> (2/12, 6/9, 1/6)
+    np.testing.assert_allclose(np.exp(out[2]), [1 / 6, 2 / 3, 1 / 6], rtol=1e-14)
+    assert out.dtype == np.float64
+
+
+def bank_and_queries(seed: int, n_bank: int, n_queries: int, gallery: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random similarities where the last two gallery items are no bank query's favourite but some queries' top-1."""
+    rng = np.random.default_rng(seed)
+    bank_sim, sim = rng.normal(size=(n_bank, gallery)), rng.normal(size=(n_queries, gallery))
+    bank_sim[:, -2:] -= 10.0
+    sim[: n_queries // 2, -1] += 10.0
+    return bank_sim, sim
+
+
+def test_dynamic_inverted_softmax_one_query_equals_matrix():
+    bank_sim, sim = bank_and_queries(0, n_bank=40, n_queries=9, gallery=7)
+    sim = sim.astype(np.float32)
+    bank = build_querybank(bank_sim, beta=3.0)
+    assert bank.active.tolist() == [True] * 5 + [False] * 2  # so both branches are exercised below
+    whole = dynamic_inverted_softmax(sim, bank)
+    assert 0 < bank.active[sim.argmax(axis=1)].sum() < len(sim)
+    for q in range(len(sim)):
+        assert np.array_equal(dynamic_inverted_softmax(sim[q], bank), whole[q])
+        assert np.array_equal(dynamic_inverted_softmax(torch.from_numpy(sim[q]), bank), whole[q])
+        # and each row by the definition, a plain loop over the bank
+        if bank.active[np.argmax(sim[q])]:
+            for j in range(7):
+                z = sum(math.exp(3.0 * float(bank_sim[b, j])) for b in range(40))
+                assert math.exp(whole[q, j]) == pytest.approx(math.exp(3.0 * float(sim[q, j])) / z, rel=1e-9)
+        else:
+            assert np.array_equal(whole[q], sim[q].astype(np.float64))
+
+
+def test_dynamic_inverted_softmax_invariances():
+    bank_sim, sim = bank_and_queries(1, n_bank=30, n_queries=8, gallery=6)
+    bank = build_querybank(bank_sim, beta=2.0)
+    out = dynamic_inverted_softmax(sim, bank)
+    normalised = np.broadcast_to(bank.active[sim.argmax(axis=1)][:, None], sim.shape)
+    assert 0 < normalised[:, 0].sum() < len(sim)
+    # only beta x similarity counts: halve beta, double every similarity (raw rows are doubled too)
+    np.testing.assert_allclose(
+        dynamic_inverted_softmax(2 * sim, build_querybank(2 * bank_sim, beta=1.0)), np.where(normalised, out, 2 * sim)
+    )
+    # a shift of every similarity cancels in the normalised rows (beta*(s+c) - (log_norm + beta*c))
+    shifted = dynamic_inverted_softmax(sim + 5.0, build_querybank(bank_sim + 5.0, beta=2.0))
+    np.testing.assert_allclose(shifted[normalised], out[normalised], atol=1e-12)
+    # a bank repeated twice adds log 2 to every normaliser: the activation set and every ranking stay
+    doubled = build_querybank(np.concatenate([bank_sim, bank_sim]), beta=2.0)
+    again = dynamic_inverted_softmax(sim, doubled)
+    np.testing.assert_allclose(again[normalised], out[normalised] - math.log(2), atol=1e-12)
+
+
+def test_dynamic_inverted_softmax_one_bank_query_and_huge_beta():
+    sim = np.array([[0.9, 0.8, 0.1], [0.2, 0.3, 0.5]])
+    # one bank query: log_norm = beta * b, so a normalised row ranks by s - b whatever beta is
+    one = np.array([[0.5, 0.1, 0.0]])
+    for beta in (1.0, 50.0, 1e6):
+        out = dynamic_inverted_softmax(sim, build_querybank(one, beta=beta))
+        np.testing.assert_allclose(out[0], beta * (sim[0] - one[0]), rtol=1e-12)  # top-1 A is the bank's
+        assert np.array_equal(out[1], sim[1])  # top-1 C is not
+    # a huge beta (exp(beta * s) overflows float64): the log-sum-exp tends to beta * column max, all finite
+    bank_sim = np.array([[0.5, 0.1, 0.0], [0.4, 0.6, 0.2]])
+    out = dynamic_inverted_softmax(sim, build_querybank(bank_sim, beta=1e4))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[0], 1e4 * (sim[0] - bank_sim.max(axis=0)), rtol=1e-12)
+
+
+def test_querybank_bad_input():
+    with pytest.raises(ValueError, match="beta"):
+        build_querybank(HAND_BANK, beta=0.0)
+    with pytest.raises(ValueError, match="k must be"):
+        build_querybank(HAND_BANK, k=4)
+    with pytest.raises(ValueError, match="2-D"):
+        build_querybank(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="finite"):
+        build_querybank(np.array([[0.0, np.inf]]))
+    with pytest.raises(ValueError, match="gallery = 3"):
+        dynamic_inverted_softmax(np.zeros((2, 4)), build_querybank(HAND_BANK))
