@@ -330,6 +330,8 @@ _OPEN_CLIP_MARKERS = {
     "text_projection.weight": "a linear text projection",
     "logit_bias": "a sigmoid (SigLIP) logit bias",
 }
+# open_clip's causal-mask buffer (CLIP4Clip's CLIP builds its own) and the scalars OpenAI's TorchScript archives carry.
+_NOT_WEIGHTS = ("attn_mask", "input_resolution", "context_length", "vocab_size")
 _VIT_NAME = re.compile(r"vit-[a-z]+-\d+", re.IGNORECASE)
 
 
@@ -349,10 +351,11 @@ def _check_open_clip_name(path: Path, names: list[str]) -> None:
 
 def _open_clip_state(path: Path, obj: Mapping[str, Any]) -> StateDict:
     """Unwrap open_clip's training checkpoint ({"state_dict", "epoch", "name", ...}) and DDP's 'module.' prefix."""
-    if isinstance(obj.get("state_dict"), Mapping):
-        if "epoch" in obj or "name" in obj:
-            _check_open_clip_name(path, [str(obj.get("name", "")), path.name])
-        obj = obj["state_dict"]
+    if isinstance(obj.get("state_dict"), Mapping) and ("epoch" in obj or "name" in obj):
+        _check_open_clip_name(path, [str(obj.get("name", "")), path.name])
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(state) != len(obj):
         raise UsageError(f"{path}: expected a state dict (name → tensor); some entries are not tensors")
@@ -362,12 +365,12 @@ def _open_clip_state(path: Path, obj: Mapping[str, Any]) -> StateDict:
 
 
 def _check_openai_layout(path: Path, state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Refuse what OpenAI's ViT CLIP cannot represent; drop the causal-mask buffer, which it rebuilds."""
+    """Refuse what OpenAI's ViT CLIP cannot represent; drop the entries that are not weights."""
     for key in state:
         for marker, what in _OPEN_CLIP_MARKERS.items():
             if key.startswith(marker) or (marker.startswith(".") and marker in key) or key == marker:
                 raise UsageError(f"{path}: has {what} (key {key!r}), which CLIP4Clip's CLIP cannot represent")
-    state = {k: v for k, v in state.items() if k != "attn_mask"}
+    state = {k: v for k, v in state.items() if k not in _NOT_WEIGHTS}
     expected = openai_keys(_block_count(state, _TOWERS["text"][0]), _block_count(state, _TOWERS["vision"][0]))
     extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if extra:

@@ -279,3 +279,12 @@ def test_read_exported_refuses_other_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     with pytest.raises(UsageError, match="'format' is None, expected 'clip4clip'"):
         read_exported(tmp_path)
+
+
+def test_plain_state_dict_with_archive_scalars(tmp_path, tiny_clip_state_dict):
+    """A torch.save of OpenAI's weights, under a "model" wrapper, with the archive's scalar entries: those are dropped."""
+    path = tmp_path / "clip.pt"
+    torch.save({"model": {**tiny_clip_state_dict, "context_length": torch.tensor(77)}}, path)
+    got = read_clip_weights(path)
+    assert got.keys() == tiny_clip_state_dict.keys()
+    assert all(torch.equal(got[k], tiny_clip_state_dict[k]) for k in got)
