@@ -19,6 +19,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from dataloaders.rawvideo_util import RawVideoExtractor, empty_video
+from errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,12 @@ def clip_window(start: float, end: float) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------------- annotations
-def annotation_error(path: str, where: str, expected: str, got: Any = None) -> ValueError:
-    """A ValueError naming the file, the place in it and what was expected there."""
+def annotation_error(path: str, where: str, expected: str, got: Any = None) -> UsageError:
+    """A user error naming the file, the place in it and what was expected there."""
     message = f"{path}, {where}: expected {expected}"
     if got is not None:
         message += f", got {_short(got)}"
-    return ValueError(message)
+    return UsageError(message)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -167,7 +168,7 @@ def load_raw_captions(path: str) -> dict[str, list[list[str]]]:
 # -------------------------------------------------------------------------------------------------------------- videos
 def _require_dir(features_path: str) -> None:
     if not os.path.isdir(features_path):
-        raise FileNotFoundError(
+        raise UsageError(
             f"features_path {features_path!r} is not a directory; expected the folder that "
             f"holds the video files (--features_path)"
         )
@@ -280,13 +281,13 @@ class VideoTextDataset(Dataset):
         )
         if not self.skip_missing:
             action = "train without them" if self.training else "evaluate on the videos present"
-            raise FileNotFoundError(
+            raise UsageError(
                 f"{message}. Check the layout with preprocess/check_dataset.py, or pass "
                 f"--skip_missing_videos to {action}."
             )
         kept = [v for v in video_ids if v in self.video_dict]
         if not kept:
-            raise FileNotFoundError(f"{message}: nothing is left to {'train on' if self.training else 'evaluate'}")
+            raise UsageError(f"{message}: nothing is left to {'train on' if self.training else 'evaluate'}")
         if self.training:
             logger.warning("%s; training without them (%d videos kept)", message, len(kept))
         else:
