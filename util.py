@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from errors import UsageError  # noqa: F401  (util.UsageError: the one user-error type)
+
 CONSOLE_FORMAT = "%(asctime)s - %(levelname)s -   %(message)s"
 CONSOLE_DATEFMT = "%m/%d/%Y %H:%M:%S"
 FILE_FORMAT = "%(asctime)s:%(levelname)s: %(message)s"
@@ -206,10 +208,6 @@ def preserved_rng() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class UsageError(ValueError):
-    """A bad flag, path or input file found before the work starts; entry points print it as one line."""
 
 
 def read_torch_file(path: str | Path, flag: str) -> Any:

@@ -63,7 +63,7 @@ def _child(header: str, method: str, device: str, orig_text_batches: int, queue)
     torch, model, seq, text_mask, vis, video_mask = _setup(header, device)
     import numpy as np
 
-    import main_task_retrieval as mtr
+    from engine import evaluate as mtr
 
     dev = torch.device(device)
     if device == "cuda":

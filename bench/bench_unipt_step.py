@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_model_step import MAX_WORDS, VIT_B_32, _make_batch, _rss_bytes, time_steps  # noqa: E402
-from main_task_retrieval import prep_optimizer  # noqa: E402
+from engine.model import prep_optimizer  # noqa: E402
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
@@ -67,7 +67,7 @@ def run_one(args: argparse.Namespace) -> dict:
     model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg).to(device).train()
     del clip_state_dict
     freeze_clip_layers(model, 0, "2d")  # the scripts' --freeze_layer_num 0 (unipt has frozen CLIP already)
-    optimizer = prep_optimizer(argparse.Namespace(lr=1e-4, warmup_proportion=0.1), model, 100.0)
+    optimizer = prep_optimizer(model, lr=1e-4, coef_lr=1.0, warmup=0.1, total_steps=100.0)
     inputs = _make_batch(args.batch, args.frames, device)
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -1,6 +1,8 @@
-"""Flags → dataset → DataLoader: ``DATALOADER_DICT[datatype]["train" | "val" | "test"]``."""
+"""Data config and video sampling → dataset → DataLoader: ``DATALOADER_DICT[datatype]["train" | "val" | "test"]``."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -11,6 +13,7 @@ from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
 from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
+from dataloaders.sampling import VideoSampling
 from util import get_rank, get_world_size
 
 # Differs from the original (pin_memory=False): batches land in page-locked memory when a GPU will read them, so the
@@ -19,29 +22,47 @@ from util import get_rank, get_world_size
 PIN_MEMORY = torch.cuda.is_available()
 
 
-def _dataset_kwargs(args, tokenizer, frame_order: int) -> dict:
-    """The constructor arguments every dataset shares, read from the training flags."""
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a data set is and how its loaders read it (``num_workers`` DataLoader workers per loader)."""
+
+    datatype: str
+    train_csv: str
+    val_csv: str
+    data_path: str
+    features_path: str
+    num_workers: int
+    max_words: int
+    expand_msrvtt_sentences: bool
+    frame_cache: str | None
+    skip_missing: bool
+
+
+def _dataset_kwargs(data: DataConfig, sampling: VideoSampling, tokenizer) -> dict:
+    """The constructor arguments every dataset shares. Batches carry uint8 frames (differs from the original's
+    float64: an eighth of the bytes to collate and copy); ``normalize_video`` gives the same float32 values."""
     return dict(
-        features_path=args.features_path,
+        features_path=data.features_path,
         tokenizer=tokenizer,
-        max_words=args.max_words,
-        feature_framerate=args.feature_framerate,
-        max_frames=args.max_frames,
-        image_resolution=getattr(args, "image_resolution", 224),
-        frame_order=frame_order,
-        slice_framepos=args.slice_framepos,
-        frame_cache=getattr(args, "frame_cache", None),
-        skip_missing=getattr(args, "skip_missing", False),
+        max_words=data.max_words,
+        feature_framerate=sampling.feature_framerate,
+        max_frames=sampling.max_frames,
+        image_resolution=sampling.image_resolution,
+        frame_order=sampling.frame_order,
+        slice_framepos=sampling.slice_framepos,
+        frame_cache=data.frame_cache,
+        skip_missing=data.skip_missing,
+        uint8_frames=True,
     )
 
 
-def _train_loader(dataset: Dataset, args) -> tuple[DataLoader, int, DistributedSampler]:
-    """Shuffled by a DistributedSampler (seed 0 + epoch; call ``set_epoch``), ``batch_size // n_gpu`` per process."""
+def _train_loader(dataset: Dataset, data: DataConfig, batch_size: int) -> tuple[DataLoader, int, DistributedSampler]:
+    """Shuffled by a DistributedSampler (seed 0 + epoch; call ``set_epoch``), ``batch_size`` per process."""
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
     loader = DataLoader(
         dataset,
-        batch_size=args.batch_size // args.n_gpu,
-        num_workers=args.num_thread_reader,
+        batch_size=batch_size,
+        num_workers=data.num_workers,
         pin_memory=PIN_MEMORY,
         sampler=sampler,
         drop_last=True,
@@ -49,11 +70,11 @@ def _train_loader(dataset: Dataset, args) -> tuple[DataLoader, int, DistributedS
     return loader, len(dataset), sampler
 
 
-def _eval_loader(dataset: Dataset, args) -> tuple[DataLoader, int]:
+def _eval_loader(dataset: Dataset, data: DataConfig, batch_size: int) -> tuple[DataLoader, int]:
     loader = DataLoader(
         dataset,
-        batch_size=args.batch_size_val,
-        num_workers=args.num_thread_reader,
+        batch_size=batch_size,
+        num_workers=data.num_workers,
         shuffle=False,
         drop_last=False,
         pin_memory=PIN_MEMORY,
@@ -61,35 +82,31 @@ def _eval_loader(dataset: Dataset, args) -> tuple[DataLoader, int]:
     return loader, len(dataset)
 
 
-def dataloader_msrvtt_train(args, tokenizer):
+def dataloader_msrvtt_train(data: DataConfig, sampling: VideoSampling, tokenizer, batch_size: int):
     dataset = MSRVTT_TrainDataLoader(
-        csv_path=args.train_csv,
-        json_path=args.data_path,
-        unfold_sentences=args.expand_msrvtt_sentences,
-        **_dataset_kwargs(args, tokenizer, args.train_frame_order),
+        csv_path=data.train_csv,
+        json_path=data.data_path,
+        unfold_sentences=data.expand_msrvtt_sentences,
+        **_dataset_kwargs(data, sampling, tokenizer),
     )
-    return _train_loader(dataset, args)
+    return _train_loader(dataset, data, batch_size)
 
 
-def dataloader_msrvtt_test(args, tokenizer, subset="test"):
-    dataset = MSRVTT_DataLoader(csv_path=args.val_csv, **_dataset_kwargs(args, tokenizer, args.eval_frame_order))
-    return _eval_loader(dataset, args)
+def dataloader_msrvtt_test(data: DataConfig, sampling: VideoSampling, tokenizer, batch_size: int, subset="test"):
+    dataset = MSRVTT_DataLoader(csv_path=data.val_csv, **_dataset_kwargs(data, sampling, tokenizer))
+    return _eval_loader(dataset, data, batch_size)
 
 
 def _subset_builders(dataset_cls, name: str):
     """The (train, test) builders of a data set whose class takes ``subset`` and ``data_path``."""
 
-    def train(args, tokenizer):
-        dataset = dataset_cls(
-            subset="train", data_path=args.data_path, **_dataset_kwargs(args, tokenizer, args.train_frame_order)
-        )
-        return _train_loader(dataset, args)
+    def train(data: DataConfig, sampling: VideoSampling, tokenizer, batch_size: int):
+        dataset = dataset_cls(subset="train", data_path=data.data_path, **_dataset_kwargs(data, sampling, tokenizer))
+        return _train_loader(dataset, data, batch_size)
 
-    def test(args, tokenizer, subset="test"):
-        dataset = dataset_cls(
-            subset=subset, data_path=args.data_path, **_dataset_kwargs(args, tokenizer, args.eval_frame_order)
-        )
-        return _eval_loader(dataset, args)
+    def test(data: DataConfig, sampling: VideoSampling, tokenizer, batch_size: int, subset="test"):
+        dataset = dataset_cls(subset=subset, data_path=data.data_path, **_dataset_kwargs(data, sampling, tokenizer))
+        return _eval_loader(dataset, data, batch_size)
 
     train.__name__ = train.__qualname__ = f"dataloader_{name}_train"
     test.__name__ = test.__qualname__ = f"dataloader_{name}_test"

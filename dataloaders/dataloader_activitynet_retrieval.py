@@ -39,6 +39,7 @@ class ActivityNet_DataLoader(VideoTextDataset):
         slice_framepos: int = 0,
         frame_cache: str | None = None,
         skip_missing: bool = False,
+        uint8_frames: bool = False,
     ):
         if subset not in ID_FILES:
             raise ValueError(f"ActivityNet subset must be one of {tuple(ID_FILES)}, got {subset!r}")
@@ -54,6 +55,7 @@ class ActivityNet_DataLoader(VideoTextDataset):
             frame_cache,
             skip_missing,
             training=subset == "train",
+            uint8_frames=uint8_frames,
         )
         self.data_path = data_path
         self.subset = subset

@@ -31,6 +31,7 @@ class LSMDC_DataLoader(VideoTextDataset):
         slice_framepos: int = 0,
         frame_cache: str | None = None,
         skip_missing: bool = False,
+        uint8_frames: bool = False,
     ):
         if subset not in ANNOTATION_FILES:
             raise ValueError(f"LSMDC subset must be one of {tuple(ANNOTATION_FILES)}, got {subset!r}")
@@ -46,6 +47,7 @@ class LSMDC_DataLoader(VideoTextDataset):
             frame_cache,
             skip_missing,
             training=subset == "train",
+            uint8_frames=uint8_frames,
         )
         self.data_path = data_path
         self.subset = subset

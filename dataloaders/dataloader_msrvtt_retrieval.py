@@ -36,6 +36,7 @@ class MSRVTT_DataLoader(VideoTextDataset):
         slice_framepos: int = 0,
         frame_cache: str | None = None,
         skip_missing: bool = False,
+        uint8_frames: bool = False,
     ):
         super().__init__(
             tokenizer,
@@ -49,6 +50,7 @@ class MSRVTT_DataLoader(VideoTextDataset):
             frame_cache,
             skip_missing,
             training=False,
+            uint8_frames=uint8_frames,
         )
         self.data = read_csv(csv_path, ("video_id", "sentence"))
         video_ids = list(dict.fromkeys(self.data["video_id"]))
@@ -81,6 +83,7 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
         slice_framepos: int = 0,
         frame_cache: str | None = None,
         skip_missing: bool = False,
+        uint8_frames: bool = False,
     ):
         super().__init__(
             tokenizer,
@@ -94,6 +97,7 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
             frame_cache,
             skip_missing,
             training=True,
+            uint8_frames=uint8_frames,
         )
         self.csv = read_csv(csv_path, ("video_id",))
         self.data = read_json(json_path)

@@ -29,6 +29,7 @@ class MSVD_DataLoader(VideoTextDataset):
         slice_framepos: int = 0,
         frame_cache: str | None = None,
         skip_missing: bool = False,
+        uint8_frames: bool = False,
     ):
         if subset not in SUBSETS:
             raise ValueError(f"MSVD subset must be one of {SUBSETS}, got {subset!r}")
@@ -44,6 +45,7 @@ class MSVD_DataLoader(VideoTextDataset):
             frame_cache,
             skip_missing,
             training=subset == "train",
+            uint8_frames=uint8_frames,
         )
         self.data_path = data_path
         self.subset = subset
@@ -74,3 +76,6 @@ class MSVD_DataLoader(VideoTextDataset):
             logger.info(f"For {subset}, video number: {self.video_num}")
         logger.info(f"Video number: {len(self.video_dict)}")
         logger.info(f"Total Paire: {len(self._pairs)}")
+
+    def caption_ends(self) -> list[int]:
+        return list(self.cut_off_points)

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
-from dataloaders.rawvideo_util import RawVideoExtractor, empty_video
+from dataloaders.rawvideo_util import RawVideoExtractor, empty_video, kept_frames_uint8
+from errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,12 @@ def clip_window(start: float, end: float) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------------- annotations
-def annotation_error(path: str, where: str, expected: str, got: Any = None) -> ValueError:
-    """A ValueError naming the file, the place in it and what was expected there."""
+def annotation_error(path: str, where: str, expected: str, got: Any = None) -> UsageError:
+    """A user error naming the file, the place in it and what was expected there."""
     message = f"{path}, {where}: expected {expected}"
     if got is not None:
         message += f", got {_short(got)}"
-    return ValueError(message)
+    return UsageError(message)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -167,7 +168,7 @@ def load_raw_captions(path: str) -> dict[str, list[list[str]]]:
 # -------------------------------------------------------------------------------------------------------------- videos
 def _require_dir(features_path: str) -> None:
     if not os.path.isdir(features_path):
-        raise FileNotFoundError(
+        raise UsageError(
             f"features_path {features_path!r} is not a directory; expected the folder that "
             f"holds the video files (--features_path)"
         )
@@ -210,9 +211,6 @@ class VideoTextDataset(Dataset):
     """
 
     swallow_read_errors = False  # DiDeMo's original prints a read error and goes on with zero frames
-    # True: ``video`` holds the uint8 pixels and the reader normalises them (rawvideo_util.normalize_video), so a
-    # DataLoader moves uint8 instead of float64. False, as the original: the normalised float64 frames.
-    uint8_frames = False
 
     def __init__(
         self,
@@ -227,6 +225,7 @@ class VideoTextDataset(Dataset):
         frame_cache: str | None,
         skip_missing: bool,
         training: bool,
+        uint8_frames: bool = False,
     ):
         if frame_order not in (0, 1, 2):
             raise ValueError(f"frame_order must be 0 (in order), 1 (reversed) or 2 (shuffled), got {frame_order}")
@@ -243,6 +242,9 @@ class VideoTextDataset(Dataset):
         self.slice_framepos = slice_framepos
         self.skip_missing = skip_missing
         self.training = training
+        # True: ``video`` holds the uint8 pixels and the reader normalises them (rawvideo_util.normalize_video), so a
+        # DataLoader moves uint8 instead of float64. False, as the original: the normalised float64 frames.
+        self.uint8_frames = uint8_frames
         # the signatures keep the original's float default 1.0; the extractor counts frames in whole numbers
         self.rawVideoExtractor = RawVideoExtractor(
             framerate=int(feature_framerate), size=image_resolution, cache_dir=frame_cache
@@ -280,13 +282,13 @@ class VideoTextDataset(Dataset):
         )
         if not self.skip_missing:
             action = "train without them" if self.training else "evaluate on the videos present"
-            raise FileNotFoundError(
+            raise UsageError(
                 f"{message}. Check the layout with preprocess/check_dataset.py, or pass "
                 f"--skip_missing_videos to {action}."
             )
         kept = [v for v in video_ids if v in self.video_dict]
         if not kept:
-            raise FileNotFoundError(f"{message}: nothing is left to {'train on' if self.training else 'evaluate'}")
+            raise UsageError(f"{message}: nothing is left to {'train on' if self.training else 'evaluate'}")
         if self.training:
             logger.warning("%s; training without them (%d videos kept)", message, len(kept))
         else:
@@ -368,3 +370,20 @@ class VideoTextDataset(Dataset):
     def all_pairs(self) -> Iterable[Pair]:
         """Every (video id, caption, start, end), without drawing anything at random."""
         return self._pairs
+
+    def caption_ends(self) -> list[int] | None:
+        """With several captions per video, pairs grouped by video: the number of pairs up to and including each
+        video. None when each pair is its own video."""
+        return None
+
+    def encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(pairs_text, pairs_mask, pairs_segment)`` of a caption, as an item carries them."""
+        return self._get_text(caption)
+
+    def kept_frames_uint8(self, pair_index: int) -> np.ndarray:
+        """The frames the model sees of pair ``pair_index``'s video, in time order, before normalisation:
+        uint8 RGB [n, 3, size, size] (n = 0 when nothing could be decoded)."""
+        video_id, _caption, start, end = self._pairs[pair_index]
+        return kept_frames_uint8(
+            self.rawVideoExtractor, self.video_dict[video_id], self.max_frames, self.slice_framepos, start, end
+        )

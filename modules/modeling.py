@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,21 +16,14 @@ from modules.module_adapter import Our_tuning_for_transformer
 from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
 from modules.module_cross import CrossConfig, CrossModel
 from modules.module_cross import Transformer as TransformerClip
+from modules.names import LINEAR_PATCHES, LOOSE_HEADERS, PRECISIONS, SIM_HEADERS, TUNINGS  # noqa: F401
 from modules.until_module import CrossEn, PreTrainedModel, allgather, is_log_rank
-from util import default_device, get_world_size
+from util import UsageError, default_device, get_world_size
 
 logger = logging.getLogger(__name__)
 
-SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
-# The dot-product heads: one vector per video, so the similarity is a matrix product (the original's loose_type).
-LOOSE_HEADERS = ("meanP", "seqLSTM", "seqTransf")
-PRECISIONS = ("fp16-weights", "fp32", "bf16", "fp16")
-LINEAR_PATCHES = ("2d", "3d")
 # The cross config's max_position_embeddings; the original asserts max_words + max_frames against it.
 MAX_POSITION_EMBEDDINGS = 128
-# full: the original's fine-tuning of CLIP. unipt: the UniPT fork's parallel tuning, a frozen CLIP plus two small
-# side networks (``image_adapter``, ``text_adapter``) that are the only trained parameters.
-TUNINGS = ("full", "unipt")
 ADAPTER_PREFIXES = ("image_adapter.", "text_adapter.")
 # Guards the norms so an all-zero video mask gives zero logits, not NaN (the original divides by a zero norm);
 # far below any real norm.
@@ -83,29 +75,29 @@ class CLIP4ClipConfig:
 
     def __post_init__(self) -> None:
         if self.sim_header not in SIM_HEADERS:
-            raise ValueError(f"sim_header must be one of {SIM_HEADERS}, got {self.sim_header!r}")
+            raise UsageError(f"sim_header must be one of {SIM_HEADERS}, got {self.sim_header!r}")
         if self.loose_type is None:
             self.loose_type = self.sim_header in LOOSE_HEADERS
         if self.sim_header == "tightTransf" and self.loose_type:
-            raise ValueError("sim_header tightTransf is a cross encoder: loose_type must be False")
+            raise UsageError("sim_header tightTransf is a cross encoder: loose_type must be False")
         if self.linear_patch not in LINEAR_PATCHES:
-            raise ValueError(f"linear_patch must be one of {LINEAR_PATCHES}, got {self.linear_patch!r}")
+            raise UsageError(f"linear_patch must be one of {LINEAR_PATCHES}, got {self.linear_patch!r}")
         if self.precision not in ("auto",) + PRECISIONS:
-            raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {self.precision!r}")
+            raise UsageError(f"precision must be 'auto' or one of {PRECISIONS}, got {self.precision!r}")
         for name in ("cross_num_hidden_layers", "max_words", "max_frames"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not -1 <= self.freeze_layer_num <= 12:
-            raise ValueError(f"freeze_layer_num must be in -1..12, got {self.freeze_layer_num}")
+            raise UsageError(f"freeze_layer_num must be in -1..12, got {self.freeze_layer_num}")
         if self.max_words + self.max_frames > MAX_POSITION_EMBEDDINGS:
-            raise ValueError(
+            raise UsageError(
                 f"max_words + max_frames = {self.max_words} + {self.max_frames} exceeds the cross "
                 f"config's max_position_embeddings {MAX_POSITION_EMBEDDINGS}"
             )
         if self.tuning not in TUNINGS:
-            raise ValueError(f"tuning must be one of {TUNINGS}, got {self.tuning!r}")
+            raise UsageError(f"tuning must be one of {TUNINGS}, got {self.tuning!r}")
         if self.tuning == "unipt" and self.sim_header == "tightTransf":
-            raise ValueError(
+            raise UsageError(
                 "tuning unipt cannot use sim_header tightTransf: the adapters give one vector per "
                 "caption, the cross encoder needs per-token outputs"
             )
@@ -132,9 +124,6 @@ class CLIP4ClipConfig:
         ``given`` also overrides what the checkpoint implies; what neither says keeps the defaults.
         """
         return cls(**{**implied_by_state_dict(state_dict), **given})
-
-    def replace(self, **changes: Any) -> CLIP4ClipConfig:
-        return dataclasses.replace(self, **changes)
 
     def check_clip(self, clip_state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """CLIP's architecture (:func:`clip_config_from_state_dict`), once it is known to carry this config."""

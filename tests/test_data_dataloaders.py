@@ -13,6 +13,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dataloaders import data_dataloaders as dd
 from dataloaders.dataloader_msvd_retrieval import MSVD_DataLoader
+from dataloaders.sampling import VideoSampling
+from util import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,38 @@ def make_args(root, **kw):
     return args
 
 
+def parts(args, frame_order):
+    """The builders' arguments (data config, video sampling) of a flags-like namespace."""
+    data = dd.DataConfig(
+        datatype="msvd",
+        train_csv=args.train_csv,
+        val_csv=args.val_csv,
+        data_path=args.data_path,
+        features_path=args.features_path,
+        num_workers=args.num_thread_reader,
+        max_words=args.max_words,
+        expand_msrvtt_sentences=args.expand_msrvtt_sentences,
+        frame_cache=getattr(args, "frame_cache", None),
+        skip_missing=getattr(args, "skip_missing", False),
+    )
+    sampling = VideoSampling(
+        max_frames=args.max_frames,
+        feature_framerate=args.feature_framerate,
+        slice_framepos=args.slice_framepos,
+        image_resolution=getattr(args, "image_resolution", 224),
+        frame_order=frame_order,
+    )
+    return data, sampling
+
+
+def build_train(builder, args, tokenizer):
+    return builder(*parts(args, args.train_frame_order), tokenizer, args.batch_size // args.n_gpu)
+
+
+def build_test(builder, args, tokenizer, **kw):
+    return builder(*parts(args, args.eval_frame_order), tokenizer, args.batch_size_val, **kw)
+
+
 def test_dict_layout_matches_the_original():
     assert set(dd.DATALOADER_DICT) == {"msrvtt", "msvd", "lsmdc", "activity", "didemo"}
     table = {k: tuple(v[s] for s in ("train", "val", "test")) for k, v in dd.DATALOADER_DICT.items()}
@@ -76,7 +110,7 @@ def test_dict_layout_matches_the_original():
 
 
 def test_train_builder(layout, tokenizer):
-    loader, length, sampler = dd.DATALOADER_DICT["msvd"]["train"](make_args(layout), tokenizer)
+    loader, length, sampler = build_train(dd.DATALOADER_DICT["msvd"]["train"], make_args(layout), tokenizer)
     assert isinstance(loader.dataset, MSVD_DataLoader) and length == len(loader.dataset) == 15
     assert isinstance(sampler, DistributedSampler) and loader.sampler is sampler
     assert (sampler.num_replicas, sampler.rank, sampler.shuffle, sampler.seed) == (1, 0, True, 0)
@@ -89,13 +123,13 @@ def test_train_builder(layout, tokenizer):
     assert loader.dataset.frame_order == 0 and loader.dataset.slice_framepos == 2
     text, mask, segment, video, video_mask = next(iter(loader))
     assert text.shape == (4, 1, 12) and text.dtype == torch.int64
-    assert video.shape == (4, 1, 2, 1, 3, 32, 32) and video.dtype == torch.float64
+    assert video.shape == (4, 1, 2, 1, 3, 32, 32) and video.dtype == torch.uint8
     assert video_mask.shape == (4, 1, 2) and video_mask.sum() == 8
 
 
 def test_eval_builder_and_flags(layout, tokenizer, tmp_path):
     args = make_args(layout, eval_frame_order=1, num_thread_reader=1, frame_cache=str(tmp_path / "cache"))
-    loader, length = dd.DATALOADER_DICT["msvd"]["test"](args, tokenizer, subset="test")
+    loader, length = build_test(dd.DATALOADER_DICT["msvd"]["test"], args, tokenizer, subset="test")
     assert length == 4 and loader.batch_size == 3 and not loader.drop_last and loader.num_workers == 1
     assert isinstance(loader.sampler, SequentialSampler)
     ds = loader.dataset
@@ -109,23 +143,23 @@ def test_msrvtt_builders(layout, tokenizer):
     args = make_args(
         layout, expand_msrvtt_sentences=True, n_gpu=1, batch_size=2, data_path=str(layout / "MSRVTT_data.json")
     )
-    loader, length, sampler = dd.dataloader_msrvtt_train(args, tokenizer)
+    loader, length, sampler = build_train(dd.dataloader_msrvtt_train, args, tokenizer)
     assert length == 6 and loader.dataset.unfold_sentences and loader.batch_size == 2
-    loader, length = dd.dataloader_msrvtt_test(args, tokenizer)
+    loader, length = build_test(dd.dataloader_msrvtt_test, args, tokenizer)
     assert length == 2 and [p[1] for p in loader.dataset.all_pairs()] == ["a cat", "a dog"]
 
 
 def test_defaults_for_new_flags_and_skip_missing(layout, tokenizer, tmp_path):
     args = make_args(layout)
     del args.image_resolution
-    loader, _ = dd.dataloader_msvd_test(args, tokenizer)
+    loader, _ = build_test(dd.dataloader_msvd_test, args, tokenizer)
     assert loader.dataset.rawVideoExtractor.size == 224 and loader.dataset.skip_missing is False
     (layout / "test_list.txt").write_text("te0\nte1\nte_missing\n")
     try:
         (layout / "raw-captions.pkl").write_bytes(pickle.dumps({"te0": [["a"]], "te1": [["b"]], "te_missing": [["c"]]}))
-        with pytest.raises(FileNotFoundError, match="te_missing"):
-            dd.dataloader_msvd_test(make_args(layout), tokenizer)
-        loader, length = dd.dataloader_msvd_test(make_args(layout, skip_missing=True), tokenizer)
+        with pytest.raises(UsageError, match="te_missing"):
+            build_test(dd.dataloader_msvd_test, make_args(layout), tokenizer)
+        loader, length = build_test(dd.dataloader_msvd_test, make_args(layout, skip_missing=True), tokenizer)
         assert length == 2
     finally:
         (layout / "test_list.txt").write_text("te0\nte1")

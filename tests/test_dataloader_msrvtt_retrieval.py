@@ -16,6 +16,7 @@ from conftest import write_video
 from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
 from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_DataLoader, MSRVTT_TrainDataLoader
+from util import UsageError
 
 SOT, EOT = 49406, 49407
 SMALL = dict(max_words=16, max_frames=2, image_resolution=32)
@@ -76,7 +77,7 @@ def test_train_splits_list_their_ids(real_annotations, tmp_path, name, count, to
     )
     (tmp_path / "videos").mkdir()
     # every id is reported missing, in one error that counts them all
-    with pytest.raises(FileNotFoundError, match=rf"^{count} of {count} videos listed in .*{name}"):
+    with pytest.raises(UsageError, match=rf"^{count} of {count} videos listed in .*{name}"):
         MSRVTT_TrainDataLoader(str(csv), str(data), str(tmp_path / "videos"), tokenizer)
 
 
@@ -189,7 +190,7 @@ def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, ca
     os.remove(tmp_path / "videos" / "video0.mp4")
     csv, data, videos = str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos")
     with pytest.raises(
-        FileNotFoundError,
+        UsageError,
         match=r"1 of 4 videos listed in .*train\.csv have no file under "
         r".*videos: video0\. .*--skip_missing_videos to train without",
     ):
@@ -204,7 +205,7 @@ def test_missing_videos_in_training_and_evaluation(tmp_path, clip, tokenizer, ca
     (tmp_path / "test.csv").write_text(
         "key,vid_key,video_id,sentence\nret0,msr0,video0,a b\nret1,msr1,video1,c d\nret2,msr2,video2,e f\n"
     )
-    with pytest.raises(FileNotFoundError, match="evaluate on the videos present"):
+    with pytest.raises(UsageError, match="evaluate on the videos present"):
         MSRVTT_DataLoader(str(tmp_path / "test.csv"), videos, tokenizer)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dataloaders"):

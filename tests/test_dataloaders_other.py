@@ -14,6 +14,7 @@ from conftest import write_video
 from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader
 from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
+from util import UsageError
 
 SOT, EOT = 49406, 49407
 SMALL = dict(max_words=24, max_frames=2, image_resolution=32)
@@ -85,7 +86,7 @@ def test_lsmdc_bad_line_and_missing_clip(tmp_path, clip, tokenizer):
     ):
         LSMDC_DataLoader("train", str(tmp_path), str(tmp_path / "videos"), tokenizer)
     path.write_text(lsmdc_line("c1", "a") + "\n" + lsmdc_line("c9", "b") + "\n" + lsmdc_line("c2", "c") + "\n")
-    with pytest.raises(FileNotFoundError, match=r"1 of 3 videos listed in .*training\.csv .*: c9"):
+    with pytest.raises(UsageError, match=r"1 of 3 videos listed in .*training\.csv .*: c9"):
         LSMDC_DataLoader("train", str(tmp_path), str(tmp_path / "videos"), tokenizer)
     ds = LSMDC_DataLoader("train", str(tmp_path), str(tmp_path / "videos"), tokenizer, skip_missing=True)
     assert [c for _v, c, *_ in ds.all_pairs()] == ["a", "c"]
@@ -145,7 +146,7 @@ def test_activitynet_paragraphs_windows_and_order(tmp_path, clip, tokenizer, ref
 def test_activitynet_errors(tmp_path, clip, tokenizer):
     write_activitynet(tmp_path, clip)
     os.remove(tmp_path / "videos" / "bbb.mkv")
-    with pytest.raises(FileNotFoundError, match=r"1 of 3 videos listed in .*val_ids\.json .*: bbb"):
+    with pytest.raises(UsageError, match=r"1 of 3 videos listed in .*val_ids\.json .*: bbb"):
         ActivityNet_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer)
     data = json.loads((tmp_path / "val_1.json").read_text())
     data["v_bbb"]["duration"] = "long"

@@ -26,6 +26,7 @@ from dataloaders.dataset_util import (
     read_json,
     read_lines,
 )
+from util import UsageError
 
 SOT, EOT = 49406, 49407
 
@@ -149,7 +150,7 @@ def test_find_videos_by_stem_and_by_name(tmp_path):
         "x3.v2": str(tmp_path / "x3.v2.webm"),
     }
     assert find_videos(str(tmp_path), ["x1.mp4", "x1"], by_stem=False) == {"x1.mp4": str(tmp_path / "a/x1.mp4")}
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(UsageError, match="not a directory"):
         find_videos(str(tmp_path / "nope"), ["x1"])
 
 
@@ -237,7 +238,7 @@ def test_missing_videos_raise_one_error_listing_them(tmp_path, tokenizer):
     (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({v: [["a", "b"]] for v in ids}))
     (tmp_path / "train_list.txt").write_text("\n".join(ids))
     (tmp_path / "test_list.txt").write_text("\n".join(ids))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UsageError) as err:
         _msvd(tmp_path, "train", tokenizer)
     message = str(err.value)
     assert "13 of 14 videos listed in" in message and "train_list.txt" in message

@@ -21,8 +21,18 @@ from conftest import make_clip_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "main_task_retrieval.py")
 
+import engine.checkpoint  # noqa: E402
+import engine.config  # noqa: E402
+import engine.evaluate  # noqa: E402
+import engine.train  # noqa: E402
 import main_task_retrieval as mtr  # noqa: E402
+import util  # noqa: E402
+from engine.config import build_config  # noqa: E402
+from engine.context import RunContext, start_run, wrap_ddp  # noqa: E402
+from engine.flags import parse_flags  # noqa: E402
+from engine.model import init_model  # noqa: E402
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
+from modules.tokenization_clip import SimpleTokenizer as ClipTokenizer  # noqa: E402
 
 
 def _env():
@@ -173,11 +183,11 @@ def test_blocked_similarity_equals_original_per_batch_pairs(header, setup, monke
     vis = torch.randn(n_video, frames, 512, generator=gen)
     video_mask = (torch.arange(frames) < torch.randint(1, frames + 1, (n_video, 1), generator=gen)).long()
     # Small blocks so several of them are stitched together.
-    monkeypatch.setattr(mtr, "SIM_BLOCK_ELEMENTS", 40)
-    monkeypatch.setattr(mtr, "TIGHT_PAIRS_PER_BLOCK", 8)
-    monkeypatch.setattr(mtr, "TIGHT_VIDEOS_PER_BLOCK", 4)
+    monkeypatch.setattr(engine.evaluate, "SIM_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(engine.evaluate, "TIGHT_PAIRS_PER_BLOCK", 8)
+    monkeypatch.setattr(engine.evaluate, "TIGHT_VIDEOS_PER_BLOCK", 4)
     with torch.no_grad():
-        ours = mtr.similarity_columns(model, seq, text_mask, vis, video_mask, torch.device("cpu"))
+        ours = engine.evaluate.similarity_columns(model, seq, text_mask, vis, video_mask, torch.device("cpu"))
         # The original: batches of 3 texts × batches of 3 videos, the head re-applied for every pair of batches.
         rows = []
         for t0 in range(0, n_text, 3):
@@ -266,8 +276,10 @@ def test_bad_checkpoint_contents_give_one_line(setup, capsys, tmp_path):
 @pytest.mark.parametrize("flag, package", [("--eval_report", "matplotlib"), ("--tensorboard", "tensorboard")])
 def test_missing_optional_package_is_named(flag, package, setup, capsys, tmp_path, monkeypatch):
     _, paths, clip = setup
-    real = mtr.importlib.util.find_spec
-    monkeypatch.setattr(mtr.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    real = engine.config.importlib.util.find_spec
+    monkeypatch.setattr(
+        engine.config.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
+    )
     assert mtr.main(["--do_eval", flag, *msvd_args(paths, clip, tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
@@ -515,11 +527,15 @@ def first_step_grads(argv):
     """Loss and averaged gradients of the first training batch, set up exactly as the driver does."""
     from dataloaders.data_dataloaders import DATALOADER_DICT
 
-    args = mtr.get_args(argv)
-    info, model, tokenizer = mtr.prepare(args)
-    loader, _, sampler = DATALOADER_DICT[args.datatype]["train"](args, tokenizer)
+    config = build_config(parse_flags(argv))
+    context = start_run(config)
+    model = init_model(config, context)
+    per_process = config.optim.batch_size // context.dist.world_size
+    loader, _, sampler = DATALOADER_DICT[config.data.datatype]["train"](
+        config.data, config.train_sampling, ClipTokenizer(), per_process
+    )
     sampler.set_epoch(0)
-    ddp = mtr.wrap_ddp(model, info)
+    ddp = wrap_ddp(model, context.dist)
     ddp.train()
     input_ids, input_mask, segment_ids, video, video_mask = next(iter(loader))
     loss = ddp(input_ids, segment_ids, input_mask, video, video_mask)
@@ -604,7 +620,9 @@ def test_nan_loss_stops_at_its_step_before_the_update(tmp_path):
     batches = [tuple(torch.zeros(1, 1) for _ in range(5))] * 3
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with pytest.raises(mtr.RunError, match=r"the training loss is nan at epoch 1, step 2 \(after 1 optimizer steps\)"):
-        mtr.train_epoch(0, args, model, batches, torch.device("cpu"), optimizer, scaler, 0)
+        config = argparse.Namespace(optim=args)
+        cpu = util.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), initialized=False)
+        engine.train.train_epoch(0, config, RunContext(cpu, "fp32"), model, batches, optimizer, scaler, 0)
     assert torch.isfinite(model.w).all() and model.calls == 2  # the NaN never reached the weights
     assert list(tmp_path.iterdir()) == []
 
@@ -647,7 +665,7 @@ def test_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, caplog):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 2 and all(n.startswith(".pytorch_") and ".tmp" in n for n in left)
     with caplog.at_level(logging.WARNING, logger="logger"):
-        mtr.remove_stale_temporaries(str(tmp_path))
+        engine.checkpoint.remove_stale_temporaries(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     assert "removed 2 temporary file(s) of an interrupted save" in caplog.text
 
@@ -769,3 +787,31 @@ def test_unipt_train_resume_and_eval(setup):
     ours, logged = read_metrics(evaluated / "metrics_eval.json"), read_metrics(out / "metrics_epoch1.json")
     for side in ("text_to_video", "video_to_text"):
         assert ours[side] == pytest.approx(logged[side])
+
+
+# ------------------------------------------------------------------------------------------------ one user-error type
+
+
+def test_help_and_a_bad_flag_answer_before_torch_is_imported():
+    code = (
+        "import sys; sys.argv = ['main_task_retrieval.py', '--bogus']\n"
+        "import main_task_retrieval\n"
+        "try:\n    main_task_retrieval.parse_flags(['--bogus'])\nexcept Exception as e:\n    print(type(e).__name__)\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'cv2', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=_env())
+    assert out.stdout.split("\n")[:2] == ["UsageError", "[]"]
+    bad = subprocess.run([sys.executable, SCRIPT, "--bogus"], cwd=ROOT, capture_output=True, text=True, env=_env())
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_bug_in_model_building_keeps_its_traceback(setup, monkeypatch, capsys):
+    import engine.model
+
+    def shape_bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(engine.model.CLIP4Clip, "from_pretrained", shape_bug)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        root, paths, clip = setup
+        mtr.main(msvd_args(paths, clip, root / "bug", "--do_eval"))

@@ -3,6 +3,7 @@ freezing, precision, checkpointing, and the loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from collections.abc import Sequence
@@ -638,7 +639,7 @@ def test_config_round_trips_through_the_model_it_builds(clip_file, model_of, hea
         model.state_dict(), pretrained_clip_name=str(clip_file), max_words=MAX_WORDS, max_frames=MAX_FRAMES
     )
     if head in ("meanP", "seqLSTM"):  # no layer count in these heads' keys: the default stands
-        implied = implied.replace(cross_num_hidden_layers=config.cross_num_hidden_layers)
+        implied = dataclasses.replace(implied, cross_num_hidden_layers=config.cross_num_hidden_layers)
     assert implied == config
 
 

@@ -1,0 +1,81 @@
+"""Checkpoints: the model and optimizer files of an epoch as an atomic pair, resuming from one, the previous best."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+import util
+from errors import RunError
+from modules.optimization import BertAdam
+from util import UsageError
+
+logger = logging.getLogger("logger")
+
+
+def save_model(
+    epoch: int, output_dir: str, model: torch.nn.Module, optimizer: BertAdam, tr_loss: float, extra: dict
+) -> str:
+    """``pytorch_model.bin.<epoch>`` and ``pytorch_opt.bin.<epoch>`` as a pair (rank 0 only).
+
+    The opt file holds the original's {epoch, optimizer_state_dict, loss} plus what an exact continuation needs
+    (``extra``: every rank's RNG states, the global step, the grad scaler). Both are written to temporary files
+    first and renamed only when both are complete, the model first: an opt file, which is what ``--resume_model``
+    names, always has its model beside it. A failed save (disk full, read-only) leaves neither, and earlier epochs'
+    files untouched.
+    """
+    model_to_save = getattr(model, "module", model)
+    output_model_file = os.path.join(output_dir, f"pytorch_model.bin.{epoch}")
+    optimizer_state_file = os.path.join(output_dir, f"pytorch_opt.bin.{epoch}")
+    try:
+        with util.atomic_path(optimizer_state_file) as opt_tmp, util.atomic_path(output_model_file) as model_tmp:
+            torch.save(model_to_save.state_dict(), model_tmp)
+            torch.save(
+                {"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(), "loss": tr_loss, **extra}, opt_tmp
+            )
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise RunError(
+            f"cannot save the checkpoint of epoch {epoch} to {output_dir} ({reason}); the files of "
+            f"earlier epochs are untouched"
+        ) from None
+    logger.info("Model saved to %s", output_model_file)
+    logger.info("Optimizer saved to %s", optimizer_state_file)
+    return output_model_file
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Temporary files of a save that was killed (they never became checkpoints) are deleted, saying so."""
+    removed = util.remove_stale_temporaries(output_dir)
+    if removed:
+        logger.warning(
+            "removed %d temporary file(s) of an interrupted save in %s: %s",
+            len(removed),
+            output_dir,
+            ", ".join(p.name for p in removed),
+        )
+
+
+def load_resume_state(path: str) -> dict:
+    checkpoint = util.read_torch_file(path, "--resume_model")
+    if not isinstance(checkpoint, dict) or not {"epoch", "optimizer_state_dict"} <= set(checkpoint):
+        raise UsageError(
+            f"--resume_model {path}: expected a pytorch_opt.bin.N file with 'epoch' and 'optimizer_state_dict'"
+        )
+    return checkpoint
+
+
+def previous_best(output_dir: str, before_epoch: int) -> tuple[float, str]:
+    """Best R@1 and model file among the metrics_epoch<k>.json files of epochs before ``before_epoch``."""
+    best_score, best_file = 0.00001, "None"
+    for epoch in range(before_epoch):
+        path = os.path.join(output_dir, f"metrics_epoch{epoch}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                record = json.load(f)
+            if best_score <= record["text_to_video"]["R1"]:
+                best_score, best_file = record["text_to_video"]["R1"], record["model_file"]
+    return best_score, best_file

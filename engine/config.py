@@ -1,0 +1,164 @@
+"""The run config: the flags, checked, as one frozen value made of typed parts; built once by the entry script."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import util
+from dataloaders.data_dataloaders import DataConfig
+from dataloaders.sampling import VideoSampling
+from modules.modeling import CLIP4ClipConfig
+from modules.module_clip import TINY_MODELS, available_models, clip_config_from_state_dict, load_state_dict_file
+from util import UsageError
+
+logger = logging.getLogger("logger")
+
+# The input size of OpenAI's ViT CLIPs (both are trained at 224 pixels); a weights file says its own.
+OPENAI_IMAGE_RESOLUTION = 224
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """``batch_size`` is the global batch of one forward pass (the flag divided by the accumulation steps)."""
+
+    epochs: int
+    batch_size: int
+    batch_size_val: int
+    lr: float
+    coef_lr: float
+    warmup_proportion: float
+    gradient_accumulation_steps: int
+    n_display: int
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the run does besides the model and the data. ``tuning`` is as asked (None: read off --init_model)."""
+
+    do_train: bool
+    seed: int
+    output_dir: str
+    init_model: str | None
+    resume_model: str | None
+    cross_model: str
+    tuning: str | None
+    compile: bool
+    local_rank: int
+    eval_dsl: bool
+    dsl_temperature: float
+    eval_report: bool
+    tensorboard: bool
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is asked to do. ``flags`` are the parsed flags as logged under "Effective parameters"."""
+
+    model: CLIP4ClipConfig
+    train_sampling: VideoSampling
+    eval_sampling: VideoSampling
+    data: DataConfig
+    optim: OptimConfig
+    run: RunOptions
+    flags: tuple[tuple[str, Any], ...]
+
+
+def _part(cls: type, args: argparse.Namespace, **renamed: Any) -> Any:
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in renamed]
+    return cls(**{name: getattr(args, name) for name in names}, **renamed)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The run config of parsed flags, after checking the optional packages and every path."""
+    check_extras(args)
+    check_paths(args)
+    sampling = VideoSampling(
+        max_frames=args.max_frames,
+        feature_framerate=args.feature_framerate,
+        slice_framepos=args.slice_framepos,
+        image_resolution=clip_image_resolution(args.pretrained_clip_name),
+        frame_order=args.train_frame_order,
+    )
+    return RunConfig(
+        model=CLIP4ClipConfig.from_args(args),
+        train_sampling=sampling,
+        eval_sampling=dataclasses.replace(sampling, frame_order=args.eval_frame_order),
+        data=_part(DataConfig, args, num_workers=args.num_thread_reader),
+        optim=_part(OptimConfig, args),
+        run=_part(RunOptions, args),
+        flags=tuple(sorted(vars(args).items())),
+    )
+
+
+def clip_image_resolution(pretrained_clip_name: str) -> int:
+    """The frame size the CLIP weights take, known before the model is built so the loaders need not wait."""
+    if pretrained_clip_name in TINY_MODELS:
+        return TINY_MODELS[pretrained_clip_name]["image_resolution"]
+    if pretrained_clip_name in available_models():
+        return OPENAI_IMAGE_RESOLUTION
+    try:
+        return clip_config_from_state_dict(load_state_dict_file(pretrained_clip_name))["image_resolution"]
+    except ValueError as error:  # the reader's and the shape check's own messages name the file
+        raise UsageError(f"--pretrained_clip_name {pretrained_clip_name}: {error}") from None
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """The optional packages the asked-for outputs need, named before anything is loaded."""
+    for flag, package in (("eval_report", "matplotlib"), ("tensorboard", "tensorboard")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--{flag} needs the {package} package: pip install -r requirements-report.txt")
+
+
+def _need(path: str | None, flag: str, kind: str = "file") -> None:
+    ok = path is not None and (os.path.isfile(path) if kind == "file" else os.path.isdir(path))
+    if not ok:
+        raise UsageError(f"{flag} {path}: no such {kind}")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every input path exists, so a typo fails in a second, not after the model is built."""
+    if args.pretrained_clip_name not in available_models() and not os.path.isfile(args.pretrained_clip_name):
+        raise UsageError(
+            f"--pretrained_clip_name {args.pretrained_clip_name}: neither a known name "
+            f"({', '.join(available_models())}) nor an existing file"
+        )
+    if args.init_model is not None:
+        _need(args.init_model, "--init_model")
+    elif args.do_eval and not args.do_train:
+        logger.warning("--do_eval without --init_model evaluates the untrained CLIP4Clip initialisation")
+    if args.resume_model is not None:
+        _need(args.resume_model, "--resume_model")
+        if args.init_model is None:
+            raise UsageError("--resume_model needs the matching --init_model (pytorch_model.bin.N of the same epoch)")
+    if args.datatype == "msrvtt":
+        _need(args.val_csv, "--val_csv")
+        if args.do_train:
+            _need(args.train_csv, "--train_csv")
+            _need(args.data_path, "--data_path")
+    else:
+        _need(args.data_path, "--data_path", "folder")
+    _need(args.features_path, "--features_path", "folder")
+    if args.frame_cache is not None and os.path.exists(args.frame_cache) and not os.path.isdir(args.frame_cache):
+        raise UsageError(f"--frame_cache {args.frame_cache}: exists and is not a folder")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir}: exists and is not a folder")
+    _need_writable(args.output_dir, "--output_dir")
+    if args.frame_cache is not None:
+        _need_writable(args.frame_cache, "--frame_cache")
+
+
+def _need_writable(directory: str, flag: str) -> None:
+    """Create ``directory`` if needed and write a file there, so a read-only place fails now, not at the first save."""
+    probe = util.temporary_path(os.path.join(directory, "write-test"))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{flag} {directory}: cannot write there ({error.strerror or error})") from None
