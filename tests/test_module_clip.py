@@ -398,3 +398,10 @@ def test_hidden_states_are_block_inputs_and_outputs(tower, tiny_fp32):
     width = 64 if tower == "visual" else 512
     assert states[0].shape == (2, 5 if tower == "visual" else 77, width)
     assert all(torch.equal(a, b) for a, b in zip(states, states2)) and tokens.shape[-1] == 512
+
+
+def test_original_names_stay_importable():
+    from modules import clip_names, module_clip
+
+    assert module_clip._MODELS is clip_names.OPENAI_MODEL_URLS and module_clip._PT_NAME is clip_names.OPENAI_FILE_NAMES
+    assert module_clip.available_models() == ["ViT-B/32", "ViT-B/16", "tiny-random-ViT/16"]
