@@ -272,12 +272,6 @@ def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
         raise
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_path`."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def atomic_write_text(text: str, path: str | Path) -> None:
     """UTF-8 text through :func:`atomic_path`."""
     with atomic_path(path) as tmp:

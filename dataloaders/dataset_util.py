@@ -23,13 +23,7 @@ from errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKEN = {
-    "CLS_TOKEN": "<|startoftext|>",
-    "SEP_TOKEN": "<|endoftext|>",
-    "MASK_TOKEN": "[MASK]",
-    "UNK_TOKEN": "[UNK]",
-    "PAD_TOKEN": "[PAD]",
-}
+SPECIAL_TOKEN = {"CLS_TOKEN": "<|startoftext|>", "SEP_TOKEN": "<|endoftext|>"}
 LISTED_NAMES = 10  # how many missing names an error message shows
 MAX_REPLACEMENTS = 100  # consecutive undecodable draws before training gives up
 
@@ -249,7 +243,6 @@ class VideoTextDataset(Dataset):
         self.rawVideoExtractor = RawVideoExtractor(
             framerate=int(feature_framerate), size=image_resolution, cache_dir=frame_cache
         )
-        self.SPECIAL_TOKEN = SPECIAL_TOKEN
         self.video_dict: dict[str, str] = {}
         self._pairs: list[Pair] = []
         self.missing_videos: list[str] = []

@@ -1,64 +1,28 @@
-"""CLIP (ViT only) as CLIP4Clip uses it: the two towers, OpenAI weight files, architecture inference, fp16 conversion.
+"""CLIP (ViT only) as CLIP4Clip uses it: the two towers, architecture inference, fp16 conversion.
 
-State-dict keys are exactly OpenAI's, so ``ViT-B-32.pt`` / ``ViT-B-16.pt`` load unchanged.
-Nothing is downloaded: the user puts the weight file in ``modules/`` (see README, "CLIP weights").
+State-dict keys are exactly OpenAI's, so ``ViT-B-32.pt`` / ``ViT-B-16.pt`` load unchanged; reading those files is
+:mod:`modules.clip_weights`' job.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import os
-import pickle
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_MODELS = {
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
-    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
-    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-}
-_PT_NAME = {"ViT-B/32": "ViT-B-32.pt", "ViT-B/16": "ViT-B-16.pt"}
+from modules.clip_names import OPENAI_FILE_NAMES, OPENAI_MODEL_URLS
+from modules.clip_names import available_models as available_models
 
-# Random, untrained architectures for demos and tests without a download. Never a stand-in for real weights.
-# Text width 512 because the CLIP4Clip heads are 512 wide.
-TINY_MODELS: dict[str, dict] = {
-    "tiny-random-ViT/16": dict(
-        embed_dim=512,
-        image_resolution=64,
-        vision_layers=2,
-        vision_width=128,
-        vision_patch_size=16,
-        context_length=77,
-        vocab_size=49408,
-        transformer_width=512,
-        transformer_heads=8,
-        transformer_layers=2,
-    ),
-}
-_TINY_SEED = 0
-# Every OpenAI checkpoint, which is what CLIP4Clip fine-tunes, carries a logit scale of 100. The CLIP class's own
-# start value (1, so logits are cosines times e) only exists to be overwritten by such a file; a tiny CLIP left at
-# it trains with a 37x softer softmax and learns retrieval far more slowly (docs/demo.md).
-_TINY_LOGIT_SCALE = math.log(100.0)
+# The original's names for the model tables.
+_MODELS = OPENAI_MODEL_URLS
+_PT_NAME = OPENAI_FILE_NAMES
 
 # Entries of OpenAI's TorchScript archives that are not model parameters.
 _JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
-
-_MODULE_DIR = Path(__file__).resolve().parent
-
-
-def available_models() -> list:
-    """Names accepted by :meth:`CLIP.get_config` (besides a file path)."""
-    return list(_MODELS) + list(TINY_MODELS)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -298,23 +262,11 @@ class CLIP(nn.Module):
     @staticmethod
     def get_config(pretrained_clip_name: str = "ViT-B/32") -> dict[str, torch.Tensor]:
         """The CLIP state dict for a model name (``ViT-B/32``, ``ViT-B/16``, a tiny random name) or a file path."""
-        if pretrained_clip_name in TINY_MODELS:
-            return _tiny_state_dict(pretrained_clip_name)
-        if pretrained_clip_name in _PT_NAME:
-            path = _MODULE_DIR / _PT_NAME[pretrained_clip_name]
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"CLIP weights for {pretrained_clip_name} not found at {path}. Nothing is downloaded "
-                    f"automatically; fetch OpenAI's file with:\n  wget -P {path.parent} {_MODELS[pretrained_clip_name]}"
-                )
-            return load_state_dict_file(path)
-        if os.path.isfile(pretrained_clip_name):
-            return load_state_dict_file(pretrained_clip_name)
-        raise FileNotFoundError(
-            f"CLIP model {pretrained_clip_name!r} is neither a known name nor an existing file; known names: "
-            f"{', '.join(available_models())} (CLIP4Clip needs a ViT CLIP). Nothing is downloaded automatically; "
-            f"for ViT-B/32 run:\n  wget -P {_MODULE_DIR} {_MODELS['ViT-B/32']}"
-        )
+        # Imported here: the loader builds tiny CLIPs with this module's classes, so a top-level import would be a
+        # cycle. This method is the original's entry point; the resolving itself lives in clip_weights.
+        from modules.clip_weights import load_clip_state_dict
+
+        return load_clip_state_dict(pretrained_clip_name)
 
     @staticmethod
     def build_attention_mask(length: int) -> torch.Tensor:
@@ -473,151 +425,3 @@ def build_model(state_dict: Mapping[str, torch.Tensor]) -> CLIP:
     convert_weights(model)
     model.load_state_dict(weights)
     return model.eval()
-
-
-class _ScriptObject:
-    """Stands in for any ``__torch__.*`` class of a TorchScript archive: it keeps the pickled state and runs nothing
-    (the archive's own ``__setstate__``, which is TorchScript code, is never looked at)."""
-
-    def __setstate__(self, state) -> None:
-        self.state = state
-
-
-def _restore_type_tag(value, _type_name: str):
-    """TorchScript tags typed containers (``Dict[str, Tensor]``) with their type; the value is all we need."""
-    return value
-
-
-# What a TorchScript ``data.pkl`` may refer to besides its own classes: the tensor rebuild functions, the empty
-# ``OrderedDict`` of backward hooks, the container type tag, and the storage types. Anything else is refused before
-# it is looked up.
-_ARCHIVE_GLOBALS = {
-    ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("collections", "OrderedDict"): OrderedDict,
-}
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
-
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Reads a TorchScript archive's ``data.pkl`` the way ``weights_only`` reads a plain file: tensors are rebuilt
-    from the storages stored beside it in the zip, module objects become inert :class:`_ScriptObject` s."""
-
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(io.BytesIO(data))
-        self.archive, self.prefix = archive, prefix
-
-    def find_class(self, module: str, name: str):
-        if module == "__torch__" or module.startswith("__torch__."):
-            return _ScriptObject
-        if (module, name) in _ARCHIVE_GLOBALS:
-            return _ARCHIVE_GLOBALS[(module, name)]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]  # the storage reference below only needs its dtype
-        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a weights archive never needs")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected storage reference {pid!r}")
-        _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError(f"storage {key} has no known storage type")
-        raw = self.archive.read(f"{self.prefix}/data/{key}")
-        if len(raw) != numel * torch.empty((), dtype=dtype).element_size():
-            raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, expected {numel} {dtype} values")
-        untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-
-
-def _named_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of an unpickled module tree under its dotted attribute name (positions name the entries of a
-    module whose state is a tuple)."""
-    state = obj.state if isinstance(obj, _ScriptObject) else obj
-    items = (
-        state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    )
-    out: dict[str, torch.Tensor] = {}
-    for key, value in items:
-        name = f"{prefix}{key}"
-        if isinstance(value, torch.Tensor):
-            out[name] = value.detach()
-        elif isinstance(value, (_ScriptObject, Mapping, list, tuple)):
-            out.update(_named_tensors(value, name + "."))
-    return out
-
-
-def read_torchscript_archive(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a TorchScript archive (OpenAI's ``ViT-B-32.pt``) without running any of its code.
-
-    Differs from the original, which calls ``torch.jit.load``: that runs the archive's TorchScript (``__setstate__``
-    methods) at load time, so a hostile file could act. Here only ``data.pkl`` is unpickled, with the restricted
-    unpickler above. An archive made by tracing (OpenAI's) gives exactly ``torch.jit.load(path).state_dict()``.
-    """
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        data_pkl = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-        if len(data_pkl) != 1:
-            raise pickle.UnpicklingError("no data.pkl at the top of the archive")
-        prefix = data_pkl[0].split("/")[0]
-        if f"{prefix}/byteorder" in names and archive.read(f"{prefix}/byteorder").strip() not in (b"", b"little"):
-            raise pickle.UnpicklingError("stored big-endian; only little-endian archives are read")
-        root = _ArchiveUnpickler(archive.read(data_pkl[0]), archive, prefix).load()
-    return _named_tensors(root)
-
-
-def _is_torchscript(path: Path) -> bool:
-    """A zip holding TorchScript code (a ``torch.save`` file is a zip too, but has no ``code/`` folder)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in archive.namelist())
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a CLIP weight file: OpenAI's TorchScript archive (without running its code) or a ``torch.save`` state
-    dict (``weights_only``). An unreadable file is a ValueError naming it."""
-    path = Path(path)
-    try:
-        if _is_torchscript(path):
-            return read_torchscript_archive(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever a damaged file raises, the user needs the same one line
-        raise ValueError(
-            f"cannot read CLIP weights from {path} ({_first_line(error)}): expected OpenAI's "
-            f"TorchScript archive or a torch.save state dict; the file may be truncated or corrupt, "
-            f"download it again (see README, 'CLIP weights')"
-        ) from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
-            f"{path} does not hold a CLIP state dict (a mapping of names to tensors); got {type(obj).__name__}"
-        )
-    return dict(obj)
-
-
-def _tiny_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """A freshly initialised tiny CLIP with logit scale 100, seeded locally so the caller's RNG stream is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_TINY_SEED)
-        model = CLIP(**TINY_MODELS[name])
-    state = dict(model.state_dict())
-    state["logit_scale"] = torch.tensor(_TINY_LOGIT_SCALE)
-    return state

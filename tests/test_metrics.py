@@ -15,7 +15,6 @@ from metrics import (
     dual_softmax_rerank,
     dynamic_inverted_softmax,
     multi_sentence_tensor,
-    print_computed_metrics,
     retrieval_metrics,
     tensor_text_to_video_metrics,
     tensor_video_to_text_sim,
@@ -100,11 +99,6 @@ def test_bad_input():
         compute_metrics(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="nothing to rank"):
         compute_metrics(np.full((2, 2), np.nan))
-
-
-def test_print_computed_metrics(capsys):
-    print_computed_metrics(compute_metrics(np.eye(3)))
-    assert capsys.readouterr().out == "R@1: 100.0000 - R@5: 100.0000 - R@10: 100.0000 - Median R: 1.0\n"
 
 
 def test_numpy_median_averages_torch_median_takes_lower():

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import math
-import pickle
-import warnings
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_clip_state_dict
 from torch import nn
 
-from modules import module_clip
 from modules.module_clip import (
     CLIP,
-    TINY_MODELS,
     LayerNorm,
     QuickGELU,
-    available_models,
     build_model,
     clip_config_from_state_dict,
     convert_weights,
-    load_state_dict_file,
 )
 
 open_clip_model = pytest.importorskip("open_clip.model")
@@ -178,161 +170,6 @@ def test_config_of_tiny_dict(tiny_clip_state_dict):
         transformer_heads=8,
         transformer_layers=1,
     )
-
-
-# --- weight files -------------------------------------------------------------------------------------------------
-
-
-class _Holder(nn.Module):
-    """A bare module tree, so a scripted archive carries tensors under OpenAI's dotted names."""
-
-
-def save_torchscript(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    root = _Holder()
-    for key, value in state_dict.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, _Holder())
-            module = getattr(module, name)
-        module.register_buffer(leaf, value.clone())
-    with warnings.catch_warnings():  # torch.jit.script is deprecated, but OpenAI's files are TorchScript
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(root).save(str(path))
-        assert torch.jit.load(str(path)).state_dict().keys() == state_dict.keys()
-    return path
-
-
-class _Hostile(nn.Module):
-    """A module whose TorchScript ``__setstate__`` prints a marker when ``torch.jit.load`` restores it."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.arange(6, dtype=torch.float32).view(3, 2))
-        self.register_buffer("scale", torch.tensor([0.5, -2.0], dtype=torch.float16))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.t()
-
-    @torch.jit.export
-    def __getstate__(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "scale": self.scale}
-
-    @torch.jit.export
-    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
-        print("HOSTILE-SETSTATE-RAN")
-        self.weight = state["weight"]
-        self.scale = state["scale"]
-        self.training = False
-
-
-class _HostileHolder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = _Hostile()
-        self.proj = nn.Linear(2, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) + self.proj(x)
-
-
-def test_torchscript_archive_is_read_without_running_its_code(tmp_path, capfd):
-    torch.manual_seed(0)
-    holder = _HostileHolder()
-    path = tmp_path / "hostile.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(holder).save(str(path))
-        torch.jit.load(str(path))
-    assert "HOSTILE-SETSTATE-RAN" in capfd.readouterr().out  # the archive really runs code under torch.jit.load
-
-    loaded = load_state_dict_file(path)
-    assert "HOSTILE-SETSTATE-RAN" not in capfd.readouterr().out
-    expected = {
-        "inner.weight": holder.inner.weight,
-        "inner.scale": holder.inner.scale,
-        "proj.weight": holder.proj.weight,
-        "proj.bias": holder.proj.bias,
-    }
-    assert loaded.keys() == expected.keys()
-    for key, value in expected.items():
-        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value.detach())
-
-
-def test_torchscript_archive_refers_only_to_tensors(tmp_path):
-    path = tmp_path / "jit.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(_HostileHolder()).save(str(path))
-    # Rewrite data.pkl so it names os.system: the reader refuses it instead of looking it up.
-    with zipfile.ZipFile(path) as archive:
-        entries = {n: archive.read(n) for n in archive.namelist()}
-    data_pkl = next(n for n in entries if n.endswith("/data.pkl"))
-    entries[data_pkl] = pickle.dumps(__import__("os").system, protocol=2)
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    with pytest.raises(ValueError, match="jit.pt .*refers to (posix|nt).system"):
-        load_state_dict_file(path)
-
-
-def test_torchscript_and_plain_files_load_identically(tmp_path):
-    sd = make_clip_state_dict(jit_extras=True, seed=3)
-    jit_file = save_torchscript(sd, tmp_path / "jit.pt")
-    plain_file = tmp_path / "plain.pt"
-    torch.save(sd, plain_file)
-    wrapped_file = tmp_path / "wrapped.pt"
-    torch.save({"state_dict": sd, "epoch": 3}, wrapped_file)
-
-    loaded = [CLIP.get_config(str(f)) for f in (jit_file, plain_file, wrapped_file)]
-    for d in loaded:
-        assert d.keys() == sd.keys()
-        assert all(torch.equal(d[k], sd[k]) for k in sd)
-
-    ids = make_texts([5, 9])
-    image = images(2, 32)
-    outputs = []
-    for d in loaded:
-        model = build_model(d)
-        assert not model.training and model.dtype == torch.float16
-        with torch.no_grad():
-            outputs.append((model.encode_image(image), model.encode_text(ids)))
-    assert "input_resolution" in loaded[0]  # build_model leaves the caller's dict intact
-    for image_features, text_features in outputs[1:]:
-        assert torch.equal(image_features, outputs[0][0]) and torch.equal(text_features, outputs[0][1])
-    assert outputs[0][0].dtype == torch.float16 and torch.isfinite(outputs[0][0]).all()
-
-
-def test_get_config_errors(tmp_path, monkeypatch, tiny_clip_file):
-    monkeypatch.setattr(module_clip, "_MODULE_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError) as err:
-        CLIP.get_config("ViT-B/32")
-    message = str(err.value)
-    assert str(tmp_path / "ViT-B-32.pt") in message
-    assert f"wget -P {tmp_path} https://openaipublic.azureedge.net/clip/models/40d3657" in message
-
-    with pytest.raises(FileNotFoundError) as err:
-        CLIP.get_config("ViT-L/14")
-    for name in ("ViT-B/32", "ViT-B/16", "tiny-random-ViT/16"):
-        assert name in str(err.value)
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"this is not a weights file" * 10)
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(tiny_clip_file.read_bytes()[:100_000])
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    jit_truncated = tmp_path / "jit-truncated.pt"
-    jit_truncated.write_bytes(save_torchscript(make_clip_state_dict(), tmp_path / "jit.pt").read_bytes()[:50_000])
-    for bad in (garbage, truncated, empty, jit_truncated):
-        with pytest.raises(ValueError, match="cannot read CLIP weights from .*" + bad.name):
-            CLIP.get_config(str(bad))
-
-    not_dict = tmp_path / "list.pt"
-    torch.save([torch.zeros(1)], not_dict)
-    with pytest.raises(ValueError, match="list.pt does not hold a CLIP state dict"):
-        CLIP.get_config(str(not_dict))
 
 
 def test_wrong_architecture_is_a_clear_value_error(tiny_clip_state_dict):
@@ -505,40 +342,6 @@ def test_grad_checkpointing_same_outputs_and_grads(tiny_clip_state_dict):
     assert not model.transformer.grad_checkpointing
 
 
-# --- tiny named architecture --------------------------------------------------------------------------------------
-
-
-def test_tiny_named_architecture_is_deterministic_and_leaves_rng_alone():
-    assert "tiny-random-ViT/16" in TINY_MODELS and "tiny-random-ViT/16" in available_models()
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    first = CLIP.get_config("tiny-random-ViT/16")
-    assert torch.equal(torch.get_rng_state(), before)
-    second = CLIP.get_config("tiny-random-ViT/16")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert clip_config_from_state_dict(first) == dict(
-        embed_dim=512,
-        image_resolution=64,
-        vision_layers=2,
-        vision_width=128,
-        vision_patch_size=16,
-        context_length=77,
-        vocab_size=49408,
-        transformer_width=512,
-        transformer_heads=8,
-        transformer_layers=2,
-    )
-    # OpenAI's initialisation: token embedding std 0.02, text projection std width ** -0.5.
-    assert abs(first["token_embedding.weight"].std().item() - 0.02) < 1e-3
-    assert abs(first["text_projection"].std().item() - 512**-0.5) < 2e-3
-    # The logit scale of OpenAI's checkpoints, not the class's placeholder exp(1).
-    assert first["logit_scale"].dtype == torch.float32 and first["logit_scale"].exp().item() == pytest.approx(100.0)
-    model = build_model(first)
-    assert model.visual.input_resolution == 64
-    with torch.no_grad():
-        assert model.encode_image(images(1, 64)).shape == (1, 512)
-
-
 @pytest.mark.parametrize("masked", [False, True])
 def test_self_attention_equals_multihead_attention(masked):
     """The scaled_dot_product_attention path against nn.MultiheadAttention itself: outputs and input gradients."""
@@ -595,3 +398,10 @@ def test_hidden_states_are_block_inputs_and_outputs(tower, tiny_fp32):
     width = 64 if tower == "visual" else 512
     assert states[0].shape == (2, 5 if tower == "visual" else 77, width)
     assert all(torch.equal(a, b) for a, b in zip(states, states2)) and tokens.shape[-1] == 512
+
+
+def test_original_names_stay_importable():
+    from modules import clip_names, module_clip
+
+    assert module_clip._MODELS is clip_names.OPENAI_MODEL_URLS and module_clip._PT_NAME is clip_names.OPENAI_FILE_NAMES
+    assert module_clip.available_models() == ["ViT-B/32", "ViT-B/16", "tiny-random-ViT/16"]

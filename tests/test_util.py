@@ -83,7 +83,7 @@ def test_seed_and_rng_state_round_trip_through_weights_only_file(tmp_path):
     np.random.randn()  # leaves a cached gaussian in numpy's state
     state = util.get_rng_state()
     path = tmp_path / "rng.bin"
-    util.atomic_torch_save({"rng": state}, path)
+    torch.save({"rng": state}, path)
     expected = _draw()
     _draw()
     util.set_rng_state(torch.load(path, weights_only=True)["rng"])
@@ -102,10 +102,15 @@ def test_preserved_rng_leaves_streams_untouched():
     assert inside_skipped[:3] == plain[:3] and torch.equal(inside_skipped[3], plain[3])
 
 
+def _atomic_torch_save(obj, path):
+    with util.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
     path = tmp_path / "pytorch_model.bin.0"
-    util.atomic_torch_save({"w": torch.ones(2)}, path)
-    util.atomic_torch_save({"w": torch.zeros(2)}, path)
+    _atomic_torch_save({"w": torch.ones(2)}, path)
+    _atomic_torch_save({"w": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(2))
     util.atomic_write_text("{}\n", tmp_path / "m.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "pytorch_model.bin.0"]
@@ -113,14 +118,14 @@ def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
 
 def test_atomic_save_failure_keeps_previous_file(tmp_path):
     path = tmp_path / "pytorch_opt.bin.0"
-    util.atomic_torch_save({"epoch": 0}, path)
+    _atomic_torch_save({"epoch": 0}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        util.atomic_torch_save({"bad": Unpicklable()}, path)
+        _atomic_torch_save({"bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 0}
     assert [p.name for p in tmp_path.iterdir()] == ["pytorch_opt.bin.0"]
 
