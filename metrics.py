@@ -60,6 +60,15 @@ def compute_metrics(x: ArrayLike) -> dict[str, object]:
     }
 
 
+def print_computed_metrics(metrics: dict[str, object]) -> None:
+    """The original's one-line summary of ``compute_metrics`` output (kept for scripts written against it)."""
+    print(
+        "R@1: {:.4f} - R@5: {:.4f} - R@10: {:.4f} - Median R: {}".format(
+            metrics["R1"], metrics["R5"], metrics["R10"], metrics["MR"]
+        )
+    )
+
+
 def tensor_text_to_video_metrics(sim_tensor: ArrayLike, top_k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Text-to-video metrics of a [videos, max_captions, videos] tensor whose missing captions are inf/NaN rows.
 

@@ -13,8 +13,10 @@ from typing import Any
 import util
 from dataloaders.data_dataloaders import DataConfig
 from dataloaders.sampling import VideoSampling
+from modules.clip_names import TINY_MODELS, available_models
+from modules.clip_weights import load_state_dict_file
 from modules.modeling import CLIP4ClipConfig
-from modules.module_clip import TINY_MODELS, available_models, clip_config_from_state_dict, load_state_dict_file
+from modules.module_clip import clip_config_from_state_dict
 from util import UsageError
 
 logger = logging.getLogger("logger")
@@ -104,6 +106,8 @@ def clip_image_resolution(pretrained_clip_name: str) -> int:
         return OPENAI_IMAGE_RESOLUTION
     try:
         return clip_config_from_state_dict(load_state_dict_file(pretrained_clip_name))["image_resolution"]
+    except UsageError:
+        raise
     except ValueError as error:  # the reader's and the shape check's own messages name the file
         raise UsageError(f"--pretrained_clip_name {pretrained_clip_name}: {error}") from None
 

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from dataloaders import DATATYPES
 from errors import UsageError
-from modules.names import CLIP_MODEL_NAMES, LOOSE_HEADERS, SIM_HEADERS
+from modules.clip_names import available_models
+from modules.names import LOOSE_HEADERS, SIM_HEADERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained_clip_name",
         default="ViT-B/32",
-        help=f"one of {', '.join(CLIP_MODEL_NAMES)} (read from modules/), or a weights file",
+        help=f"one of {', '.join(available_models())} (read from modules/), or a weights file",
     )
     g.add_argument("--cross_model", default="cross-base", help="cross config folder under modules/")
     g.add_argument("--init_model", default=None, help="state dict whose keys override the CLIP initialisation")

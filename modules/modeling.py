@@ -128,11 +128,11 @@ class CLIP4ClipConfig:
     def check_clip(self, clip_state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """CLIP's architecture (:func:`clip_config_from_state_dict`), once it is known to carry this config."""
         if "visual.proj" not in clip_state_dict:
-            raise ValueError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
+            raise UsageError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
         clip_kwargs = clip_config_from_state_dict(clip_state_dict)
         n_positions = 1 + self.max_frames if self.sim_header == "tightTransf" else self.max_frames
         if self.sim_header in ("seqTransf", "tightTransf") and n_positions > clip_kwargs["context_length"]:
-            raise ValueError(
+            raise UsageError(
                 f"sim_header {self.sim_header} with max_frames {self.max_frames} needs {n_positions} positions, "
                 f"but the position tables have CLIP's context_length {clip_kwargs['context_length']}"
             )
@@ -247,14 +247,14 @@ def check_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor], n
     keys = {key.replace("gamma", "weight").replace("beta", "bias"): key for key in state_dict}
     clip_keys = [key for key in keys if key.startswith("clip.")]
     if not any(key in own for key in keys) or (clip_keys and not any(key in own for key in clip_keys)):
-        raise ValueError(
+        raise UsageError(
             f"{name}: none of its {len(clip_keys) or len(keys)} {'CLIP ' if clip_keys else ''}weights "
             f"is one of this model's; it is not a CLIP4Clip checkpoint of this CLIP (its first keys: "
             f"{_preview(list(keys), 3)})"
         )
     for key, original in keys.items():
         if key in own and tuple(own[key].shape) != tuple(state_dict[original].shape):
-            raise ValueError(
+            raise UsageError(
                 f"{name}: {original} has shape {tuple(state_dict[original].shape)}, the model expects "
                 f"{tuple(own[key].shape)} (a checkpoint of another CLIP or head size?)"
             )

@@ -10,5 +10,3 @@ LINEAR_PATCHES = ("2d", "3d")
 # full: the original's fine-tuning of CLIP. unipt: the UniPT fork's parallel tuning, a frozen CLIP plus two small
 # side networks (``image_adapter``, ``text_adapter``) that are the only trained parameters.
 TUNINGS = ("full", "unipt")
-# OpenAI's CLIP weights read from modules/, then the random tiny architectures for demos and tests.
-CLIP_MODEL_NAMES = ("ViT-B/32", "ViT-B/16", "tiny-random-ViT/16")

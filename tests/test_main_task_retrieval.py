@@ -439,9 +439,9 @@ def test_an_error_while_training_keeps_its_traceback(setup, tmp_path):
     _, paths, clip = setup
     # A ValueError raised mid-run is a failure of the run, not a bad flag: traceback and exit 1, not one line and 2.
     code = (
-        "import sys, main_task_retrieval as m\n"
+        "import sys, engine.run, main_task_retrieval as m\n"
         "def broken(*args, **kwargs):\n    raise ValueError('video 3 became unreadable')\n"
-        "m.train_epoch = broken\nsys.exit(m.main(sys.argv[1:]))\n"
+        "engine.run.train_epoch = broken\nsys.exit(m.main(sys.argv[1:]))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "--do_train", "--epochs", "1", *msvd_args(paths, clip, tmp_path / "out")],

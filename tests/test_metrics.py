@@ -15,6 +15,7 @@ from metrics import (
     dual_softmax_rerank,
     dynamic_inverted_softmax,
     multi_sentence_tensor,
+    print_computed_metrics,
     retrieval_metrics,
     tensor_text_to_video_metrics,
     tensor_video_to_text_sim,
@@ -329,3 +330,9 @@ def test_querybank_bad_input():
         build_querybank(np.array([[0.0, np.inf]]))
     with pytest.raises(ValueError, match="gallery = 3"):
         dynamic_inverted_softmax(np.zeros((2, 4)), build_querybank(HAND_BANK))
+
+
+def test_print_computed_metrics(capsys):
+    # Identity matrix: every query ranks its item first, so R@1 = R@5 = R@10 = 100 and the median rank is 1.
+    print_computed_metrics(compute_metrics(np.eye(3)))
+    assert capsys.readouterr().out == "R@1: 100.0000 - R@5: 100.0000 - R@10: 100.0000 - Median R: 1.0\n"
