@@ -186,14 +186,14 @@ def search(args: argparse.Namespace) -> None:
     from search.query import search, search_video
 
     if args.video is not None:
-        found = search_video(Path(args.index), args.video, args.top_k, _weights(args))
+        found = search_video(args.index, args.video, args.top_k, _weights(args))
         if args.json:
             print(json.dumps(found, indent=1))
         else:
             _print_table(f"video: {found['video']}", found["results"], "path")
         return
     queries = _nonblank([args.query], "--query") if args.query is not None else _read_lines(args.queries, "queries")
-    found = search(Path(args.index), queries, args.top_k, args.max_words, _weights(args))
+    found = search(args.index, queries, args.top_k, args.max_words, _weights(args))
     if args.json:
         print(json.dumps(found, indent=1))
     else:
@@ -206,7 +206,7 @@ def captions(args: argparse.Namespace) -> None:
     from search.query import rank_captions
 
     texts = _nonblank(args.caption, "--caption") if args.caption else _read_lines(args.captions, "captions")
-    ranked = rank_captions(Path(args.index), Path(args.video), texts, args.top_k, args.max_words, _weights(args))
+    ranked = rank_captions(args.index, Path(args.video), texts, args.top_k, args.max_words, _weights(args))
     if args.json:
         print(json.dumps(ranked, indent=1))
     else:
@@ -238,7 +238,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     if args.videos is not None:
         print(build_index(_index_request(args, args.videos)), file=sys.stderr)
-    index, model = open_index(Path(args.index), _weights(args), args.max_words)
+    index, model = open_index(args.index, _weights(args), args.max_words)
     app = create_app(index, Path(args.index), model, args.max_words)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(

@@ -29,6 +29,8 @@ from search.index import DAMAGED, Index
 from search.settings import ModelSpec, Weights
 from util import UsageError, default_device, read_state_dict
 
+TEXT_BATCH = 256  # texts per forward pass: a query file of any length fits in memory
+
 
 def read_checkpoint(path: str | None) -> dict[str, torch.Tensor] | None:
     """The ``--init_model`` state dict, or None without one."""
@@ -74,7 +76,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def index_model(index: Index, index_dir: Path, weights: Weights, max_words: int = 32) -> CLIP4Clip:
+def index_model(index: Index, index_dir: str | Path, weights: Weights, max_words: int) -> CLIP4Clip:
     """The model that built ``index`` (weights moved since: pass their new place); refuses any other model."""
     spec = index.settings.model.with_weights(weights)
     if spec.init_model and not Path(spec.init_model).is_file():
@@ -108,13 +110,13 @@ def _tokenizer() -> SimpleTokenizer:
 
 
 @torch.no_grad()
-def text_embeddings(model, texts: Sequence[str], max_words: int = 32, batch_size: int = 256) -> torch.Tensor:
-    """(len(texts), D) end-token embeddings of unit norm, on the model's device."""
+def text_embeddings(model, texts: Sequence[str], max_words: int = 32) -> torch.Tensor:
+    """(len(texts), D) end-token embeddings of unit norm, on the model's device, ``TEXT_BATCH`` texts at a time."""
     tokenizer = _tokenizer()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
-        parts = [encode_caption(tokenizer, t, max_words) for t in texts[start : start + batch_size]]
+    for start in range(0, len(texts), TEXT_BATCH):
+        parts = [encode_caption(tokenizer, t, max_words) for t in texts[start : start + TEXT_BATCH]]
         ids, mask, segment = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*parts))
         out.append(model.get_text_embedding(model.get_sequence_output(ids, segment, mask)))
     return torch.cat(out)

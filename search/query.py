@@ -15,7 +15,7 @@ from search.settings import AS_STORED, Weights
 from util import UsageError
 
 
-def open_index(index_dir: Path, weights: Weights, max_words: int = 32) -> tuple[Index, object]:
+def open_index(index_dir: str | Path, weights: Weights, max_words: int = 32) -> tuple[Index, object]:
     """The index (embeddings memory-mapped) and the model that built it."""
     index = load_index(Path(index_dir), mmap=True)
     if not index.videos:
@@ -68,14 +68,14 @@ def query_video(index: Index, model, video: str) -> tuple[np.ndarray, int | None
 
 
 def search(
-    index_dir: Path, queries: Sequence[str], top: int = 5, max_words: int = 32, weights: Weights = AS_STORED
+    index_dir: str | Path, queries: Sequence[str], top: int = 5, max_words: int = 32, weights: Weights = AS_STORED
 ) -> list[dict]:
     """Text → videos: for each query ``{"query", "results": [{"rank", "id", "path", "score"}, ...]}``, best first."""
     index, model = open_index(index_dir, weights, max_words)
     return rank_texts(index, model, queries, top, max_words)
 
 
-def search_video(index_dir: Path, video: str, top: int = 5, weights: Weights = AS_STORED) -> dict:
+def search_video(index_dir: str | Path, video: str, top: int = 5, weights: Weights = AS_STORED) -> dict:
     """Video → videos: ``{"video", "results": [...]}``, the query video itself left out; the search page's
     "more like this" ranks the same way."""
     index, model = open_index(index_dir, weights)
@@ -84,7 +84,7 @@ def search_video(index_dir: Path, video: str, top: int = 5, weights: Weights = A
 
 
 def rank_captions(
-    index_dir: Path,
+    index_dir: str | Path,
     video: Path,
     captions: Sequence[str],
     top: int | None = None,
