@@ -174,14 +174,14 @@ def _index_request(args: argparse.Namespace, videos: str):
     return IndexRequest(Path(videos), Path(args.index), _weights(args), **settings, **workers)
 
 
-def index(args: argparse.Namespace) -> None:
+def run_index(args: argparse.Namespace) -> None:
     """``retrieve.py index``: create or update the index and print what changed."""
     from search.build import build_index
 
     print(build_index(_index_request(args, args.videos)))
 
 
-def search(args: argparse.Namespace) -> None:
+def run_search(args: argparse.Namespace) -> None:
     """``retrieve.py search``: text → videos, or video → videos with ``--video``."""
     from search.query import search, search_video
 
@@ -201,7 +201,7 @@ def search(args: argparse.Namespace) -> None:
             _print_table(f"query: {entry['query']}", entry["results"], "path")
 
 
-def captions(args: argparse.Namespace) -> None:
+def run_captions(args: argparse.Namespace) -> None:
     """``retrieve.py captions``: video → the given captions, best first."""
     from search.query import rank_captions
 
@@ -213,7 +213,7 @@ def captions(args: argparse.Namespace) -> None:
         _print_table(f"video: {ranked['video']}", ranked["results"], "caption")
 
 
-def serve(args: argparse.Namespace) -> None:
+def run_serve(args: argparse.Namespace) -> None:
     """``retrieve.py serve``: load the index and its model once, then answer the page until interrupted."""
     from util import UsageError
 
@@ -248,7 +248,7 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
-COMMANDS = {"index": index, "search": search, "captions": captions, "serve": serve}
+COMMANDS = {"index": run_index, "search": run_search, "captions": run_captions, "serve": run_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
