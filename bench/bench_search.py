@@ -56,21 +56,26 @@ def time_search(args: argparse.Namespace, emb: np.ndarray, queries: np.ndarray, 
     return t_load_one, t_one, t_batch
 
 
-def time_text(args: argparse.Namespace) -> float:
-    """Best time to encode one 32-token query with a ViT-B/32-sized text tower."""
-    # The vision tower is irrelevant to the text side: one layer keeps the build cheap.
-    clip = CLIP(
-        embed_dim=512,
+def text_clip(width: int, layers: int) -> CLIP:
+    """A CLIP whose text tower is ``layers`` x ``width`` (ViT-B/32's: 12 x 512); the vision tower is irrelevant to
+    the text side, so one layer keeps the build cheap."""
+    return CLIP(
+        embed_dim=width,
         image_resolution=224,
         vision_layers=1,
         vision_width=768,
         vision_patch_size=32,
         context_length=77,
         vocab_size=49408,
-        transformer_width=512,
-        transformer_heads=8,
-        transformer_layers=args.text_layers,
-    ).eval()
+        transformer_width=width,
+        transformer_heads=max(1, width // 64),
+        transformer_layers=layers,
+    )
+
+
+def time_text(args: argparse.Namespace) -> float:
+    """Best time to encode one 32-token query with a ViT-B/32-sized text tower."""
+    clip = text_clip(512, args.text_layers).eval()
     ids = torch.zeros(1, 32, dtype=torch.long)
     ids[0, :8] = torch.tensor([49406, 320, 1929, 1629, 4716, 320, 2687, 49407])
     with torch.no_grad():

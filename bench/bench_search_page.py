@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modules.module_clip import CLIP  # noqa: E402
+from bench_search import text_clip  # noqa: E402  (this folder: the same text tower)
+
 from search.encode import fingerprint, load_model  # noqa: E402
 from search.index import Index, load_index, save_index  # noqa: E402
 from search.page import create_app  # noqa: E402
@@ -51,21 +52,7 @@ def model_and_index(args: argparse.Namespace, tmp: str) -> tuple:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     clip_file = Path(tmp) / "clip-b32-text.pt"
-    torch.save(
-        CLIP(
-            embed_dim=args.dim,
-            image_resolution=224,
-            vision_layers=1,
-            vision_width=768,
-            vision_patch_size=32,
-            context_length=77,
-            vocab_size=49408,
-            transformer_width=args.dim,
-            transformer_heads=max(1, args.dim // 64),
-            transformer_layers=args.text_layers,
-        ).state_dict(),
-        clip_file,
-    )
+    torch.save(text_clip(args.dim, args.text_layers).state_dict(), clip_file)
     spec = ModelSpec(pretrained_clip_name=str(clip_file), sim_header="meanP", linear_patch="2d")
     model = load_model(spec, None, DEFAULT_SAMPLING.max_frames, torch.device("cpu"))
     spec = replace(spec, fingerprint=fingerprint(model))
