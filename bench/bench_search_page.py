@@ -4,9 +4,9 @@ The app is served for real (uvicorn on 127.0.0.1, requests over HTTP) with its m
 CLIP4Clip meanP whose text tower is ViT-B/32-sized (12 layers, width 512; random weights cost the same as real
 ones; the vision tower is never run by a query, one layer keeps the build cheap). Synthetic unit-norm 512-d
 embeddings stand in for the encoded videos. Timed side by side: a text query through HTTP, the same ranking called
-in-process (``retrieve.rank_texts``), and "more like this" (``/api/similar``, no text to encode).
+in-process (``search.rank.rank_texts``), and "more like this" (``/api/similar``, no text to encode).
 
-    python bench/bench_search_page.py [--videos 10000] [--repeats 20]
+    python bench/bench_search_page.py [--videos 10000] [--repeats 20] [--dim 512] [--text_layers 12]
 """
 
 from __future__ import annotations
@@ -19,15 +19,20 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import retrieve  # noqa: E402
-from modules.module_clip import CLIP  # noqa: E402
-from search_page import create_app  # noqa: E402
+from bench_search import text_clip  # noqa: E402  (this folder: the same text tower)
+
+from search.encode import fingerprint, load_model  # noqa: E402
+from search.index import Index, load_index, save_index  # noqa: E402
+from search.page import create_app  # noqa: E402
+from search.rank import rank_texts  # noqa: E402
+from search.settings import DEFAULT_SAMPLING, IndexSettings, ModelSpec  # noqa: E402
 
 BUDGET_S = 1.0
 QUERIES = ["a red circle moves to the left", "a person is cooking pasta in a kitchen", "two dogs play in the snow"]
@@ -42,45 +47,34 @@ def timings(repeats: int, fn) -> list:
     return out
 
 
-def main() -> None:
+def model_and_index(args: argparse.Namespace, tmp: str) -> tuple:
+    """The meanP model (text tower of ``args.dim`` x ``args.text_layers``) and a synthetic index in ``tmp``."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    clip_file = Path(tmp) / "clip-b32-text.pt"
+    torch.save(text_clip(args.dim, args.text_layers).state_dict(), clip_file)
+    spec = ModelSpec(pretrained_clip_name=str(clip_file), sim_header="meanP", linear_patch="2d")
+    model = load_model(spec, None, DEFAULT_SAMPLING.max_frames, torch.device("cpu"))
+    spec = replace(spec, fingerprint=fingerprint(model))
+    emb = rng.standard_normal((args.videos, args.dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    videos = [{"path": f"v{i:06d}.mp4", "size": 1, "mtime_ns": 0, "frames": 12} for i in range(args.videos)]
+    index_dir = Path(tmp) / "index"
+    save_index(index_dir, Index(IndexSettings(tmp, spec, DEFAULT_SAMPLING), videos, [], emb))
+    return model, index_dir, load_index(index_dir, mmap=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument("--dim", type=int, default=512, help="text tower width and embedding size (512: ViT-B/32's)")
+    parser.add_argument("--text_layers", type=int, default=12, help="text tower depth (12: ViT-B/32's)")
+    args = parser.parse_args(argv)
     import uvicorn
 
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        clip_file = Path(tmp) / "clip-b32-text.pt"
-        torch.save(
-            CLIP(
-                embed_dim=512,
-                image_resolution=224,
-                vision_layers=1,
-                vision_width=768,
-                vision_patch_size=32,
-                context_length=77,
-                vocab_size=49408,
-                transformer_width=512,
-                transformer_heads=8,
-                transformer_layers=12,
-            ).state_dict(),
-            clip_file,
-        )
-        spec = {"init_model": None, "pretrained_clip_name": str(clip_file), "sim_header": "meanP", "linear_patch": "2d"}
-        model = retrieve.load_model(spec, None, 12, torch.device("cpu"))
-        emb = rng.standard_normal((args.videos, 512)).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        videos = [{"path": f"v{i:06d}.mp4", "size": 1, "mtime_ns": 0, "frames": 12} for i in range(args.videos)]
-        index_dir = Path(tmp) / "index"
-        retrieve.save_index(
-            index_dir,
-            retrieve.Index(
-                {"videos_root": tmp, "model": spec, "sampling": dict(retrieve.DEFAULT_SAMPLING)}, videos, [], emb
-            ),
-        )
-        index = retrieve.load_index(index_dir, mmap=True)
+        model, index_dir, index = model_and_index(args, tmp)
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -105,7 +99,7 @@ def main() -> None:
 
         get(f"/api/search?q={q(0)}&k=12")  # warm-up
         http_text = timings(args.repeats, lambda k: get(f"/api/search?q={q(k)}&k=12"))
-        direct = timings(args.repeats, lambda k: retrieve.rank_texts(index, model, [QUERIES[k % 3]], 12))
+        direct = timings(args.repeats, lambda k: rank_texts(index, model, [QUERIES[k % 3]], 12))
         similar = timings(args.repeats, lambda k: get(f"/api/similar?id={k}&k=12"))
         server.should_exit = True
 

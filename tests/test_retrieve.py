@@ -1,9 +1,13 @@
-"""retrieve.py: the index files, the incremental bookkeeping, and search scores against the model's own logits."""
+"""retrieve.py over the search package: indexing, searching and ranking captions end to end, scores against the
+model's own logits, and the command line's errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,166 +16,33 @@ import torch
 from conftest import make_clip_state_dict, write_video
 
 import retrieve
+import search.build as search_build
 from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import RawVideoExtractor
-from modules.modeling import CLIP4Clip, CLIP4ClipConfig, implied_by_state_dict
+from dataloaders.sampling import VideoSampling
+from modules.modeling import SIM_HEADERS, CLIP4Clip, CLIP4ClipConfig, implied_by_state_dict
 from modules.tokenization_clip import SimpleTokenizer
-from retrieve import Index, RetrieveError, load_index, plan_update, save_index, top_k
+from search.build import IndexRequest
+from search.encode import VideoFiles, logit_scale, text_embeddings, video_embeddings
+from search.index import Index, load_index, save_index, scan_videos
+from search.query import rank_captions, search, search_video
+from search.settings import DEFAULT_SAMPLING, IndexSettings, ModelSpec, Weights
+from util import UsageError
 
 MAX_FRAMES = 4
 CONTENT = {"red/a.mp4": 1, "blue/b.avi": 2, "c.mp4": 3}  # relative path -> write_video seed (distinct frames)
 
 
-# --------------------------------------------------------------------------------------------------- index files
-def _index(n: int, dim: int = 4, seed: int = 0) -> Index:
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((n, dim)).astype(np.float32)
-    videos = [{"path": f"v{i}.mp4", "size": 10 + i, "mtime_ns": 100 + i, "frames": 3} for i in range(n)]
-    model = {
-        "init_model": None,
-        "pretrained_clip_name": "ViT-B/32",
-        "sim_header": "meanP",
-        "linear_patch": "2d",
-        "fingerprint": "0" * 64,
-    }
-    return Index(
-        {"videos_root": "/videos", "model": model, "sampling": dict(retrieve.DEFAULT_SAMPLING)}, videos, [], emb
-    )
+def build_index(videos, index, init_model=None, pretrained_clip_name=None, **settings):
+    """An ``index`` run with the flags as keywords."""
+    weights = Weights(init_model, pretrained_clip_name)
+    return search_build.build_index(IndexRequest(Path(videos), Path(index), weights, **settings))
 
 
-def test_index_files_are_plain_json_and_npy_and_replaced_whole(tmp_path):
-    first = _index(3)
-    save_index(tmp_path, first)
-    second = _index(5, seed=1)
-    second.unreadable = [{"path": "bad.mp4", "size": 1, "mtime_ns": 2, "error": "no frame could be decoded"}]
-    save_index(tmp_path, second)
-
-    names = sorted(p.name for p in tmp_path.iterdir() if p.name != retrieve.COMMIT_LOCK)
-    assert len(names) == 2 and names[1] == "index.json" and names[0].startswith("embeddings-")  # old file, no tmp
-    manifest = json.loads((tmp_path / "index.json").read_text())
-    assert manifest["embeddings"] == names[0] and manifest["unreadable"] == second.unreadable
-    np.testing.assert_array_equal(np.load(tmp_path / names[0], allow_pickle=False), second.embeddings)
-    loaded = load_index(tmp_path, mmap=True)
-    assert loaded.videos == second.videos and loaded.settings == second.settings
-    np.testing.assert_array_equal(loaded.embeddings, second.embeddings)
-
-
-def test_load_index_errors_name_the_file(tmp_path):
-    with pytest.raises(RetrieveError, match="index.json not found"):
-        load_index(tmp_path)
-    save_index(tmp_path, _index(3))
-    manifest = json.loads((tmp_path / "index.json").read_text())
-    manifest["videos"].pop()
-    (tmp_path / "index.json").write_text(json.dumps(manifest))
-    with pytest.raises(RetrieveError, match=r"embeddings-.*\.npy: expected float32 of shape \(2, D\)"):
-        load_index(tmp_path)
-    (tmp_path / "index.json").write_text("{")
-    with pytest.raises(RetrieveError, match="index.json: not valid JSON"):
-        load_index(tmp_path)
-
-
-def _damage(directory: Path, change) -> None:
-    manifest = json.loads((directory / "index.json").read_text())
-    change(manifest)
-    (directory / "index.json").write_text(json.dumps(manifest))
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda m: m["settings"].pop("sampling"), r"settings: expected 'sampling' of type dict, found missing"),
-        (lambda m: m["settings"]["model"].pop("fingerprint"), r"settings\.model: expected 'fingerprint' of type str"),
-        (
-            lambda m: m["settings"]["sampling"].update(max_frames="4"),
-            r"settings\.sampling: expected 'max_frames' of type "
-            r"int, found '4'",
-        ),
-        (lambda m: m["videos"][1].pop("path"), r"videos\[1\]: expected 'path' of type str, found missing"),
-        (lambda m: m["videos"].__setitem__(0, "v0.mp4"), r"videos\[0\]: expected an object with"),
-        (lambda m: m["unreadable"].append({"path": "x.mp4"}), r"unreadable\[0\]: expected 'size' of type int"),
-        (lambda m: m.update(embeddings="../elsewhere.npy"), r"embeddings: expected a file name in the index directory"),
-        (lambda m: m.update(settings=[]), r"settings: expected an object"),
-    ],
-)
-def test_damaged_manifest_is_one_line_naming_the_file_and_field(tmp_path, change, message):
-    save_index(tmp_path, _index(3))
-    _damage(tmp_path, change)
-    with pytest.raises(RetrieveError, match=r"index\.json: " + message) as err:
-        load_index(tmp_path)
-    assert len(str(err.value).splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (b"", "not a readable .npy array"),
-        (b"\x93NUMPY garbage", "not a readable .npy array"),
-    ],
-)
-def test_damaged_embeddings_file_is_named(tmp_path, content, message):
-    save_index(tmp_path, _index(3))
-    emb = next(tmp_path.glob("embeddings-*.npy"))
-    emb.write_bytes(content)
-    with pytest.raises(RetrieveError, match=emb.name + ": " + message):
-        load_index(tmp_path, mmap=True)
-    np.save(emb, np.zeros((3, 4, 1), dtype=np.float32))
-    with pytest.raises(
-        RetrieveError,
-        match=emb.name + r": expected float32 of shape \(3, D\), found float32 "
-        r"\(3, 4, 1\)",
-    ):
-        load_index(tmp_path)
-
-
-def test_plan_update_keeps_unchanged_encodes_new_and_changed_drops_removed():
-    old = _index(3)  # v0 (10, 100), v1 (11, 101), v2 (12, 102)
-    old.unreadable = [
-        {"path": "bad.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
-        {"path": "fixed.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
-        {"path": "gone.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
-    ]
-    found = {
-        "bad.mp4": (5, 5),
-        "fixed.mp4": (6, 9),
-        "new.mp4": (1, 1),
-        "v0.mp4": (10, 100),
-        "v1.mp4": (11, 999),
-        "v2.mp4": (99, 102),
-    }
-    plan = plan_update(old, found)
-    assert plan.keep == [0]
-    assert plan.encode == ["fixed.mp4", "new.mp4", "v1.mp4", "v2.mp4"]
-    assert plan.removed == ["gone.mp4"]
-    assert [u["path"] for u in plan.still_unreadable] == ["bad.mp4"]
-    assert plan_update(None, found).encode == sorted(found)
-
-
-def test_scan_videos_is_recursive_and_skips_other_files(tmp_path):
-    for rel in ("a.mp4", "sub/deeper/B.MKV", "sub/notes.txt", "c.webm"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"12345")
-    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
-    found, errors = retrieve.scan_videos(tmp_path)
-    assert list(found) == ["a.mp4", "c.webm", "sub/deeper/B.MKV"]
-    st = (tmp_path / "a.mp4").stat()
-    assert found["a.mp4"] == (5, st.st_mtime_ns)
-    assert list(errors) == ["dangling.mp4"] and "FileNotFoundError" in errors["dangling.mp4"]
-
-
-# ---------------------------------------------------------------------------------------------------------- top_k
-def test_top_k_matches_a_full_sort_and_orders_ties_by_index():
-    rng = np.random.default_rng(0)
-    emb = rng.standard_normal((50, 8)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    emb[7] = emb[3]  # a tie, and the best match of the first query
-    queries = np.stack([emb[3], rng.standard_normal(8).astype(np.float32)])
-    idx, scores = top_k(emb, queries, 5, 2.0)
-    full = 2.0 * (queries @ emb.T)
-    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1, kind="stable")[:, :5])
-    np.testing.assert_allclose(scores, np.take_along_axis(full, idx, 1), rtol=1e-6)
-    assert list(idx[0, :2]) == [3, 7]
-    idx_all, _ = top_k(emb[:3], queries, 10, 1.0)
-    assert idx_all.shape == (2, 3)
+def _one_video_index() -> Index:
+    settings = IndexSettings("/videos", ModelSpec(None, "ViT-B/32", "meanP", "2d", "0" * 64), DEFAULT_SAMPLING)
+    videos = [{"path": "v0.mp4", "size": 10, "mtime_ns": 100, "frames": 3}]
+    return Index(settings, videos, [], np.ones((1, 4), dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------------------------- model-based tests
@@ -213,9 +84,9 @@ def test_video_embeddings_give_the_models_logits(tiny_clip_file, head):
     video = torch.randn(3, 1, MAX_FRAMES, 1, 3, 32, 32, generator=g).double()
     video_mask = torch.tensor([[[1, 1, 1, 1]], [[1, 1, 0, 0]], [[1, 0, 0, 0]]])
     texts = ["a red circle moves left", "first a blue square then a green triangle"]
-    emb = retrieve.video_embeddings(model, video, video_mask)
+    emb = video_embeddings(model, video, video_mask)
     np.testing.assert_allclose(emb.norm(dim=-1).numpy(), 1.0, rtol=1e-5)
-    scores = retrieve.logit_scale(model) * (retrieve.text_embeddings(model, texts) @ emb.T).numpy()
+    scores = logit_scale(model) * (text_embeddings(model, texts) @ emb.T).numpy()
     np.testing.assert_allclose(scores, _reference_logits(model, texts, video, video_mask), rtol=1e-5, atol=1e-5)
 
 
@@ -242,7 +113,7 @@ def built(tmp_path_factory, tiny_clip_file):
     """Three distinct videos (one in a sub-folder, one .avi), a corrupt file, a text file; indexed once."""
     root = _write_videos(tmp_path_factory.mktemp("videos"))
     index_dir = tmp_path_factory.mktemp("index")
-    report = retrieve.build_index(
+    report = build_index(
         root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, num_workers=1, progress=False
     )
     return root, index_dir, report
@@ -255,14 +126,14 @@ def test_index_reports_encoded_and_unreadable_files(built):
     assert "broken.mp4: " in str(report) and "3 videos (3 encoded" in str(report)
     index = load_index(index_dir)
     assert [v["path"] for v in index.videos] == sorted(CONTENT)
-    assert index.settings["sampling"] == {"max_frames": MAX_FRAMES, "feature_framerate": 1, "slice_framepos": 2}
-    assert index.settings["model"]["sim_header"] == "meanP"
+    assert index.settings.sampling == VideoSampling(max_frames=MAX_FRAMES, feature_framerate=1, slice_framepos=2)
+    assert index.settings.model.sim_header == "meanP"
 
 
 def test_search_scores_are_the_models_logits_and_ranked_by_them(built, reference):
     root, index_dir, _ = built
     queries = ["a red circle moves left", "a blue square", "first a green triangle then a yellow star"]
-    found = retrieve.search(index_dir, queries, top=3)
+    found = search(index_dir, queries, top=3)
 
     paths = [root / rel for rel in sorted(CONTENT)]
     logits = _reference_logits(reference, queries, *_decode(paths))
@@ -309,7 +180,7 @@ def test_captions_ranks_captions_for_indexed_and_new_videos(built, reference, tm
 
     outside = tmp_path / "elsewhere.mp4"  # not in the index: encoded on the fly, same frames, same scores
     outside.write_bytes(video.read_bytes())
-    again = retrieve.rank_captions(index_dir, outside, captions, top=2)
+    again = rank_captions(index_dir, outside, captions, top=2)
     assert [r["caption"] for r in again["results"]] == [captions[i] for i in order[:2]]
     np.testing.assert_allclose([r["score"] for r in again["results"]], logits[order[:2]], rtol=1e-5, atol=1e-5)
 
@@ -317,17 +188,15 @@ def test_captions_ranks_captions_for_indexed_and_new_videos(built, reference, tm
 def test_reindex_encodes_only_new_and_changed_files(tmp_path, tiny_clip_file, reference, monkeypatch):
     root = _write_videos(tmp_path / "videos")
     index_dir = tmp_path / "index"
-    retrieve.build_index(
-        root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, progress=False
-    )
+    build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=MAX_FRAMES, progress=False)
     before = load_index(index_dir)
 
     def no_model(*args, **kwargs):
         raise AssertionError("an unchanged folder needs no model")
 
     with monkeypatch.context() as m:
-        m.setattr(retrieve, "load_model", no_model)
-        report = retrieve.build_index(root, index_dir, progress=False)
+        m.setattr(search_build, "load_model", no_model)
+        report = build_index(root, index_dir, progress=False)
     assert report.encoded == [] and report.unchanged == 3 and report.removed == []
     assert [u["path"] for u in report.unreadable] == ["broken.mp4"]  # still reported, not retried
     np.testing.assert_array_equal(load_index(index_dir).embeddings, before.embeddings)
@@ -337,13 +206,13 @@ def test_reindex_encodes_only_new_and_changed_files(tmp_path, tiny_clip_file, re
     os.utime(root / "c.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     write_video(root / "d.mp4", n_frames=12, fps=4, seed=4)
     (root / "red" / "a.mp4").unlink()
-    report = retrieve.build_index(root, index_dir, progress=False)
+    report = build_index(root, index_dir, progress=False)
     assert report.encoded == ["c.mp4", "d.mp4"] and report.unchanged == 1 and report.removed == ["red/a.mp4"]
 
     after = load_index(index_dir)
     assert [v["path"] for v in after.videos] == ["blue/b.avi", "c.mp4", "d.mp4"]
     np.testing.assert_array_equal(after.embeddings[0], before.embeddings[0])  # blue/b.avi kept as it was
-    fresh = retrieve.video_embeddings(reference, *_decode([root / "c.mp4", root / "d.mp4"])).numpy()
+    fresh = video_embeddings(reference, *_decode([root / "c.mp4", root / "d.mp4"])).numpy()
     np.testing.assert_allclose(after.embeddings[1:], fresh, rtol=1e-5, atol=1e-6)
     assert np.abs(after.embeddings[1] - before.embeddings[2]).max() > 1e-3  # c.mp4 really changed
 
@@ -360,7 +229,7 @@ def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_fil
     for rel, seed in CONTENT.items():
         write_video(root / rel, n_frames=12, fps=4, seed=seed)
 
-    report = retrieve.build_index(
+    report = build_index(
         root,
         tmp_path / "index",
         init_model=str(ckpt),
@@ -369,9 +238,9 @@ def test_checkpoint_head_is_indexed_and_reused_at_search(tmp_path, tiny_clip_fil
         progress=False,
     )
     assert report.total == 3
-    assert load_index(tmp_path / "index").settings["model"]["sim_header"] == "seqTransf"  # read off the checkpoint
+    assert load_index(tmp_path / "index").settings.model.sim_header == "seqTransf"  # read off the checkpoint
     queries = ["a red circle", "a blue square"]
-    found = retrieve.search(tmp_path / "index", queries, top=3)
+    found = search(tmp_path / "index", queries, top=3)
     paths = [root / rel for rel in sorted(CONTENT)]
     logits = _reference_logits(reference, queries, *_decode(paths))
     for q, entry in enumerate(found):
@@ -386,7 +255,7 @@ def test_unipt_checkpoint_is_detected_from_its_adapter_keys(tmp_path, tiny_clip_
     root = tmp_path / "videos"
     for rel, seed in CONTENT.items():
         write_video(root / rel, n_frames=12, fps=4, seed=seed)
-    retrieve.build_index(
+    build_index(
         root,
         tmp_path / "index",
         init_model=str(ckpt),
@@ -395,7 +264,7 @@ def test_unipt_checkpoint_is_detected_from_its_adapter_keys(tmp_path, tiny_clip_
         progress=False,
     )
     queries = ["a red circle", "a blue square"]
-    found = retrieve.search(tmp_path / "index", queries, top=3)
+    found = search(tmp_path / "index", queries, top=3)
     paths = [root / rel for rel in sorted(CONTENT)]
     logits = _reference_logits(reference, queries, *_decode(paths))
     full_logits = _reference_logits(_reference_model(tiny_clip_file), queries, *_decode(paths))
@@ -407,16 +276,16 @@ def test_unipt_checkpoint_is_detected_from_its_adapter_keys(tmp_path, tiny_clip_
 
 def test_refusals_are_clear(built, tmp_path, tiny_clip_file, capsys):
     root, index_dir, _ = built
-    with pytest.raises(RetrieveError, match="tightTransf cannot be indexed"):
-        retrieve.build_index(
+    with pytest.raises(UsageError, match="tightTransf cannot be indexed"):
+        build_index(
             root, tmp_path / "tight", pretrained_clip_name=str(tiny_clip_file), sim_header="tightTransf", progress=False
         )
-    with pytest.raises(RetrieveError, match="seqTransf needs trained head weights"):
-        retrieve.build_index(
+    with pytest.raises(UsageError, match="seqTransf needs trained head weights"):
+        build_index(
             root, tmp_path / "seq", pretrained_clip_name=str(tiny_clip_file), sim_header="seqTransf", progress=False
         )
-    with pytest.raises(RetrieveError, match=r"other settings: --max_frames 6 \(index: 4\)"):
-        retrieve.build_index(root, index_dir, max_frames=6, progress=False)
+    with pytest.raises(UsageError, match=r"other settings: --max_frames 6 \(index: 4\)"):
+        build_index(root, index_dir, max_frames=6, progress=False)
     assert not list(tmp_path.glob("tight/*")) and not list(tmp_path.glob("seq/*"))
 
     other = tmp_path / "other-clip.pt"
@@ -450,8 +319,8 @@ def test_embeddings_of_another_width_are_refused(built, tmp_path):
     manifest = json.loads((index_dir / "index.json").read_text())
     (copy / "index.json").write_text(json.dumps(manifest))
     np.save(copy / manifest["embeddings"], np.zeros((3, 7), dtype=np.float32))
-    with pytest.raises(RetrieveError, match=r"embeddings are 7 wide, the model's 512"):
-        retrieve.search(copy, ["a red circle"])
+    with pytest.raises(UsageError, match=r"embeddings are 7 wide, the model's 512"):
+        search(copy, ["a red circle"])
 
 
 def test_concurrent_writers_take_turns_and_a_reader_never_sees_a_half_swap(built, tmp_path, tiny_clip_file):
@@ -466,7 +335,7 @@ def test_concurrent_writers_take_turns_and_a_reader_never_sees_a_half_swap(built
     def write():
         try:
             reports.append(
-                retrieve.build_index(
+                build_index(
                     root,
                     index_dir,
                     pretrained_clip_name=str(tiny_clip_file),
@@ -511,13 +380,13 @@ def test_video_whose_name_is_not_utf8_is_scanned_decoded_and_stored(tmp_path):
     write_video(root / "ok.mp4", n_frames=12, fps=4)
     odd = os.fsdecode(b"odd\xff.mp4")  # cv2 segfaults on such a name as a str
     os.link(root / "ok.mp4", os.fsencode(str(root)) + b"/odd\xff.mp4")
-    found, errors = retrieve.scan_videos(root)
+    found, errors = scan_videos(root)
     assert list(found) == [odd, "ok.mp4"] and errors == {}
-    extractor = RawVideoExtractor(centercrop=False, size=32, framerate=1, cache_dir=None)
-    files = retrieve.VideoFiles(root, list(found), extractor, MAX_FRAMES, slice_framepos=2)
+    extractor = RawVideoExtractor(centercrop=False, size=32, framerate=1)
+    files = VideoFiles(root, list(found), extractor, replace(DEFAULT_SAMPLING, max_frames=MAX_FRAMES))
     (_, odd_video, _, odd_frames, error), (_, ok_video, _, ok_frames, _) = files[0], files[1]
     assert error == "" and odd_frames == ok_frames == 3 and torch.equal(odd_video, ok_video)
-    index = _index(1)
+    index = _one_video_index()
     index.videos[0]["path"] = odd
     save_index(tmp_path / "index", index)
     assert load_index(tmp_path / "index").videos[0]["path"] == odd
@@ -543,17 +412,17 @@ def test_search_video_ranks_the_other_videos_by_the_stored_embeddings(built, tmp
     scores = scale * index.embeddings @ index.embeddings[1]
     expected = [j for j in np.argsort(-scores, kind="stable") if j != 1]  # the query video itself left out
 
-    by_id = retrieve.search_video(index_dir, "1", top=5)
+    by_id = search_video(index_dir, "1", top=5)
     assert by_id["video"] == str(root / index.videos[1]["path"])
     assert [r["id"] for r in by_id["results"]] == expected and [r["rank"] for r in by_id["results"]] == [1, 2]
     np.testing.assert_allclose([r["score"] for r in by_id["results"]], scores[expected], rtol=1e-5)
-    by_file = retrieve.search_video(index_dir, str(root / index.videos[1]["path"]), top=5)
-    by_relative = retrieve.search_video(index_dir, index.videos[1]["path"], top=5)
+    by_file = search_video(index_dir, str(root / index.videos[1]["path"]), top=5)
+    by_relative = search_video(index_dir, index.videos[1]["path"], top=5)
     assert by_file == by_id == by_relative
 
     outside = tmp_path / "copy.mp4"  # not indexed: encoded now, so its own indexed twin comes first
     outside.write_bytes((root / "c.mp4").read_bytes())
-    found = retrieve.search_video(index_dir, str(outside), top=3)
+    found = search_video(index_dir, str(outside), top=3)
     assert found["results"][0]["path"] == str(root / "c.mp4") and len(found["results"]) == 3
     assert found["results"][0]["score"] == pytest.approx(scale, rel=1e-4)
 
@@ -564,3 +433,38 @@ def test_search_video_ranks_the_other_videos_by_the_stored_embeddings(built, tmp
         assert retrieve.main(["search", "--index", str(index_dir), "--video", bad]) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_bug_in_model_building_keeps_its_traceback(built, tmp_path, tiny_clip_file, monkeypatch, capsys):
+    """Only errors raised on purpose for a user's mistake become one line and exit 2; a bug propagates."""
+    root, _, _ = built
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)")
+
+    monkeypatch.setattr(CLIP4Clip, "from_config", broken)
+    argv = [
+        "index",
+        "--videos",
+        str(root),
+        "--index",
+        str(tmp_path / "i"),
+        "--pretrained_clip_name",
+        str(tiny_clip_file),
+    ]
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes"):
+        retrieve.main([*argv, "--num_workers", "0"])
+    assert "error:" not in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()  # a failed first run leaves no directory behind
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["index", "--bogus"], ["search", "--index", "i"]])
+def test_help_and_bad_flags_answer_before_torch_is_imported(argv):
+    code = f"import sys, retrieve\ntry:\n    retrieve.parse_args({argv!r})\nexcept SystemExit:\n    pass\n"
+    code += "print('torch' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False False"
+
+
+def test_the_parsers_head_choices_are_the_models():
+    assert retrieve.SIM_HEADERS == SIM_HEADERS

@@ -1,4 +1,4 @@
-"""search_page.py: the JSON API against retrieve.py's rankings, refusals, a missing file, and the page in a real
+"""search/page.py: the JSON API against retrieve.py's rankings, refusals, a missing file, and the page in a real
 headless browser (Debian's chromium driven by selenium; skipped with the reason where either is absent)."""
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ uvicorn = pytest.importorskip("uvicorn", reason="the search page needs uvicorn: 
 from conftest import write_video  # noqa: E402
 
 import retrieve  # noqa: E402
-from search_page import create_app  # noqa: E402
+from search.build import IndexRequest, build_index  # noqa: E402
+from search.index import load_index  # noqa: E402
+from search.page import create_app  # noqa: E402
+from search.query import open_index, search, search_video  # noqa: E402
+from search.settings import AS_STORED, Weights  # noqa: E402
 
 SCRIPT_NAME = "<script>alert(1)</script>.mp4"  # a folder "<script>alert(1)<" holding "script>.mp4"
 IMG_NAME = "<img src=x onerror=document.title='pwned'>.mp4"
@@ -38,10 +42,12 @@ def served(tmp_path_factory, tiny_clip_file):
     write_video(root / "play.webm", n_frames=24, fps=8, seed=4, fourcc="VP80")  # VP8: every chromium plays it
     write_video(root / "gone.mp4", n_frames=12, fps=4, seed=5)
     index_dir = tmp_path_factory.mktemp("index")
-    retrieve.build_index(root, index_dir, pretrained_clip_name=str(tiny_clip_file), max_frames=4, progress=False)
+    build_index(
+        IndexRequest(root, index_dir, Weights(pretrained_clip_name=str(tiny_clip_file)), max_frames=4, progress=False)
+    )
     (root / "gone.mp4").unlink()
 
-    index, model = retrieve.open_index(index_dir, None, None, 32)
+    index, model = open_index(index_dir, AS_STORED)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,7 +89,7 @@ def row(served, name: str) -> int:
 
 def test_api_gives_retrieve_search_rankings(served):
     found = api(served, f"/api/search?q={urllib.parse.quote(QUERY)}&k=3")
-    (expected,) = retrieve.search(served["index_dir"], [QUERY], top=3)
+    (expected,) = search(served["index_dir"], [QUERY], top=3)
     assert [r["id"] for r in found["results"]] == [r["id"] for r in expected["results"]]
     np.testing.assert_allclose(
         [r["score"] for r in found["results"]], [r["score"] for r in expected["results"]], rtol=1e-5
@@ -91,7 +97,7 @@ def test_api_gives_retrieve_search_rankings(served):
     assert [r["path"] for r in found["results"]] == [r["path"] for r in expected["results"]]
 
     similar = api(served, "/api/similar?id=0&k=10")
-    expected = retrieve.search_video(served["index_dir"], "0", top=10)
+    expected = search_video(served["index_dir"], "0", top=10)
     assert [r["id"] for r in similar["results"]] == [r["id"] for r in expected["results"]]
     assert 0 not in [r["id"] for r in similar["results"]] and len(similar["results"]) == 4
 
@@ -154,7 +160,7 @@ def test_serve_indexes_a_folder_first_when_given_one(served, tiny_clip_file, tmp
         )
         == 0
     )
-    assert len(apps) == 1 and [v["path"] for v in retrieve.load_index(index_dir).videos] == ["x.mp4"]
+    assert len(apps) == 1 and [v["path"] for v in load_index(index_dir).videos] == ["x.mp4"]
 
 
 # ------------------------------------------------------------------------------------------------ in a browser
@@ -211,7 +217,7 @@ def test_the_page_in_a_browser(served, browser):
     box.send_keys(QUERY)
     box.submit()
     wait_for(browser, "document.querySelectorAll('.card').length == 5")
-    (expected,) = retrieve.search(served["index_dir"], [QUERY], top=5)
+    (expected,) = search(served["index_dir"], [QUERY], top=5)
     assert card_ids(browser) == [r["id"] for r in expected["results"]]
 
     # Thumbnails load for every file still there; the gone one says so.
@@ -245,5 +251,5 @@ def test_the_page_in_a_browser(served, browser):
     first = card_ids(browser)[0]
     browser.find_element(By.CSS_SELECTOR, f".card[data-id='{first}'] button.more").click()
     wait_for(browser, f"location.search == '?similar={first}' && document.querySelectorAll('.card').length == 4")
-    expected = retrieve.search_video(served["index_dir"], str(first), top=12)
+    expected = search_video(served["index_dir"], str(first), top=12)
     assert card_ids(browser) == [r["id"] for r in expected["results"]]

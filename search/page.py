@@ -1,6 +1,6 @@
 """The local search page of ``retrieve.py serve``: a FastAPI app over one index and the model that built it.
 
-    GET /                       the page (static/search.html): a query box, results as a grid
+    GET /                       the page (search/static/search.html): a query box, results as a grid
     GET /api/search?q=TEXT&k=N  text -> videos, the ranking of ``retrieve.py search --query``
     GET /api/similar?id=I&k=N   video -> videos ("more like this"), the ranking of ``retrieve.py search --video I``
     GET /thumbs/I.jpg           a few of the frames the model saw of video I, side by side
@@ -22,8 +22,10 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-import retrieve
-from dataloaders.rawvideo_util import RawVideoExtractor, kept_frames_uint8, thumbnail_strip
+from dataloaders.rawvideo_util import kept_frames_uint8, thumbnail_strip
+from search.encode import frame_reader, logit_scale
+from search.index import Index
+from search.rank import rank_similar, rank_texts
 
 STATIC = Path(__file__).resolve().parent / "static"
 THUMBS = "thumbs"  # folder in the index directory that caches the thumbnail strips
@@ -35,17 +37,11 @@ PLAYABLE = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".o
 class SearchState:
     """What the app holds for its lifetime: the index, its model (loaded once) and where thumbnails are cached."""
 
-    def __init__(self, index: retrieve.Index, index_dir: Path, model, max_words: int):
+    def __init__(self, index: Index, index_dir: Path, model, max_words: int):
         self.index, self.model, self.max_words = index, model, max_words
-        self.scale = retrieve.logit_scale(model)
+        self.scale = logit_scale(model)
         self.thumb_dir = Path(index_dir) / THUMBS
-        sampling = index.settings["sampling"]
-        self.extractor = RawVideoExtractor(
-            centercrop=False,
-            size=model.clip.visual.input_resolution,
-            framerate=sampling["feature_framerate"],
-            cache_dir=None,
-        )
+        self.extractor = frame_reader(model, index.settings.sampling)
 
     def file(self, row: int) -> Path:
         if not 0 <= row < len(self.index.videos):
@@ -71,9 +67,9 @@ class SearchState:
         path = self.file(row)
         if not path.is_file():
             return None
-        sampling = self.index.settings["sampling"]
+        sampling = self.index.settings.sampling
         try:
-            frames = kept_frames_uint8(self.extractor, str(path), sampling["max_frames"], sampling["slice_framepos"])
+            frames = kept_frames_uint8(self.extractor, str(path), sampling.max_frames, sampling.slice_framepos)
         except (OSError, ValueError):
             return None
         if len(frames) == 0:
@@ -95,8 +91,8 @@ def _cache(data: bytes, path: Path) -> None:
         pass
 
 
-def create_app(index: retrieve.Index, index_dir: Path, model, max_words: int = 32) -> FastAPI:
-    """The app over ``index``; ``model`` must be the one that built it (``retrieve.index_model`` checks that)."""
+def create_app(index: Index, index_dir: Path, model, max_words: int = 32) -> FastAPI:
+    """The app over ``index``; ``model`` must be the one that built it (``search.encode.index_model`` checks that)."""
     state = SearchState(index, index_dir, model, max_words)
     app = FastAPI(title="CLIP4Clip search", docs_url=None, redoc_url=None, openapi_url=None)
     page = (STATIC / "search.html").read_text(encoding="utf-8")
@@ -107,14 +103,14 @@ def create_app(index: retrieve.Index, index_dir: Path, model, max_words: int = 3
 
     @app.get("/api/search")
     def api_search(q: str = Query(..., min_length=1, max_length=1000), k: int = Query(12, ge=1, le=MAX_K)) -> dict:
-        (found,) = retrieve.rank_texts(state.index, state.model, [q], k, state.max_words)
+        (found,) = rank_texts(state.index, state.model, [q], k, state.max_words)
         return {"query": q, "results": state.annotate(found["results"])}
 
     @app.get("/api/similar")
     def api_similar(id: int = Query(..., ge=0), k: int = Query(12, ge=1, le=MAX_K)) -> dict:  # noqa: A002
         path = state.file(id)
         emb = np.asarray(state.index.embeddings[id])
-        results = retrieve.rank_similar(state.index, emb, k, state.scale, exclude=id)
+        results = rank_similar(state.index, emb, k, state.scale, exclude=id)
         return {
             "id": id,
             "video": str(path),
