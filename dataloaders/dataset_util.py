@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
-from dataloaders.rawvideo_util import RawVideoExtractor, empty_video
+from dataloaders.rawvideo_util import RawVideoExtractor, UnreadableVideoError, empty_video
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class VideoTextDataset(Dataset):
                 path, self.max_frames, self.slice_framepos, self.frame_order, start, end, uint8=self.uint8_frames
             )
         except Exception as exc:
-            if not self.swallow_read_errors:
+            if not self.swallow_read_errors and not isinstance(exc, UnreadableVideoError):
                 logger.error("video path: %s error. video id: %s, start: %s, end: %s", path, video_id, start, end)
                 raise
             logger.warning(
