@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dataloaders.rawvideo_util import thumbnail_strip
-from util import atomic_write_text
+from util import UsageError, atomic_write_text
 
 MAX_K = 50
 TOP = 5  # videos shown for each caption of the gallery
@@ -91,13 +91,30 @@ def plot_ranks(ranks: np.ndarray, max_k: int = MAX_K) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is left out."""
+    """The records of a ``metrics.jsonl``; a torn record (a run killed mid-write) is left out.
+
+    UsageError, naming the file and line, for anything else that is not one JSON object per line: a value of another
+    type, text that is no record at all, bytes that are not UTF-8 (not a metrics file).
+    """
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}, line {number}: not UTF-8 text; expected a run's metrics.jsonl") from None
+            try:
+                record = json.loads(line) if line else {}
+            except json.JSONDecodeError:
+                if line.startswith("{"):  # the start of a record whose writer was killed
+                    continue
+                raise UsageError(f"{path}, line {number}: not JSON; expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise UsageError(
+                    f"{path}, line {number}: a JSON {type(record).__name__}; expected one JSON object per line"
+                )
+            if record:
+                records.append(record)
     return records
 
 
@@ -224,7 +241,11 @@ def write_report(
         f"<h2>Text-to-video ranks</h2><img id='rank-plots' alt='recall@k and rank histogram' src='{plot_ranks(ranks)}'>"
     )
     if curves is not None and Path(curves).is_file():
-        fig = plot_curves(read_jsonl(Path(curves)))
+        try:
+            fig = plot_curves(read_jsonl(Path(curves)))
+        except UsageError as error:  # the report is still worth having without its curves
+            parts.append(f"<p class='muted'>No training curves: {html.escape(str(error))}</p>")
+            fig = None
         if fig is not None:
             parts.append(f"<h2>Training so far</h2><img id='curves' alt='training curves' src='{_png(fig)}'>")
     parts.append(
@@ -260,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.metrics).is_file():
         print(f"eval_report.py plot: error: --metrics {args.metrics} not found", file=sys.stderr)
         return 2
-    fig = plot_curves(read_jsonl(Path(args.metrics)))
+    try:
+        fig = plot_curves(read_jsonl(Path(args.metrics)))
+    except UsageError as error:
+        print(f"eval_report.py plot: error: {error}", file=sys.stderr)
+        return 2
     if fig is None:
         print(f"eval_report.py plot: error: {args.metrics} holds no step or eval record", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
-from dataloaders.rawvideo_util import RawVideoExtractor, empty_video, kept_frames_uint8
+from dataloaders.rawvideo_util import RawVideoExtractor, UnreadableVideoError, empty_video, kept_frames_uint8
 from errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class VideoTextDataset(Dataset):
                 path, self.max_frames, self.slice_framepos, self.frame_order, start, end, uint8=self.uint8_frames
             )
         except Exception as exc:
-            if not self.swallow_read_errors:
+            if not self.swallow_read_errors and not isinstance(exc, UnreadableVideoError):
                 logger.error("video path: %s error. video id: %s, start: %s, end: %s", path, video_id, start, end)
                 raise
             logger.warning(

@@ -9,18 +9,18 @@ Two ways to the same frames:
   (seeking instead where cv2's seek decodes less). When the stream does not behave as planned it falls back to the
   reference read, so the result is always bit for bit the one assembled from ``get_video_data``.
 
-An optional frame cache stores the kept frames after resize and crop as uint8 ``.npy`` files, so later epochs skip
+An optional frame cache (``frame_cache``) stores the kept frames after resize and crop, so later epochs skip
 decoding altogether.
+
+Videos are untrusted input: every list this module builds is bounded by what the file really holds (its packets or
+its decoded frames), never by the counts its header claims; a header beyond the caps of ``video_reading`` is refused.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import io
-import json
-import os
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -28,7 +28,18 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize, v2
 
-from util import atomic_path
+from dataloaders.frame_cache import cache_file, load_cached, save_cached
+from dataloaders.video_reading import MAX_FRAME_COUNT as MAX_FRAME_COUNT  # re-exported: callers meet these here
+from dataloaders.video_reading import MAX_PIXELS as MAX_PIXELS
+from dataloaders.video_reading import UnreadableVideoError as UnreadableVideoError
+from dataloaders.video_reading import (
+    check_video_file,
+    open_capture,
+    read_forward,
+    read_header,
+    read_seek_per_frame,
+    scan_packets,
+)
 
 # Decoding runs in DataLoader worker processes, which already use every core: OpenCV's own thread pool would only
 # oversubscribe them, and a pool started before the workers fork is not fork-safe.
@@ -36,14 +47,6 @@ cv2.setNumThreads(1)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# cv2's frame-accurate seek to frame k restarts decoding at the last keyframe at or before k - 16
-# (opencv/videoio/src/cap_ffmpeg_impl.hpp, CvCapture_FFMPEG::seek).
-_CV2_SEEK_BACKOFF = 16
-# A seek also flushes and restarts the decoder: measured at about 5 frames' decoding (320x240 h264), rounded up.
-_SEEK_COST_FRAMES = 8
-# Bump when the cached content changes meaning, so old cache files are never read as new ones.
-_CACHE_FORMAT = 1
 
 
 def _check_request(sample_fp: int, start_time, end_time) -> None:
@@ -68,6 +71,14 @@ def sample_frame_indices(
     For each second from the window start to its end *inclusive* it takes the offsets
     ``range(0, fps, fps // sample_fp)[:sample_fp]``; ``sample_fp == 0`` means every frame.
     """
+    return list(iter_frame_indices(frame_count, fps, sample_fp, start_time, end_time))
+
+
+def iter_frame_indices(
+    frame_count: int, fps: int, sample_fp: int, start_time: int | None = None, end_time: int | None = None
+) -> Iterator[int]:
+    """:func:`sample_frame_indices` one at a time (arguments checked now): a reader takes only what it decodes, so a
+    header's claims (any fps, any count) cost no memory."""
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     total = (frame_count + fps - 1) // fps
@@ -78,11 +89,11 @@ def sample_frame_indices(
         interval = max(fps // sample_fp, 1)
     else:
         sample_fp, interval = fps, 1
-    offsets = list(range(0, fps, interval))
+    offsets = range(0, fps, interval)
     if len(offsets) < sample_fp:
         raise ValueError(f"cannot sample {sample_fp} frames per second from a {fps} fps video")
     offsets = offsets[:sample_fp]
-    return [sec * fps + off for sec in range(start_sec, end_sec + 1) for off in offsets]
+    return (sec * fps + off for sec in range(start_sec, end_sec + 1) for off in offsets)
 
 
 def select_kept(n_frames: int, max_frames: int, slice_framepos: int) -> np.ndarray:
@@ -175,105 +186,14 @@ class FrameTransform:
         return normalize_uint8(self.resize_crop(np.array(image.convert("RGB"))[None]))[0]
 
 
-def open_capture(video_path: str, *args) -> cv2.VideoCapture:
-    """``cv2.VideoCapture(video_path, *args)`` for any file name.
-
-    OpenCV crashes the process (a segfault, not an exception) on a name that is not valid UTF-8, which Linux allows
-    (Python holds the bad bytes as surrogate escapes). Such a file is opened through ``/proc/self/fd``, whose name is
-    plain ASCII; FFmpeg opens its own descriptor, so ours is closed straight away.
-    """
-    try:
-        video_path.encode("utf-8")
-    except UnicodeEncodeError:
-        pass
-    else:
-        return cv2.VideoCapture(video_path, *args)
-    fd = os.open(video_path, os.O_RDONLY)
-    try:
-        alias = f"/proc/self/fd/{fd}"
-        if not os.path.exists(alias):
-            raise ValueError(
-                f"{video_path!r}: the file name is not valid UTF-8, which OpenCV cannot open on this "
-                f"system; rename the file"
-            )
-        return cv2.VideoCapture(alias, *args)
-    finally:
-        os.close(fd)
+def _open(video_path: str) -> cv2.VideoCapture:
+    check_video_file(video_path)
+    return open_capture(video_path)
 
 
 def empty_video(max_frames: int, size: int, uint8: bool = False) -> np.ndarray:
     """A sample's all-padding video [1, max_frames, 1, 3, size, size]: float64 as the original, or uint8 pixels."""
     return np.zeros((1, max_frames, 1, 3, size, size), dtype=np.uint8 if uint8 else np.float64)
-
-
-def _open(video_path: str) -> cv2.VideoCapture:
-    if not os.path.isfile(video_path):
-        raise FileNotFoundError(f"video file not found: {video_path}")
-    return open_capture(video_path)
-
-
-def _read_seek_per_frame(cap: cv2.VideoCapture, indices: Sequence[int]) -> list[np.ndarray]:
-    """The original's read: seek and read each index, stopping at the first failure. BGR frames."""
-    frames = []
-    for idx in indices:
-        cap.set(cv2.CAP_PROP_POS_FRAMES, idx)
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    return frames
-
-
-def _scan_packets(video_path: str) -> tuple[int, list[int]]:
-    """Number of video packets and the positions of keyframe packets, without decoding (cv2 raw mode)."""
-    cap = open_capture(video_path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
-    n, keyframes = 0, []
-    try:
-        while cap.grab():
-            if cap.get(cv2.CAP_PROP_LRF_HAS_KEY_FRAME):
-                keyframes.append(n)
-            n += 1
-    finally:
-        cap.release()
-    return n, keyframes
-
-
-def _pts_frame(cap: cv2.VideoCapture, fps: float) -> int:
-    """cv2's own frame number of the last grabbed frame, from its timestamp."""
-    return int(round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000.0))
-
-
-def _read_forward(
-    cap: cv2.VideoCapture, targets: Sequence[int], keyframes: Sequence[int], fps: float
-) -> list[np.ndarray] | None:
-    """BGR frames at the increasing ``targets`` in one forward pass.
-
-    Frames in between are decoded with ``grab()`` and never converted; where cv2's seek would restart decoding
-    past the current position by more than a seek costs, it seeks instead. Returns None when a read fails or a
-    frame's timestamp disagrees with its position, i.e. when this stream cannot be trusted to behave like the
-    seek-per-frame reference.
-    """
-    if not cap.grab():
-        return None
-    cur, first = 0, _pts_frame(cap, fps)
-    frames = []
-    for k in targets:
-        i = bisect.bisect_right(keyframes, k - _CV2_SEEK_BACKOFF) - 1
-        restart = keyframes[i] if i >= 0 else 0
-        if restart - cur > _SEEK_COST_FRAMES:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, k)
-            if not cap.grab():
-                return None
-            cur = k
-        while cur < k:
-            if not cap.grab():
-                return None
-            cur += 1
-        ok, frame = cap.retrieve()
-        if not ok or _pts_frame(cap, fps) - first != k:
-            return None
-        frames.append(frame)
-    return frames
 
 
 class RawVideoExtractorCV2:
@@ -296,6 +216,7 @@ class RawVideoExtractorCV2:
         self.size = size
         self.framerate = framerate
         self.cache_dir = cache_dir
+        self._cache_writable = True  # until a write fails (a full disk): then frames are used uncached
         self.transform = FrameTransform(size, pil_resize)
 
     # ---- the reference path -------------------------------------------------------------------------------------
@@ -312,15 +233,15 @@ class RawVideoExtractorCV2:
         _check_request(sample_fp, start_time, end_time)
         cap = _open(video_file)
         try:
-            frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-            fps = int(cap.get(cv2.CAP_PROP_FPS))
+            frame_count, fps_float = read_header(cap, video_file)
+            fps = int(fps_float)
             if fps <= 0:  # cv2 could not open it as a video; the original divided by zero here
                 return {"video": torch.zeros(1)}
             try:
-                indices = sample_frame_indices(frame_count, fps, sample_fp, start_time, end_time)
+                indices = iter_frame_indices(frame_count, fps, sample_fp, start_time, end_time)
             except ValueError as e:
                 raise ValueError(f"{video_file}: {e}") from e
-            frames = _read_seek_per_frame(cap, indices)
+            frames = read_seek_per_frame(cap, indices)
         finally:
             cap.release()
         images = [preprocess(Image.fromarray(cv2.cvtColor(f, cv2.COLOR_BGR2RGB)).convert("RGB")) for f in frames]
@@ -384,20 +305,20 @@ class RawVideoExtractorCV2:
     ) -> np.ndarray:
         """The kept frames in time order after resize and crop, uint8 [n, 3, size, size], through the cache."""
         _check_request(self.framerate, start_time, end_time)
-        if not os.path.isfile(video_path):
-            raise FileNotFoundError(f"video file not found: {video_path}")
-        cache_file = None
+        check_video_file(video_path)
+        cached = None
         if self.cache_dir is not None:
-            cache_file = self._cache_file(video_path, max_frames, slice_framepos, start_time, end_time)
-            frames = _load_cached(cache_file, max_frames, self.size)
+            cached = self._cache_file(video_path, max_frames, slice_framepos, start_time, end_time)
+            frames = load_cached(cached, max_frames, self.size)
             if frames is not None:
                 return frames
         decoded = self._decode_kept(video_path, max_frames, slice_framepos, start_time, end_time)
         frames = np.zeros((0, 3, self.size, self.size), dtype=np.uint8)
         if decoded:
             frames = self.transform.resize_crop(np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in decoded]))
-        if cache_file is not None and len(frames):  # an empty result may be transient: never cache it
-            _save_atomic(cache_file, frames)
+        # An empty result may be transient: never cache it. A cache that cannot be written is left alone from then on.
+        if cached is not None and len(frames) and self._cache_writable:
+            self._cache_writable = save_cached(cached, frames)
         return frames
 
     def _decode_kept(
@@ -406,28 +327,29 @@ class RawVideoExtractorCV2:
         """BGR frames the sample keeps, in time order, decoding as little as the plan allows."""
         cap = _open(video_path)
         try:
-            frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-            fps_float = cap.get(cv2.CAP_PROP_FPS)
+            frame_count, fps_float = read_header(cap, video_path)
             fps = int(fps_float)
             if fps <= 0:
                 return []
             try:
-                indices = sample_frame_indices(frame_count, fps, self.framerate, start_time, end_time)
+                indices = iter_frame_indices(frame_count, fps, self.framerate, start_time, end_time)
             except ValueError as e:
                 raise ValueError(f"{video_path}: {e}") from e
-            n_packets, keyframes = _scan_packets(video_path) if frame_count > 1 else (0, [])
+            n_packets, keyframes = scan_packets(video_path) if frame_count > 1 else (0, [])
             # When the packets present agree with the container's count, a read below the count succeeds and a
-            # read at or past it fails (cv2 clamps seeks to the count), so T is known before decoding.
-            n_ok = bisect.bisect_left(indices, frame_count)
-            if n_packets == frame_count > 1 and n_ok > 0:
-                kept = [indices[j] for j in select_kept(n_ok, max_frames, slice_framepos)]
-                got = _read_forward(cap, kept, keyframes, fps_float)
+            # read at or past it fails (cv2 clamps seeks to the count), so T is known before decoding; the indices
+            # below the count are then as many as the file's real packets at most.
+            if n_packets == frame_count > 1:
+                indices = list(itertools.takewhile(lambda i: i < frame_count, indices))
+            if n_packets == frame_count > 1 and indices:
+                kept = [indices[j] for j in select_kept(len(indices), max_frames, slice_framepos)]
+                got = read_forward(cap, kept, keyframes, fps_float)
                 if got is not None:
                     return got
                 cap.release()
                 cap = _open(video_path)
             # The stream is not what the container says: read it the reference way.
-            frames = _read_seek_per_frame(cap, indices)
+            frames = read_seek_per_frame(cap, indices)
             return [frames[j] for j in select_kept(len(frames), max_frames, slice_framepos)]
         finally:
             cap.release()
@@ -437,12 +359,7 @@ class RawVideoExtractorCV2:
     def _cache_file(
         self, video_path: str, max_frames: int, slice_framepos: int, start_time: int | None, end_time: int | None
     ) -> str:
-        st = os.stat(video_path)
-        key = {
-            "format": _CACHE_FORMAT,
-            "path": os.path.abspath(video_path),
-            "bytes": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+        settings = {
             "framerate": self.framerate,
             "max_frames": max_frames,
             "slice_framepos": slice_framepos,
@@ -452,32 +369,7 @@ class RawVideoExtractorCV2:
             "centercrop": bool(self.centercrop),
             "pil_resize": self.transform.pil_resize,
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        return os.path.join(self.cache_dir, digest[:2], digest + ".npy")
-
-
-def _load_cached(path: str, max_frames: int, size: int) -> np.ndarray | None:
-    """The cached frames, or None when absent or not what this key should hold (then it is rewritten)."""
-    try:
-        frames = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):  # absent, or not an array this code wrote
-        return None
-    if (
-        frames.dtype != np.uint8
-        or frames.ndim != 4
-        or frames.shape[1:] != (3, size, size)
-        or not 0 < frames.shape[0] <= max_frames
-    ):
-        return None
-    return frames
-
-
-def _save_atomic(path: str, frames: np.ndarray) -> None:
-    """Write through a temporary file and rename, so concurrent workers never see a partial file. Not synced to
-    disk: a cache entry lost in a crash is decoded again."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_path(path, sync=False) as tmp, open(tmp, "wb") as f:
-        np.save(f, frames, allow_pickle=False)
+        return cache_file(self.cache_dir, video_path, settings)
 
 
 # ---- pictures of the frames a sample keeps --------------------------------------------------------------------------

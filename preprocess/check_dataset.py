@@ -32,6 +32,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataloaders.data_dataloaders import DATALOADER_DICT  # noqa: E402
 from dataloaders.rawvideo_util import RawVideoExtractor, open_capture  # noqa: E402
+from dataloaders.video_reading import read_header  # noqa: E402
 from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
 
 DATATYPES = tuple(DATALOADER_DICT)
@@ -63,7 +64,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=min(8, os.cpu_count() or 1),
         help="decoding processes (0 or 1: decode in this process)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Out of range, every video would read as undecodable: one argument error instead.
+    for flag, value, least in (
+        ("--max_words", args.max_words, 3),
+        ("--max_frames", args.max_frames, 1),
+        ("--feature_framerate", args.feature_framerate, 0),
+        ("--image_resolution", args.image_resolution, 1),
+        ("--num_workers", args.num_workers, 0),
+    ):
+        if value < least:
+            parser.error(f"argument {flag}: must be at least {least}, got {value}")
+    return args
 
 
 @dataclass
@@ -131,18 +143,18 @@ def _init_worker(framerate: int, size: int, max_frames: int, slice_framepos: int
 
 def probe(request: Request) -> dict[str, object]:
     """Container fps and duration, and the number of frames a training item would read (0: undecodable)."""
-    import cv2
-
     path, start, end = request
     result: dict[str, object] = {"fps": 0.0, "duration": None, "error": None}
     max_frames, slice_framepos = _sample_args
     try:
+        # The sample first: it refuses what is not a video file (a pipe would block cv2) or has an impossible header.
+        result["n_frames"] = _extractor.get_video_sample(path, max_frames, slice_framepos, 0, start, end)[2]
         capture = open_capture(path)
         if capture.isOpened():
-            result["fps"] = fps = capture.get(cv2.CAP_PROP_FPS)
-            result["duration"] = capture.get(cv2.CAP_PROP_FRAME_COUNT) / fps if fps > 0 else None
+            frame_count, fps = read_header(capture, path)
+            if fps > 0 and frame_count >= 0:
+                result["fps"], result["duration"] = fps, frame_count / fps
         capture.release()
-        result["n_frames"] = _extractor.get_video_sample(path, max_frames, slice_framepos, 0, start, end)[2]
     except Exception as exc:  # the report lists every failure; one bad file must not stop the check
         result["n_frames"] = 0
         result["error"] = f"{type(exc).__name__}: {exc}"

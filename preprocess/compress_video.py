@@ -5,9 +5,11 @@
 Every file found by a recursive walk of ``--input_root`` goes to ``--output_root/<file name>`` (flat, same name and
 extension). Outputs that already exist and are non-empty are skipped, so an interrupted run can be resumed.
 Where ffmpeg fails, the source file is copied in its place, as the original tool does; each such failure is
-reported with ffmpeg's last error line, listed in the final summary, and recorded in ``--output_root/.failed.json``,
-so that a re-run reports it again (and exits 1) instead of counting the copy as done. Delete a copied output to have
-it re-encoded.
+reported with ffmpeg's last error line, listed in the final summary, and recorded in
+``--output_root/.compress_video.failed.json`` (an input of that name is refused: the record never overwrites an
+output), so that a re-run reports it again (and exits 1) instead of counting the copy as done. Delete a copied output
+to have it re-encoded. An input that cannot be read at all (a symlink loop, a dangling symlink) is reported and
+nothing is written for it.
 
 Differences from the original:
 - portrait videos get width 224 and height 224/aspect (the original computed 224*aspect and squashed them);
@@ -28,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,10 +43,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from anywhere: the package root is this file's parent folder
     sys.path.insert(0, ROOT)
 
-from util import atomic_path, atomic_write_text, remove_stale_temporaries  # noqa: E402
+from util import UsageError, atomic_path, atomic_write_text, remove_stale_temporaries  # noqa: E402
 
 FPS = 3
-FAILED_MANIFEST = ".failed.json"
+# The failure record, in the output folder. The name is reserved (an input of that name is refused), so the record
+# never overwrites an output; earlier versions wrote ``.failed.json``, still read when it is a record.
+FAILED_MANIFEST = ".compress_video.failed.json"
+LEGACY_MANIFEST = ".failed.json"
 # ffmpeg exits 255 when a signal (Ctrl-C reaches the whole process group) stopped it.
 FFMPEG_INTERRUPTED = 255
 SHORT_SIDE = 224
@@ -68,8 +74,9 @@ class Outcome:
 
     src: Path
     dst: Path
-    status: str  # "compressed", "skipped" or "copied" (ffmpeg failed, the source was copied)
-    error: str = ""  # ffmpeg's last error line when status == "copied"
+    # "compressed", "skipped", "copied" (ffmpeg failed, the source was copied) or "unreadable" (nothing written)
+    status: str
+    error: str = ""  # ffmpeg's last error line when "copied", the reason when "unreadable"
 
 
 def find_ffmpeg() -> str:
@@ -123,9 +130,16 @@ def plan_outputs(input_root: Path, output_root: Path) -> list[tuple[Path, Path]]
         raise FileNotFoundError(f"--input_root {input_root} is not a folder")
     if input_root.resolve() == output_root.resolve():
         raise ValueError(f"--input_root and --output_root must differ (both are {input_root})")
+    if output_root.exists() and not output_root.is_dir():
+        raise UsageError(f"--output_root {output_root}: expected a folder (or a path to create), found a file")
     by_name: dict[str, list[Path]] = {}
     for src in _walk_files(input_root, output_root.resolve()):
         by_name.setdefault(src.name, []).append(src)
+    if FAILED_MANIFEST in by_name:
+        raise NameCollisionError(
+            f"{by_name[FAILED_MANIFEST][0]}: {FAILED_MANIFEST} is the name of this tool's failure record in "
+            f"{output_root}; rename this input"
+        )
     clashes = {name: srcs for name, srcs in by_name.items() if len(srcs) > 1}
     if clashes:
         lines = [f"  {name}: " + ", ".join(str(s) for s in srcs) for name, srcs in sorted(clashes.items())]
@@ -181,19 +195,29 @@ def compress_one(ffmpeg: str, src: Path, dst: Path, runs: _Runs | None = None) -
     """
     if dst.is_file() and dst.stat().st_size > 0:
         return Outcome(src, dst, "skipped")
+    if not src.is_file():  # followed symlinks: a loop or a dangling link has nothing to read
+        return Outcome(src, dst, "unreadable", "not a file (a symlink loop or a dangling symlink)")
     runs = runs or _Runs()
-    with atomic_path(dst, sync=False) as tmp:
-        code, stderr = runs.run(build_ffmpeg_command(ffmpeg, src, tmp))
-        if code == 0 and tmp.is_file() and tmp.stat().st_size > 0:
-            return Outcome(src, dst, "compressed")
-        error = _last_line(stderr) if code != 0 else "ffmpeg wrote an empty file"
-        shutil.copyfile(src, tmp)
+    try:
+        with atomic_path(dst, sync=False) as tmp:
+            code, stderr = runs.run(build_ffmpeg_command(ffmpeg, src, tmp))
+            if code == 0 and tmp.is_file() and tmp.stat().st_size > 0:
+                return Outcome(src, dst, "compressed")
+            error = _last_line(stderr) if code != 0 else "ffmpeg wrote an empty file"
+            shutil.copyfile(src, tmp)
+    except OSError as exc:  # the source vanished or cannot be read: this file fails, the run goes on
+        return Outcome(src, dst, "unreadable", f"cannot copy it ({exc.strerror or exc})")
     return Outcome(src, dst, "copied", error)
 
 
-def _read_failures(output_root: Path) -> dict[str, dict]:
-    """{output name: {src, error, size, mtime_ns}} of the copies earlier runs made; {} when there is no record."""
+def _read_failures(output_root: Path, outputs: set[str]) -> dict[str, dict]:
+    """{output name: {src, error, size, mtime_ns}} of the copies earlier runs made; {} when there is no record.
+
+    An earlier version's ``.failed.json`` is read when this run writes no output of that name.
+    """
     path = output_root / FAILED_MANIFEST
+    if not path.exists() and LEGACY_MANIFEST not in outputs and (output_root / LEGACY_MANIFEST).is_file():
+        path = output_root / LEGACY_MANIFEST
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -223,7 +247,9 @@ def _recorded_failure(src: Path, dst: Path, failures: dict[str, dict]) -> Outcom
     return Outcome(src, dst, "copied", f"{entry['error']} (recorded by an earlier run)")
 
 
-def _write_failures(output_root: Path, outcomes: Sequence[Outcome], earlier: dict[str, dict]) -> None:
+def _write_failures(
+    output_root: Path, outcomes: Sequence[Outcome], earlier: dict[str, dict], legacy: bool = False
+) -> None:
     """Record this run's copies, and the earlier ones this run did not reach (stopped before them)."""
     done = {o.dst.name for o in outcomes}
     record = {
@@ -248,6 +274,8 @@ def _write_failures(output_root: Path, outcomes: Sequence[Outcome], earlier: dic
         atomic_write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", path)
     else:
         path.unlink(missing_ok=True)
+    if legacy:  # its entries are in the new record now
+        (output_root / LEGACY_MANIFEST).unlink(missing_ok=True)
 
 
 def default_num_workers() -> int:
@@ -268,9 +296,11 @@ def compress_all(
     output_root = Path(output_root)
     pairs = plan_outputs(Path(input_root), output_root)  # raises before anything is written
     ffmpeg = ffmpeg or find_ffmpeg()
-    output_root.mkdir(parents=True, exist_ok=True)
+    _check_writable(output_root)
     remove_stale_temporaries(output_root)  # partial outputs of a run that was killed outright
-    failures = _read_failures(output_root)
+    outputs = {dst.name for _, dst in pairs}
+    failures = _read_failures(output_root, outputs)
+    legacy = not (output_root / FAILED_MANIFEST).exists() and bool(failures)
     num_workers = num_workers or default_num_workers()
     runs = _Runs()
     outcomes: list[Outcome] = []
@@ -287,6 +317,8 @@ def compress_all(
             outcome = future.result()
             if outcome.status == "copied":
                 tqdm.write(f"ffmpeg failed on {outcome.src}: {outcome.error} (copied the source instead)")
+            elif outcome.status == "unreadable":
+                tqdm.write(f"cannot read {outcome.src}: {outcome.error} (nothing written)")
             outcomes.append(outcome)
     except BaseException:
         runs.stop()
@@ -298,18 +330,30 @@ def compress_all(
         raise
     finally:
         pool.shutdown()
-        _write_failures(output_root, outcomes, failures)
+        _write_failures(output_root, outcomes, failures, legacy)
     return outcomes
+
+
+def _check_writable(output_root: Path) -> None:
+    """Create ``output_root`` and write a file there, so that a read-only or full folder is one error up front."""
+    try:
+        output_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_root):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output_root {output_root}: cannot write there ({exc.strerror or exc})") from None
 
 
 def summarize(outcomes: Sequence[Outcome]) -> str:
     """A short report: counts per status, then every file whose source had to be copied."""
-    count = {status: sum(o.status == status for o in outcomes) for status in ("compressed", "skipped", "copied")}
+    statuses = ("compressed", "skipped", "copied", "unreadable")
+    count = {status: sum(o.status == status for o in outcomes) for status in statuses}
     lines = [
         f"{len(outcomes)} files: {count['compressed']} compressed, {count['skipped']} skipped (output existed), "
         f"{count['copied']} failed and copied unchanged"
+        + (f", {count['unreadable']} unreadable (nothing written)" if count["unreadable"] else "")
     ]
-    lines += [f"  failed: {o.src}: {o.error}" for o in outcomes if o.status == "copied"]
+    lines += [f"  failed: {o.src}: {o.error}" for o in outcomes if o.status in ("copied", "unreadable")]
     return "\n".join(lines)
 
 
@@ -336,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     print(summarize(outcomes))
-    return 1 if any(o.status == "copied" for o in outcomes) else 0
+    return 1 if any(o.status in ("copied", "unreadable") for o in outcomes) else 0
 
 
 if __name__ == "__main__":

@@ -134,6 +134,21 @@ def write_video(path: Path, n_frames: int, fps: float, size=(64, 48), fourcc: st
     return path
 
 
+def write_lying_avi(path: Path, n_frames: int, claimed_frames: int) -> Path:
+    """An MJPEG AVI of ``n_frames`` real frames whose header claims ``claimed_frames`` (the main header's total frames,
+    the stream header's length and the OpenDML frame count), as a damaged or hostile file does."""
+    import struct
+
+    write_video(path, n_frames, 10, size=(32, 24), fourcc="MJPG")
+    data = bytearray(path.read_bytes())
+    for chunk, offset in ((b"avih", 16), (b"strh", 32), (b"dmlh", 0)):
+        at = data.find(chunk)
+        if at >= 0:
+            struct.pack_into("<I", data, at + 8 + offset, claimed_frames)
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.fixture
 def video_writer():
     """Expose :func:`write_video` to tests."""

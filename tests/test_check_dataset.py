@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_video
+import pytest
+from conftest import write_lying_avi, write_video
 
 from preprocess import check_dataset
 
@@ -147,3 +148,43 @@ def test_header_only_csv_is_an_annotation_error(tmp_path, capsys):
         f"val  : annotation error: ValueError: {tmp_path / 'val.csv'}, line 2: expected at least one row "
         f"after the header, got 'no rows'" in out
     )
+
+
+def test_impossible_header_and_dangling_symlink_are_listed_undecodable_a_folder_missing(tmp_path, capsys):
+    root = msvd_layout(tmp_path)
+    os.remove(root / "videos" / "a.avi")
+    write_lying_avi(root / "videos" / "a.avi", 8, 2**31)  # indexing its header's count once took 8.4 GB
+    os.remove(root / "videos" / "b.avi")
+    (root / "videos" / "b.avi").mkdir()
+    os.remove(root / "videos" / "c.avi")
+    os.symlink(root / "gone.avi", root / "videos" / "c.avi")
+    code, out = run(root, capsys)
+    assert code == 1 and "Traceback" not in out.out + out.err
+    videos = root / "videos"
+    assert "Videos: 5 found, 1 missing, 2 undecodable" in out.out
+    assert f"missing (no file under {videos}): b" in out.out  # the data set's scan lists files, not folders
+    assert (
+        f"{videos / 'a.avi'} (UnreadableVideoError: {videos / 'a.avi'}: the header claims 2147483648 frames, more "
+        "than the 16777216 accepted; the file is damaged or not a video)" in out.out
+    )
+    assert f"(UnreadableVideoError: {videos / 'c.avi'}: not a video file (a symlink to nothing" in out.out
+    assert "Duration (s): min 2.00  median 3.00  mean 2.67  max 3.00" in out.out  # the three good videos only
+
+
+@pytest.mark.parametrize(
+    "flag, value, least",
+    [
+        ("--max_frames", "0", 1),
+        ("--feature_framerate", "-1", 0),
+        ("--image_resolution", "0", 1),
+        ("--max_words", "2", 3),
+    ],
+)
+def test_out_of_range_argument_is_one_argument_error(tmp_path, capsys, flag, value, least):
+    root = msvd_layout(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run(root, capsys, flag, value)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.splitlines()[-1].endswith(f": error: argument {flag}: must be at least {least}, got {value}")
+    assert "Traceback" not in err and "undecodable" not in capsys.readouterr().out

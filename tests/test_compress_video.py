@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -15,6 +16,18 @@ import pytest
 from preprocess import compress_video as cv
 
 FFMPEG = cv.find_ffmpeg()
+
+
+@pytest.fixture(autouse=True)
+def sigint_as_a_terminal_gives_it():
+    """SIGINT handled in this process, hence default in the children it starts (a handler does not survive exec).
+
+    A suite started with SIGINT ignored (nohup, a background job) would pass SIG_IGN on to the children, and the
+    Ctrl-C tests would wait for an interruption that never comes.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def make_clip(path: Path, width: int, height: int, seconds: float = 1.0, fps: int = 10) -> Path:
@@ -272,3 +285,80 @@ def test_ffmpeg_killed_by_a_signal_is_not_a_failure(tmp_path):
     with pytest.raises(cv.Interrupted):
         cv.compress_all(src, out, num_workers=1, ffmpeg=str(killed))
     assert list(out.iterdir()) == []
+
+
+def _run(src: Path, out: Path) -> int:
+    return cv.main(["--input_root", str(src), "--output_root", str(out), "--num_workers", "1"])
+
+
+def test_an_input_named_like_the_old_record_is_an_output_like_any_other(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / ".failed.json").write_text("an input, not a record")
+    (src / "bad.mp4").write_bytes(b"junk")
+    for _ in range(2):  # the rerun used to delete this output, taking it for the record
+        assert _run(src, out) == 1
+        assert (out / ".failed.json").read_text() == "an input, not a record"
+        assert sorted(p.name for p in out.iterdir()) == [cv.FAILED_MANIFEST, ".failed.json", "bad.mp4"]
+    assert "2 failed and copied unchanged" in capsys.readouterr().out
+
+
+def test_an_input_named_like_the_record_is_refused_before_anything_is_written(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / cv.FAILED_MANIFEST).write_text("{}")
+    assert _run(src, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {src / cv.FAILED_MANIFEST}: {cv.FAILED_MANIFEST} is the name of this tool's failure record in {out}; "
+        "rename this input"
+    )
+    assert not out.exists()
+
+
+def test_an_old_record_is_read_and_replaced(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "bad.mp4").write_bytes(b"junk")
+    assert _run(src, out) == 1
+    (out / cv.FAILED_MANIFEST).rename(out / ".failed.json")  # as an earlier version left it
+    capsys.readouterr()
+    assert _run(src, out) == 1
+    assert "(recorded by an earlier run)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [cv.FAILED_MANIFEST, "bad.mp4"]
+
+
+def test_output_root_that_is_a_file_is_one_error(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_clip(src / "a.mp4", 32, 32, seconds=0.5)
+    out.write_text("keep me")
+    assert _run(src, out) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --output_root {out}: expected a folder (or a path to create), found a file\n"
+    assert out.read_text() == "keep me"
+
+
+def test_read_only_output_root_is_one_error(tmp_path, capsys, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_clip(src / "a.mp4", 32, 32, seconds=0.5)
+    out.mkdir()
+
+    def read_only(*a, **k):  # chmod does not stop root, who runs some CI: the mount's answer, simulated
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cv.tempfile, "TemporaryFile", read_only)
+    assert _run(src, out) == 2
+    assert capsys.readouterr().err == f"error: --output_root {out}: cannot write there (Read-only file system)\n"
+    assert list(out.iterdir()) == []
+
+
+def test_symlink_loop_input_is_reported_and_the_run_goes_on(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_clip(src / "a.mp4", 32, 32, seconds=0.5)
+    (src / "loop.mp4").symlink_to("loop.mp4")
+    assert _run(src, out) == 1
+    text = capsys.readouterr()
+    assert "2 files: 1 compressed, 0 skipped (output existed), 0 failed and copied unchanged, 1 unreadable" in text.out
+    assert f"  failed: {src / 'loop.mp4'}: not a file (a symlink loop or a dangling symlink)" in text.out
+    assert "Traceback" not in text.err
+    assert sorted(p.name for p in out.iterdir()) == ["a.mp4"]  # nothing written for it, nothing recorded

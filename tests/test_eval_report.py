@@ -120,3 +120,30 @@ def test_curves_leave_out_a_later_evaluation_of_the_run(tmp_path):
     recall_ax = eval_report.plot_curves(records).axes[1]
     assert [list(line.get_xdata()) for line in recall_ax.lines] == [[3], [3], [3]]
     assert [list(line.get_ydata()) for line in recall_ax.lines] == [[10.0], [30.0], [50.0]]
+
+
+STEP = '{"event": "step", "global_step": 1, "loss": 2.0}\n'
+
+
+@pytest.mark.parametrize(
+    "content, line, problem",
+    [
+        (STEP + "[1, 2]\n", 2, "a JSON list; expected one JSON object per line"),
+        (STEP + "3.5\n" + STEP, 2, "a JSON float; expected one JSON object per line"),
+        ("hello\n" + STEP, 1, "not JSON; expected one JSON object per line"),
+        (STEP + STEP + "\x00\xff\xfe binary", 3, "not UTF-8 text; expected a run's metrics.jsonl"),
+    ],
+)
+def test_plot_names_the_file_and_line_that_is_not_a_record(tmp_path, capsys, content, line, problem):
+    path, out = tmp_path / "metrics.jsonl", tmp_path / "curves.png"
+    path.write_bytes(content.encode("latin-1"))
+    assert eval_report.main(["plot", "--metrics", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"eval_report.py plot: error: {path}, line {line}: {problem}\n"
+    assert not out.exists()
+
+
+def test_torn_records_are_left_out_wherever_they_are(tmp_path):
+    # A run killed mid-write, then a later run appending to the same file: the torn record is inside.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(STEP + '{"event": "st' + "\n" + STEP + "\n" + '{"event"')
+    assert eval_report.read_jsonl(path) == [json.loads(STEP)] * 2

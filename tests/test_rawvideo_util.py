@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import write_video
+from conftest import write_lying_avi, write_video
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
+from dataloaders import frame_cache
 from dataloaders import rawvideo_util as rvu
 from dataloaders.rawvideo_util import (
     RawVideoExtractor,
@@ -348,7 +352,7 @@ def test_clean_files_never_take_the_reference_read(videos, monkeypatch):
             expected[name, slice_framepos] = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(
                 videos[name], 3, slice_framepos
             )
-    monkeypatch.setattr(rvu, "_read_seek_per_frame", lambda *a: pytest.fail("fell back to seek-per-frame"))
+    monkeypatch.setattr(rvu, "read_seek_per_frame", lambda *a: pytest.fail("fell back to seek-per-frame"))
     for (name, slice_framepos), ref in expected.items():
         got = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(videos[name], 3, slice_framepos)
         assert all(np.array_equal(a, b) for a, b in zip(got, ref))
@@ -367,7 +371,7 @@ def test_sample_equals_reference_with_window(videos):
 def test_truncated_file_is_read_the_reference_way(videos):
     path = videos["truncated"]
     assert int(cv2.VideoCapture(path).get(cv2.CAP_PROP_FRAME_COUNT)) == 100
-    assert rvu._scan_packets(path)[0] < 75  # the container promises frames that are not there
+    assert rvu.scan_packets(path)[0] < 75  # the container promises frames that are not there
     ex = RawVideoExtractor(size=SIZE, framerate=1)
     # seeks past the cut still return frames; the sample must reproduce them, not what a forward read would see
     n_reference = len(ex.get_video_data(path)["video"])
@@ -392,11 +396,11 @@ class _CountingCapture:
 def test_forward_read_seeks_only_past_keyframes(videos):
     path = videos["h264_gop"]  # keyframes every 25 frames
     seq = _decode_all(path)
-    n_packets, keyframes = rvu._scan_packets(path)
+    n_packets, keyframes = rvu.scan_packets(path)
     assert n_packets == 100 and keyframes == [0, 25, 50, 75]
     for targets, seeks in [([0, 99], 1), ([0, 10, 20, 30, 40], 0), ([3, 45, 99], 2)]:
         cap = _CountingCapture(path)
-        got = rvu._read_forward(cap, targets, keyframes, 25.0)
+        got = rvu.read_forward(cap, targets, keyframes, 25.0)
         assert cap.seeks == seeks
         assert all(np.array_equal(g, seq[k]) for g, k in zip(got, targets))
 
@@ -473,3 +477,132 @@ def test_uint8_sample_normalised_later_equals_float_sample(videos, frame_order):
         assert torch.equal(got[0, 0, t, 0], norm(ToTensor()(pixels[0, t, 0].transpose(1, 2, 0))))
     float_video = torch.from_numpy(video)
     assert rvu.normalize_video(float_video, torch.from_numpy(mask)) is float_video
+
+
+# ---- untrusted files -------------------------------------------------------------------------------------------------
+
+
+def test_header_claiming_2_to_31_frames_is_refused_unread(tmp_path):
+    path = str(write_lying_avi(tmp_path / "liar.avi", 8, 2**31))
+    assert cv2.VideoCapture(path).get(cv2.CAP_PROP_FRAME_COUNT) == 2**31
+    ex = RawVideoExtractor(size=SIZE, framerate=1)
+    tracemalloc.start()
+    try:
+        for read in (lambda: ex.get_video_sample(path, 4), lambda: ex.get_video_data(path)):
+            with pytest.raises(rvu.UnreadableVideoError, match=r"liar\.avi: the header claims 2147483648 frames"):
+                read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # the 2**31 claimed frames were never listed
+
+
+def test_header_lies_below_the_cap_cost_only_what_is_decoded(tmp_path):
+    # 2**24 claimed frames at 10 fps and 1 frame per second: 1.7 million indices if listed; the read stops at the
+    # first index the file does not hold (10), so one frame comes back.
+    path = str(write_lying_avi(tmp_path / "liar.avi", 8, 2**24))
+    tracemalloc.start()
+    try:
+        video, mask, n = RawVideoExtractor(size=SIZE, framerate=1).get_video_sample(path, 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 1 and mask.tolist() == [[1, 0, 0, 0]]
+    assert peak < 8 * 2**20
+
+
+def test_frame_indices_are_lazy_whatever_the_fps():
+    every = rvu.iter_frame_indices(8, 10**9, 0)  # "every frame" of a 1e9 fps header: 2e9 indices if listed
+    assert [next(every) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="fps must be positive"):
+        rvu.iter_frame_indices(8, 0, 1)  # checked at the call, not at the first index
+
+
+class _FakeCapture:
+    def __init__(self, count: float, fps: float, width: float = 64, height: float = 48):
+        self.props = {
+            cv2.CAP_PROP_FRAME_COUNT: count,
+            cv2.CAP_PROP_FPS: fps,
+            cv2.CAP_PROP_FRAME_WIDTH: width,
+            cv2.CAP_PROP_FRAME_HEIGHT: height,
+        }
+
+    def get(self, prop):
+        return self.props[prop]
+
+
+@pytest.mark.parametrize(
+    "count, fps, expected",
+    [
+        (90, 29.97, (90, 29.97)),
+        (90, float("nan"), (90, 0.0)),  # no usable rate: not a video, no frame read
+        (90, float("inf"), (90, 0.0)),
+        (90, 0.5, (90, 0.0)),  # truncates to 0 frames per "second"
+        (-1, 25.0, (-1, 25.0)),  # unknown count: read until a frame fails, as the original
+    ],
+)
+def test_read_header_turns_unusable_rates_into_no_video(count, fps, expected):
+    assert rvu.read_header(_FakeCapture(count, fps), "v.mp4") == expected
+
+
+@pytest.mark.parametrize(
+    "count, width, height, match",
+    [
+        (2**24 + 1, 64, 48, "claims 16777217 frames"),
+        (float("inf"), 64, 48, "claims inf frames"),
+        (float("nan"), 64, 48, "claims nan frames"),
+        (10, 100_000, 100_000, "frames of 10000000000 pixels"),
+        (10, 7681, 4320, "more than the 33177600"),
+    ],
+)
+def test_read_header_refuses_impossible_headers(count, width, height, match):
+    with pytest.raises(rvu.UnreadableVideoError, match=f"^v.mp4: the header {match}|{match}"):
+        rvu.read_header(_FakeCapture(count, 25.0, width, height), "v.mp4")
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling", "loop", "fifo"])
+def test_what_is_not_a_file_is_an_unreadable_video(tmp_path, kind):
+    path = tmp_path / "v.mp4"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "dangling":
+        path.symlink_to(tmp_path / "gone.mp4")
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "w.mp4")
+        (tmp_path / "w.mp4").symlink_to(path)
+    else:
+        os.mkfifo(path)  # cv2 would block forever opening it
+    expected = {"folder": "a folder", "dangling": "a symlink to nothing: dangling or a loop"}
+    expected["loop"] = expected["dangling"]
+    ex = RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(tmp_path / "cache"))
+    for read in (lambda: ex.get_video_sample(str(path), 4), lambda: ex.get_video_data(str(path))):
+        with pytest.raises(rvu.UnreadableVideoError) as caught:
+            read()
+        assert str(caught.value) == f"{path}: not a video file ({expected.get(kind, 'not a regular file')})"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_full_disk_under_the_frame_cache_warns_once_and_goes_on(videos, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    ex = RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(cache))
+    writes = []
+
+    def disk_full(f, *a, **k):
+        writes.append(f.name)
+        f.write(b"\x93NUMPY")  # a partial file, as a write that ran out of space leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(frame_cache.np, "save", disk_full)
+    with caplog.at_level(logging.WARNING, logger="dataloaders.frame_cache"):
+        got = [ex.get_video_sample(videos[name], 3) for name in ("mp4v_25", "mp4v_30", "mp4v_25")]
+    monkeypatch.undo()
+    plain = RawVideoExtractor(size=SIZE, framerate=1)
+    for sample, name in zip(got, ("mp4v_25", "mp4v_30", "mp4v_25")):
+        assert all(np.array_equal(a, b) for a, b in zip(sample, plain.get_video_sample(videos[name], 3)))
+    assert len(writes) == 1  # tried once, then left alone
+    assert [r.getMessage() for r in caplog.records] == [
+        f"frame cache: cannot write {writes[0].rsplit('/', 1)[0]}/"
+        f"{os.path.basename(ex._cache_file(videos['mp4v_25'], 3, 0, None, None))} (No space left on device); "
+        "going on without writing to the cache in this process"
+    ]
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # the partial file is removed
