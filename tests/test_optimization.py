@@ -1,10 +1,12 @@
 """BertAdam and its schedules against hand-computed values and a plain re-statement of the original's update rule."""
 
+import io
 import math
 
 import pytest
 import torch
 
+from modules import optimization
 from modules.optimization import BertAdam, warmup_constant, warmup_cosine, warmup_linear
 
 
@@ -198,57 +200,84 @@ class PerTensorBertAdam(BertAdam):
 
 
 def _model_like_params(seed: int):
-    """fp16 'CLIP' tensors and fp32 head tensors of several shapes, in the driver's four-group layout."""
+    """fp16 'CLIP' tensors and fp32 head tensors of several shapes, in the driver's four-group layout; the last shape
+    is not a multiple of any vector width (the slice tests cut it at odd places)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(8, 6), (6,), (3, 4, 5), (1,), (7,)]
+    shapes = [(8, 6), (6,), (3, 4, 5), (1,), (7,), (257, 263)]
     clip = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).half()) for s in shapes]
     head = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
     return [
-        {"params": clip[:3] + head[:1], "weight_decay": 0.2, "lr": 1e-3},
+        {"params": clip[:3] + head[:1] + head[5:], "weight_decay": 0.2, "lr": 1e-3},
         {"params": head[1:3], "weight_decay": 0.2},
         {"params": clip[3:], "weight_decay": 0.0, "lr": 1e-3},
-        {"params": head[3:] + clip[:0], "weight_decay": 0.0},
+        {"params": head[3:5], "weight_decay": 0.0},
     ]
 
 
-@pytest.mark.parametrize(
-    "schedule, t_total", [("warmup_cosine", 20), ("warmup_constant", 20), ("warmup_linear", 20), ("warmup_linear", -1)]
-)
-def test_foreach_step_equals_per_tensor_step_bit_for_bit(schedule, t_total):
-    runs = []
-    for cls in (BertAdam, PerTensorBertAdam):
-        groups = _model_like_params(seed=3)
-        opt = cls(
-            groups,
-            lr=0.05,
-            warmup=0.1,
-            schedule=schedule,
-            b1=0.9,
-            b2=0.98,
-            e=1e-6,
-            t_total=t_total,
-            weight_decay=0.2,
-            max_grad_norm=1.0,
-        )
-        params = [p for g in groups for p in g["params"]]
-        gen = torch.Generator().manual_seed(4)
-        clipped = 0
-        for step in range(20):
-            for i, p in enumerate(params):
-                # Large gradients so the per-tensor clip is active; one tensor skips odd steps, so the step counts
-                # of the tensors differ and the update is bucketed by step.
-                scale = 3.0 if step % 3 else 0.01
-                g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
-                p.grad = None if (i == 1 and step % 2) else g
-                clipped += int(p.grad is not None and float(p.grad.float().norm()) > 1.0)
-            opt.step()
-        assert clipped > 20
-        runs.append(([p.detach().clone() for p in params], opt))
-    (ours, opt_a), (ref, opt_b) = runs
-    assert any(p.dtype == torch.float16 for p in ours)
-    for a, b in zip(ours, ref):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+def _train(opt, params, steps: int, seed: int) -> int:
+    """``steps`` steps of large random gradients (the per-tensor clip active); returns how many tensors it clipped."""
+    gen = torch.Generator().manual_seed(seed)
+    clipped = 0
+    for step in range(steps):
+        for i, p in enumerate(params):
+            # One tensor skips odd steps, so the step counts of the tensors differ and the update is bucketed by step.
+            scale = 3.0 if step % 3 else 0.01
+            g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+            p.grad = None if (i == 1 and step % 2) else g
+            clipped += int(p.grad is not None and float(p.grad.float().norm()) > 1.0)
+        opt.step()
+    return clipped
+
+
+def _make(cls, schedule: str, t_total: float, max_grad_norm: float):
+    groups = _model_like_params(seed=3)
+    hyper = dict(lr=0.05, warmup=0.1, schedule=schedule, b1=0.9, b2=0.98, e=1e-6, t_total=t_total, weight_decay=0.2)
+    return cls(groups, max_grad_norm=max_grad_norm, **hyper), [p for g in groups for p in g["params"]]
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b) -> None:
+    assert any(p.dtype == torch.float16 for p in params_a) and any(p.dtype == torch.float32 for p in params_a)
+    for a, b in zip(params_a, params_b):
+        assert a.dtype == b.dtype and torch.equal(a.detach(), b.detach())
+    assert len(opt_a.state) == len(opt_b.state)
     for pa, pb in zip(opt_a.state.values(), opt_b.state.values()):
         assert pa["step"] == pb["step"]
         assert torch.equal(pa["next_m"], pb["next_m"]) and torch.equal(pa["next_v"], pb["next_v"])
     assert opt_a.get_lr() == opt_b.get_lr()
+
+
+@pytest.mark.parametrize("slice_elements", [None, 4099])
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+@pytest.mark.parametrize(
+    "schedule, t_total", [("warmup_cosine", 20), ("warmup_constant", 20), ("warmup_linear", 20), ("warmup_linear", -1)]
+)
+def test_step_equals_per_tensor_step_bit_for_bit(schedule, t_total, max_grad_norm, slice_elements, monkeypatch):
+    if slice_elements:  # slices that end anywhere, not at vector boundaries: any split must round alike
+        monkeypatch.setattr(optimization, "_chunk_elements", lambda device: slice_elements)
+    ours, params_a = _make(BertAdam, schedule, t_total, max_grad_norm)
+    ref, params_b = _make(PerTensorBertAdam, schedule, t_total, max_grad_norm)
+    clipped = _train(ours, params_a, 12, seed=4)
+    assert _train(ref, params_b, 12, seed=4) == clipped
+    assert clipped > 20
+    if max_grad_norm == 0:  # no per-tensor clip: the gradients are left as they were drawn
+        assert any(float(p.grad.float().norm()) > 1.0 for p in params_a)
+    _assert_same(params_a, ours, params_b, ref)
+
+
+def test_resume_from_a_state_file_of_the_per_tensor_step():
+    """An optimizer state file written by the original's step loads unchanged and continues bit for bit."""
+    ref, params_ref = _make(PerTensorBertAdam, "warmup_cosine", 20, 1.0)
+    _train(ref, params_ref, 5, seed=5)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params_ref], "optimizer": ref.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    ours, params_ours = _make(BertAdam, "warmup_cosine", 20, 1.0)
+    with torch.no_grad():
+        for p, q in zip(params_ours, saved["params"]):
+            p.copy_(q)
+    ours.load_state_dict(saved["optimizer"])
+    assert set(ours.state_dict()["state"][0]) == {"step", "next_m", "next_v"}
+    _train(ours, params_ours, 5, seed=6)
+    _train(ref, params_ref, 5, seed=6)
+    _assert_same(params_ours, ours, params_ref, ref)
