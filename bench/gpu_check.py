@@ -5,7 +5,7 @@ runs out of time is marked in the table and the next one starts. The table is re
 ``<out>/table.txt`` (so a run cut short still leaves what it measured) and each step's whole output lands in
 ``<out>/logs/<step>.log``. Checkpoints and data go to a temporary folder, never under ``<out>``.
 
-    python bench/gpu_check.py --out bench/out/gpu_check               # CUDA: about 6 of its 8 minutes on one H100
+    python bench/gpu_check.py --out bench/out/gpu_check               # CUDA: at most 8 minutes (--budget 470 s)
     python bench/gpu_check.py --device cpu --out /tmp/gpu_check_cpu   # the same steps at toy sizes on CPU
 
 The exit status is 0 when every step that ran passed, 1 otherwise.
