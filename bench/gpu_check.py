@@ -55,7 +55,10 @@ CUDA = Sizes(
     device="cuda",
     env={"CLIP4CLIP_TEST_KEEP_GPU": "1"},
     dataset=("--num_train", "48", "--num_test", "16"),
-    train=("--max_words", "20", "--max_frames", "4", "--batch_size", "16", "--batch_size_val", "16"),
+    train=(
+        *("--max_words", "20", "--max_frames", "4", "--batch_size", "16", "--batch_size_val", "16"),
+        *("--num_thread_reader", "2"),
+    ),
     tests=("-m", "cuda", "tests"),
     throughput=("--device", "cuda", "--steps", "8", "--warmup", "3"),
     unipt=("--device", "cuda", "--batch", "32", "--frames", "12"),
@@ -68,7 +71,10 @@ CPU = Sizes(
     device="cpu",
     env={"CUDA_VISIBLE_DEVICES": ""},  # a CPU run on a GPU machine stays on the CPU
     dataset=("--num_train", "4", "--num_test", "4", "--size", "32", "--fps", "2", "--seconds", "2"),
-    train=("--max_words", "8", "--max_frames", "2", "--batch_size", "4", "--batch_size_val", "4"),
+    train=(
+        *("--max_words", "8", "--max_frames", "2", "--batch_size", "4", "--batch_size_val", "4"),
+        *("--num_thread_reader", "0"),  # no worker process to start for 4 videos
+    ),
     tests=None,
     throughput=(
         *("--device", "cpu", "--clip", "tiny-random-ViT/16", "--batch", "2", "--frames", "2", "--workers", "0"),
@@ -76,7 +82,7 @@ CPU = Sizes(
     ),
     unipt=None,
     eval=None,
-    optimizer=("--device", "cpu", "--toy"),
+    optimizer=("--device", "cpu", "--toy", "--rounds", "1"),
     timeout_s={"device": 120, "dataset": 60, "train": 240, "throughput": 240, "optimizer": 120},
     skip_reasons={
         "tests": "CPU mode: the suite itself runs the cuda-marked tests on the CPU",
