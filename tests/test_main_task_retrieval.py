@@ -300,6 +300,7 @@ def run_a(setup):
     return out
 
 
+@pytest.mark.cuda
 def test_train_two_epochs_and_evaluate(run_a):
     names = {p.name for p in run_a.iterdir()}
     assert {
@@ -346,6 +347,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.cuda
 def test_metrics_jsonl_equals_the_logged_values(run_a):
     records = read_jsonl(run_a / "metrics.jsonl")
     log = (run_a / "log.txt").read_text()
@@ -368,6 +370,7 @@ def test_metrics_jsonl_equals_the_logged_values(run_a):
     assert [e["event"] for e in records] == ["step"] * 10 + ["epoch", "eval"] + ["step"] * 10 + ["epoch", "eval"]
 
 
+@pytest.mark.cuda
 def test_interrupted_and_resumed_run_is_bit_identical(run_a, setup):
     root, paths, clip = setup
     out = root / "run_b"
@@ -394,6 +397,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(run_a, setup):
     )
 
 
+@pytest.mark.cuda
 def test_eval_only_of_saved_checkpoint(run_a, setup):
     root, paths, clip = setup
     # In this process (no launcher): the checkpoint of epoch 1 scores what the training run logged for it.
