@@ -30,9 +30,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloaders.data_dataloaders import DATALOADER_DICT  # noqa: E402
+from dataloaders.data_dataloaders import DATALOADER_DICT, DataConfig  # noqa: E402
 from dataloaders.rawvideo_util import RawVideoExtractor, open_capture  # noqa: E402
+from dataloaders.sampling import VideoSampling  # noqa: E402
 from dataloaders.video_reading import read_header  # noqa: E402
+from errors import UsageError  # noqa: E402
 from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
 
 DATATYPES = tuple(DATALOADER_DICT)
@@ -85,26 +87,34 @@ class Split:
     error: str | None = None
 
 
-def _loader_flags(args: argparse.Namespace) -> argparse.Namespace:
-    """The training flags ``DATALOADER_DICT``'s builders read: this tool's, plus loader settings that do not change
-    which items a data set holds. ``skip_missing`` so that all missing files are collected, not only the first."""
-    return argparse.Namespace(
-        **vars(args),
-        skip_missing=True,
+def _loader_settings(args: argparse.Namespace) -> tuple[DataConfig, VideoSampling]:
+    """What ``DATALOADER_DICT``'s builders read: this tool's flags, plus loader settings that do not change which
+    items a data set holds. ``skip_missing`` so that all missing files are collected, not only the first."""
+    data = DataConfig(
+        datatype=args.datatype,
+        train_csv=args.train_csv,
+        val_csv=args.val_csv,
+        data_path=args.data_path,
+        features_path=args.features_path,
+        num_workers=0,
+        max_words=args.max_words,
+        expand_msrvtt_sentences=args.expand_msrvtt_sentences,
         frame_cache=None,
-        train_frame_order=0,
-        eval_frame_order=0,
-        batch_size=1,
-        n_gpu=1,
-        batch_size_val=1,
-        num_thread_reader=0,
+        skip_missing=True,
     )
+    sampling = VideoSampling(
+        max_frames=args.max_frames,
+        feature_framerate=args.feature_framerate,
+        slice_framepos=args.slice_framepos,
+        image_resolution=args.image_resolution,
+    )
+    return data, sampling
 
 
 def build_splits(args: argparse.Namespace) -> list[Split]:
     """Every split of ``--datatype``, built by the training code's own ``DATALOADER_DICT`` builders."""
     tokenizer = SimpleTokenizer()
-    flags = _loader_flags(args)
+    data, sampling = _loader_settings(args)
     builders = DATALOADER_DICT[args.datatype]
     splits = []
     dataset_logger = logging.getLogger("dataloaders")
@@ -116,12 +126,14 @@ def build_splits(args: argparse.Namespace) -> list[Split]:
         level = dataset_logger.level
         dataset_logger.setLevel(logging.ERROR)
         try:
-            loader = (
-                builders[name](flags, tokenizer) if name == "train" else builders[name](flags, tokenizer, subset=name)
-            )
+            if name == "train":
+                loader = builders[name](data, sampling, tokenizer, 1)
+            else:
+                loader = builders[name](data, sampling, tokenizer, 1, subset=name)
             split.dataset = loader[0].dataset
         except (ValueError, FileNotFoundError, OSError) as exc:
-            split.error = f"{type(exc).__name__}: {exc}"
+            # A UsageError already says what is wrong with which file; other errors need their kind.
+            split.error = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
         finally:
             dataset_logger.setLevel(level)
         splits.append(split)
