@@ -105,8 +105,18 @@ keep_last "$RUN" "$EPOCHS"
 
 echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test captions"
 # The extra arguments come before the checkpoint, split and folder here: those three are this step's own.
-"$PYTHON" main_task_retrieval.py --do_eval "${COMMON[@]}" "${HEAD[@]}" "$@" \
+# The training split is named too: --qb_norm builds its querybank from the training captions.
+SPLITS=(--train_csv "$MSRVTT/MSRVTT_train.9k.csv" --data_path "$MSRVTT/MSRVTT_data.json")
+"$PYTHON" main_task_retrieval.py --do_eval "${COMMON[@]}" "${SPLITS[@]}" "${HEAD[@]}" "$@" \
     --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --init_model "$RUN/pytorch_model.bin.$LAST" \
     --output_dir "$RUN/order" > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
+
+# One ready command for evaluating this checkpoint again, with its report (extra flags pass through: --qb_norm).
+EVAL=("$PYTHON" main_task_retrieval.py --do_eval "${COMMON[@]}" "${SPLITS[@]}" "${HEAD[@]}" "$@"
+      --val_csv "$MSRVTT/MSRVTT_JSFUSION_test.csv" --init_model "$RUN/pytorch_model.bin.$LAST"
+      --output_dir "$RUN/eval" --eval_report)
+printf '#!/usr/bin/env bash\n# Written by demo.sh: evaluate %s, write %s/eval/eval_report.html\ncd %q\n%s "$@"\n' \
+    "$RUN/pytorch_model.bin.$LAST" "$RUN" "$PWD" "$(printf '%q ' "${EVAL[@]}")" > "$RUN/eval.sh"
+echo "== evaluate it again, with its report: bash $RUN/eval.sh"
 
 "$PYTHON" preprocess/demo_table.py "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json"

@@ -50,6 +50,11 @@ def _index_parser(commands) -> None:
     )
     p.add_argument("--batch_size", type=int, default=16, help="videos per forward pass")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    p.add_argument(
+        "--qb_bank",
+        metavar="CAPTIONS.txt",
+        help="also store these captions (one a line, e.g. training captions) as the QB-Norm bank `search --qb_norm` uses",
+    )
 
 
 def _search_parser(commands) -> None:
@@ -70,6 +75,11 @@ def _search_parser(commands) -> None:
         help="print a JSON list, one {query, results} per query ({video, results} with --video)",
     )
     p.add_argument("--max_words", type=int, default=32, help="text length in tokens, start and end included")
+    p.add_argument(
+        "--qb_norm",
+        action="store_true",
+        help="re-score each text query with QB-Norm against the index's bank (index --qb_bank); scores become QB-Norm's",
+    )
     _weights_flags(p, index_time=False)
 
 
@@ -179,6 +189,11 @@ def run_index(args: argparse.Namespace) -> None:
     from search.build import build_index
 
     print(build_index(_index_request(args, args.videos)))
+    if args.qb_bank:
+        from search.querybank import build_bank
+
+        captions = _read_lines(args.qb_bank, "captions")
+        print(build_bank(Path(args.index), args.qb_bank, captions, _weights(args)))
 
 
 def run_search(args: argparse.Namespace) -> None:
@@ -186,6 +201,10 @@ def run_search(args: argparse.Namespace) -> None:
     from search.query import search, search_video
 
     if args.video is not None:
+        if args.qb_norm:
+            from util import UsageError
+
+            raise UsageError("--qb_norm re-scores text queries (its bank holds captions); leave it out with --video")
         found = search_video(args.index, args.video, args.top_k, _weights(args))
         if args.json:
             print(json.dumps(found, indent=1))
@@ -193,7 +212,7 @@ def run_search(args: argparse.Namespace) -> None:
             _print_table(f"video: {found['video']}", found["results"], "path")
         return
     queries = _nonblank([args.query], "--query") if args.query is not None else _read_lines(args.queries, "queries")
-    found = search(args.index, queries, args.top_k, args.max_words, _weights(args))
+    found = search(args.index, queries, args.top_k, args.max_words, _weights(args), args.qb_norm)
     if args.json:
         print(json.dumps(found, indent=1))
     else:

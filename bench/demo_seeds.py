@@ -8,6 +8,7 @@ finished by running the same command again.
 
     nice -n 19 python bench/demo_seeds.py --out /work/demo_sweep        # 3 seeds x meanP, seqTransf
     EPOCHS=2 python bench/demo_seeds.py --out /tmp/sweep --seeds 1 2     # demo.sh's variables pass through
+    python bench/demo_seeds.py --out /tmp/qb --heads meanP --qb_norm     # also test R@1 after QB-Norm
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def records(run: Path, epochs: int) -> tuple[dict, dict] | None:
     return json.loads(test.read_text()), json.loads(order.read_text())
 
 
-def run_demo(out: Path, head: str, seed: int) -> None:
+def run_demo(out: Path, head: str, seed: int, extra: list[str]) -> None:
     """One demo.sh run; its output goes to a log file beside the run folder."""
     env = dict(os.environ, OUT=str(out), SIM_HEADER=head, PRETRAIN_SEED=str(seed), TRAIN_SEED=str(seed))
     env.setdefault("INSTALL", "0")
@@ -44,7 +45,7 @@ def run_demo(out: Path, head: str, seed: int) -> None:
     print(f"== {head}, seed {seed} (log: {log})", flush=True)
     with open(log, "w") as f:
         done = subprocess.run(
-            ["bash", str(REPO / "demo.sh"), "--output_dir", str(run_folder(out, head, seed))],
+            ["bash", str(REPO / "demo.sh"), "--output_dir", str(run_folder(out, head, seed)), *extra],
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -63,26 +64,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for data, checkpoints, logs (outside the repo)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--heads", nargs="+", default=["meanP", "seqTransf"])
+    parser.add_argument("--qb_norm", action="store_true", help="evaluate with --qb_norm and add its R@1 column")
     args = parser.parse_args()
     epochs = int(os.environ.get("EPOCHS", "10"))  # demo.sh's default
     args.out.mkdir(parents=True, exist_ok=True)
 
-    figures: dict[str, list[tuple[int, float, float]]] = {head: [] for head in args.heads}
+    figures: dict[str, list[tuple[int, float, float, float]]] = {head: [] for head in args.heads}
+    extra = ["--qb_norm"] if args.qb_norm else []
     for seed in args.seeds:  # seed-major, so an interrupted sweep has both heads for the seeds it finished
         for head in args.heads:
             run = run_folder(args.out, head, seed)
             if records(run, epochs) is None:
-                run_demo(args.out, head, seed)
+                run_demo(args.out, head, seed, extra)
             test, order = records(run, epochs)
-            figures[head].append((seed, test["text_to_video"]["R1"], order["text_to_video"]["R1"]))
+            qb = test["qb_norm"]["text_to_video"]["R1"] if args.qb_norm else float("nan")
+            figures[head].append((seed, test["text_to_video"]["R1"], order["text_to_video"]["R1"], qb))
 
-    print("\n| head | seed | test R@1 | order-dependent R@1 |\n|---|---|---|---|")
+    print("\n| head | seed | test R@1 | order-dependent R@1 | test R@1, QB-Norm |\n|---|---|---|---|---|")
     for head, rows in figures.items():
-        for seed, test_r1, order_r1 in rows:
-            print(f"| {head} | {seed} | {test_r1:.1f} | {order_r1:.1f} |")
-    print("\n| head | seeds | test R@1 (mean +- std) | order-dependent R@1 (mean +- std) |\n|---|---|---|---|")
+        for seed, test_r1, order_r1, qb_r1 in rows:
+            print(f"| {head} | {seed} | {test_r1:.1f} | {order_r1:.1f} | {qb_r1:.1f} |")
+    print("\n| head | seeds | test R@1 | order-dependent R@1 | test R@1, QB-Norm |\n|---|---|---|---|---|")
     for head, rows in figures.items():
-        print(f"| {head} | {len(rows)} | {mean_std([r[1] for r in rows])} | {mean_std([r[2] for r in rows])} |")
+        means = " | ".join(mean_std([r[i] for r in rows]) for i in (1, 2, 3))
+        print(f"| {head} | {len(rows)} | {means} |")
+    print("(each: mean +- sample std over the seeds; QB-Norm nan without --qb_norm)")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class RunOptions:
     local_rank: int
     eval_dsl: bool
     dsl_temperature: float
+    qb_norm: bool
+    qb_norm_beta: float
     eval_report: bool
     tensorboard: bool
 

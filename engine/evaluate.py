@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,11 +14,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import util
+from dataloaders.data_dataloaders import DATALOADER_DICT
 from dataloaders.rawvideo_util import normalize_video
 from engine.config import RunConfig
 from engine.context import RunContext, autocast_for, log_peak_memory
 from engine.runlog import RunLog
-from metrics import dual_softmax_rerank, retrieval_metrics
+from metrics import QueryBank, build_querybank, dual_softmax_rerank, dynamic_inverted_softmax, retrieval_metrics
 from modules.modeling import CLIP4Clip
 
 logger = logging.getLogger("logger")
@@ -61,19 +63,12 @@ def encode_test_shard(
     seqs, tmasks, viss, vmasks = [], [], [], []
     with autocast_for(context.precision, device):
         if caption_ends is not None:
-            pairs = list(dataset.all_pairs())
-            texts = shard(len(pairs))
-            for start in tqdm(
-                range(texts.start, texts.stop, test_dataloader.batch_size),
-                desc="encode texts",
-                disable=not show,
-                unit="batch",
-            ):
-                stop = min(start + test_dataloader.batch_size, texts.stop)
-                encoded = [dataset.encode_text(pairs[i][1]) for i in range(start, stop)]
-                ids, mask, segment = (torch.from_numpy(np.concatenate(parts)).to(device) for parts in zip(*encoded))
-                seqs.append(model.get_sequence_output(ids, segment, mask).float().cpu())
-                tmasks.append(mask.view(-1, mask.shape[-1]).cpu())
+            captions = [pair[1] for pair in dataset.all_pairs()]
+            seq, mask = encode_captions(
+                model, dataset, captions, shard(len(captions)), test_dataloader.batch_size, device
+            )
+            seqs.append(seq)
+            tmasks.append(mask)
             last_caption = [c - 1 for c in caption_ends]
             video_loader = _loader_like(test_dataloader, [last_caption[i] for i in shard(len(last_caption))])
             for batch in tqdm(video_loader, desc="encode videos", disable=not show, unit="batch"):
@@ -104,6 +99,25 @@ def encode_test_shard(
         cat(viss, (max_frames, hidden), torch.float32),
         cat(vmasks, (max_frames,), torch.long),
     )
+
+
+def encode_captions(
+    model: CLIP4Clip, dataset, captions: Sequence[str], rows: range, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence outputs and masks of ``captions[rows]``, tokenised as ``dataset`` does, on the CPU (call under
+    ``autocast_for``)."""
+    seqs, masks = [], []
+    for start in tqdm(
+        range(rows.start, rows.stop, batch_size), desc="encode texts", disable=not util.is_main_process(), unit="batch"
+    ):
+        encoded = [dataset.encode_text(captions[i]) for i in range(start, min(start + batch_size, rows.stop))]
+        ids, mask, segment = (torch.from_numpy(np.concatenate(parts)).to(device) for parts in zip(*encoded))
+        seqs.append(model.get_sequence_output(ids, segment, mask).float().cpu())
+        masks.append(mask.view(-1, mask.shape[-1]).cpu())
+    hidden = model.clip.text_projection.shape[1]
+    if not seqs:
+        return torch.empty((0, 1, hidden)), torch.empty((0, dataset.max_words), dtype=torch.long)
+    return torch.cat(seqs), torch.cat(masks)
 
 
 def similarity_columns(
@@ -196,12 +210,17 @@ def eval_epoch(
         texts = util.all_gather_objects((seq, text_mask))
         seq, text_mask = torch.cat([t[0] for t in texts]), torch.cat([t[1] for t in texts])
         block = similarity_columns(model, seq, text_mask, vis, video_mask, context.device)
+        bank_sim = None
+        if config.run.qb_norm:
+            captions = training_captions(config)
+            bank_sim = querybank_similarities(model, dataset, captions, vis, video_mask, context, config)
     blocks = util.gather_objects(block.numpy())
 
     R1 = 0.0
     if is_main:
         sim_matrix = np.concatenate(blocks, axis=1)
-        record, tables = score(config, sim_matrix, cut, tag, model_file)
+        querybank = None if bank_sim is None else querybank_of(bank_sim, cosine_scale(model), config.run.qb_norm_beta)
+        record, tables = score(config, sim_matrix, cut, tag, model_file, querybank, cosine_scale(model))
         util.atomic_write_text(
             json.dumps(record, indent=1) + "\n", os.path.join(config.run.output_dir, f"metrics_{tag}.json")
         )
@@ -217,11 +236,70 @@ def eval_epoch(
     return util.broadcast_object(R1)
 
 
+def training_captions(config: RunConfig) -> list[str]:
+    """Every caption of the training split (all of a video's captions, also for MSR-VTT), in annotation order: the
+    QB-Norm querybank, so that no test query shapes the normalisation."""
+    data = dataclasses.replace(config.data, expand_msrvtt_sentences=True)
+    loader = DATALOADER_DICT[data.datatype]["train"](data, config.train_sampling, None, 1)[0]
+    return [pair[1] for pair in loader.dataset.all_pairs()]
+
+
+def cosine_scale(model: CLIP4Clip) -> float:
+    """What the logits are divided by to give QB-Norm cosine similarities: exp(logit_scale) for the dot-product
+    heads; 1 for tightTransf, whose cross-encoder scores are not scaled cosines."""
+    return float(model.clip.logit_scale.detach().exp()) if model.loose_type else 1.0
+
+
+def querybank_similarities(
+    model: CLIP4Clip,
+    dataset,
+    captions: Sequence[str],
+    vis: torch.Tensor,
+    video_mask: torch.Tensor,
+    context: RunContext,
+    config: RunConfig,
+) -> np.ndarray | None:
+    """[bank captions, all test videos] logits on rank 0 (None elsewhere). The test videos' features are small, so
+    every rank gets all of them and scores its share of the (much larger) bank against them."""
+    videos = util.all_gather_objects((vis, video_mask))
+    vis, video_mask = torch.cat([v[0] for v in videos]), torch.cat([v[1] for v in videos])
+    rows = shard(len(captions))
+    with autocast_for(context.precision, context.device):
+        seq, mask = encode_captions(model, dataset, captions, rows, config.optim.batch_size_val, context.device)
+    block = similarity_columns(model, seq, mask, vis, video_mask, context.device)
+    parts = util.gather_objects(block.numpy())
+    return np.concatenate(parts, axis=0) if parts is not None else None
+
+
+def querybank_of(bank_sim: np.ndarray, scale: float, beta: float) -> QueryBank:
+    """The QB-Norm querybank of [bank captions, test videos] logits, built on the cosines ``bank_sim / scale``."""
+    querybank = build_querybank(bank_sim / scale, beta=beta)
+    logger.info(
+        "QB-Norm querybank: %d training captions x %d test videos, beta %g on cosine similarities (logits / %.4g), "
+        "k %d; %d of %d test videos in its activation set",
+        querybank.size,
+        bank_sim.shape[1],
+        querybank.beta,
+        scale,
+        querybank.k,
+        int(querybank.active.sum()),
+        bank_sim.shape[1],
+    )
+    return querybank
+
+
 def score(
-    config: RunConfig, sim_matrix: np.ndarray, cut: list[int] | None, tag: str, model_file: str | None
+    config: RunConfig,
+    sim_matrix: np.ndarray,
+    cut: list[int] | None,
+    tag: str,
+    model_file: str | None,
+    querybank: QueryBank | None = None,
+    scale: float = 1.0,
 ) -> tuple[dict, dict[str, dict]]:
     """Log the metrics of ``sim_matrix`` as the original does; return the ``metrics_<tag>.json`` record and the
-    metric tables by name (dual-softmax re-ranked ones added with ``--eval_dsl``)."""
+    metric tables by name (dual-softmax re-ranked ones added with ``--eval_dsl``, QB-Norm's with a ``querybank``
+    built on the cosines ``sim_matrix / scale``)."""
     if cut is not None:
         logger.info(f"before reshape, sim matrix size: {sim_matrix.shape[0]} x {sim_matrix.shape[1]}")
         shape = (len(cut), max(e - s for s, e in zip([0] + cut[:-1], cut)), sim_matrix.shape[1])
@@ -256,4 +334,28 @@ def score(
         logger.info(_metric_line(dsl_vt, "DSL$V2T$"))
         record["dsl"] = {"temperature": temperature, "text_to_video": _plain(dsl_tv), "video_to_text": _plain(dsl_vt)}
         tables.update({"Text-to-Video, DSL": dsl_tv, "Video-to-Text, DSL": dsl_vt})
+    if querybank is not None:
+        record["qb_norm"], tables["Text-to-Video, QB-Norm"] = qb_norm_metrics(sim_matrix, cut, querybank, scale)
     return record, tables
+
+
+def qb_norm_metrics(
+    sim_matrix: np.ndarray, cut: list[int] | None, querybank: QueryBank, scale: float
+) -> tuple[dict, dict]:
+    """Log and return (the record's ``qb_norm`` entry, the metric table) of text-to-video after QB-Norm.
+
+    Text-to-video only: the bank holds training captions, so it normalises caption queries, not video ones."""
+    qb_tv, _ = retrieval_metrics(dynamic_inverted_softmax(sim_matrix / scale, querybank), cut)
+    logger.info(
+        "Text-to-Video, QB-Norm (--qb_norm, beta %g, bank of %d training captions):", querybank.beta, querybank.size
+    )
+    logger.info(_metric_line(qb_tv, "QB$"))
+    entry = {
+        "beta": querybank.beta,
+        "k": querybank.k,
+        "bank": "training captions",
+        "bank_size": querybank.size,
+        "similarity_divided_by": scale,
+        "text_to_video": _plain(qb_tv),
+    }
+    return entry, qb_tv

@@ -144,6 +144,19 @@ def get_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--dsl_temperature", type=float, default=1.0, help="[new] temperature of --eval_dsl")
     g.add_argument(
+        "--qb_norm",
+        action="store_true",
+        help="[new] also report text-to-video metrics after QB-Norm (dynamic inverted softmax against a bank of the "
+        "training captions), on a separate line; needs the training split's annotations and videos",
+    )
+    g.add_argument(
+        "--qb_norm_beta",
+        type=float,
+        default=20.0,
+        help="[new] QB-Norm's inverse temperature, applied to cosine similarities (the logits divided by "
+        "exp(logit_scale)); 20 is the paper's",
+    )
+    g.add_argument(
         "--eval_report",
         action="store_true",
         help="[new] after each evaluation write eval_report.html (metrics, plots, worst captions) into "
@@ -213,7 +226,7 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--batch_size {args.batch_size} is smaller than --gradient_accumulation_steps "
             f"{args.gradient_accumulation_steps}"
         )
-    for name in ("lr", "coef_lr", "dsl_temperature"):
+    for name in ("lr", "coef_lr", "dsl_temperature", "qb_norm_beta"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{name} must be a positive finite number, got {value}")

@@ -10,6 +10,7 @@ import numpy as np
 
 from search.encode import encode_videos, index_model, logit_scale
 from search.index import Index, load_index
+from search.querybank import load_bank
 from search.rank import rank_caption_texts, rank_similar, rank_texts
 from search.settings import AS_STORED, Weights
 from util import UsageError
@@ -68,11 +69,18 @@ def query_video(index: Index, model, video: str) -> tuple[np.ndarray, int | None
 
 
 def search(
-    index_dir: str | Path, queries: Sequence[str], top: int = 5, max_words: int = 32, weights: Weights = AS_STORED
+    index_dir: str | Path,
+    queries: Sequence[str],
+    top: int = 5,
+    max_words: int = 32,
+    weights: Weights = AS_STORED,
+    qb_norm: bool = False,
 ) -> list[dict]:
-    """Text → videos: for each query ``{"query", "results": [{"rank", "id", "path", "score"}, ...]}``, best first."""
+    """Text → videos: for each query ``{"query", "results": [{"rank", "id", "path", "score"}, ...]}``, best first;
+    ``qb_norm`` ranks with the index's QB-Norm querybank (``index --qb_bank``)."""
     index, model = open_index(index_dir, weights, max_words)
-    return rank_texts(index, model, queries, top, max_words)
+    bank = load_bank(Path(index_dir), index) if qb_norm else None
+    return rank_texts(index, model, queries, top, max_words, bank)
 
 
 def search_video(index_dir: str | Path, video: str, top: int = 5, weights: Weights = AS_STORED) -> dict:

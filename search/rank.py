@@ -8,6 +8,7 @@ import numpy as np
 
 from search.encode import logit_scale, text_embeddings
 from search.index import Index
+from search.querybank import qb_normalised
 
 
 def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -16,7 +17,11 @@ def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, scale: float) -> 
     score = scale * (query @ row): the matrix product first and then the scale, as in ``_loose_similarity``.
     Among the rows returned, equal scores are listed in index order.
     """
-    scores = scale * (queries.astype(np.float32) @ np.asarray(embeddings, dtype=np.float32).T)
+    return best_of(scale * (queries.astype(np.float32) @ np.asarray(embeddings, dtype=np.float32).T), k)
+
+
+def best_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` columns of each row of a [queries, rows] score matrix: (indices, scores), ties in index order."""
     k = min(k, scores.shape[1])
     if k < scores.shape[1]:
         cand = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -37,10 +42,16 @@ def ranked(index: Index, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
     ]
 
 
-def rank_texts(index: Index, model, queries: Sequence[str], top: int, max_words: int = 32) -> list[dict]:
-    """Text → videos with a loaded model: for each query ``{"query", "results"}``, best first."""
-    text = text_embeddings(model, queries, max_words).cpu().numpy()
-    rows, scores = top_k(index.embeddings, text, top, logit_scale(model))
+def rank_texts(
+    index: Index, model, queries: Sequence[str], top: int, max_words: int = 32, bank: np.ndarray | None = None
+) -> list[dict]:
+    """Text → videos with a loaded model: for each query ``{"query", "results"}``, best first. With a QB-Norm
+    ``bank`` (caption embeddings) each query is re-scored against it alone, and the scores are QB-Norm's."""
+    text = text_embeddings(model, queries, max_words).float().cpu().numpy()
+    if bank is not None:
+        rows, scores = best_of(qb_normalised(index, bank, text), top)
+    else:
+        rows, scores = top_k(index.embeddings, text, top, logit_scale(model))
     return [{"query": q, "results": ranked(index, row, score)} for q, row, score in zip(queries, rows, scores)]
 
 

@@ -150,3 +150,16 @@ def test_demo_prints_metric_lines_and_table(demo_run):
     order_record = json.loads((out / "my_run" / "order" / "metrics_eval.json").read_text())
     assert order_row[0] == "test, order-dependent only" and int(order_row[1]) == order_record["num_videos"]
     assert float(order_row[3]) == pytest.approx(order_record["text_to_video"]["R1"], abs=0.05)
+
+
+def test_demo_leaves_a_ready_evaluation_command(demo_run):
+    """``bash <run>/eval.sh`` evaluates the last checkpoint again (same numbers) and writes the report."""
+    out, stdout, _ = demo_run
+    run = out / "my_run"
+    assert f"bash {run}/eval.sh" in stdout
+    done = subprocess.run(["bash", str(run / "eval.sh")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((run / "eval" / "metrics_eval.json").read_text())
+    last = json.loads((run / "metrics_epoch1.json").read_text())
+    assert again["text_to_video"] == pytest.approx(last["text_to_video"])
+    assert (run / "eval" / "eval_report.html").stat().st_size > 1000
