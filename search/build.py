@@ -154,6 +154,28 @@ def _indexing_model(request: IndexRequest, spec: ModelSpec, sampling: VideoSampl
     return model, replace(spec, fingerprint=print_fp)
 
 
+def _encode_into(
+    rows: dict, request: IndexRequest, model, spec: ModelSpec, sampling: VideoSampling, root: Path, paths, found
+) -> list[dict]:
+    """Encode ``paths`` into ``rows`` ({path: (entry, embedding)}); returns the unreadable ones. A non-finite
+    embedding stops the run: the weights are broken, and NaN scores would rank arbitrarily."""
+    failed = []
+    encoded = encode_videos(model, root, paths, sampling, request.batch_size, request.num_workers, request.progress)
+    with contextlib.closing(encoded):  # the progress bar ends before an error is printed
+        for path, emb, n_frames, error in encoded:
+            size, mtime_ns, real = found[path]
+            if error:
+                failed.append({"path": path, "size": size, "mtime_ns": mtime_ns, "error": error})
+            elif not np.isfinite(emb).all():
+                raise UsageError(
+                    f"{root / path}: the model gives non-finite embedding values (NaN or Inf) for this video; "
+                    f"check the weights {spec.describe()} (nothing was written)"
+                )
+            else:
+                rows[path] = ({"path": path, "size": size, "mtime_ns": mtime_ns, "frames": n_frames, "real": real}, emb)
+    return failed
+
+
 def _update_index(request: IndexRequest) -> IndexReport:
     """:func:`build_index` under the index's write lock."""
     old = load_index(request.index) if (request.index / MANIFEST).exists() else None
@@ -167,20 +189,7 @@ def _update_index(request: IndexRequest) -> IndexReport:
     failed = []
     if old is None or plan.encode or spec != old.settings.model:
         model, spec = _indexing_model(request, spec, sampling, old)
-        encoded = encode_videos(
-            model, root, plan.encode, sampling, request.batch_size, request.num_workers, request.progress
-        )
-        for path, emb, n_frames, error in encoded:
-            size, mtime_ns, real = found[path]
-            if error:
-                failed.append({"path": path, "size": size, "mtime_ns": mtime_ns, "error": error})
-            elif not np.isfinite(emb).all():
-                raise UsageError(
-                    f"{root / path}: the model gives non-finite embedding values (NaN or Inf) for this video; "
-                    f"check the weights {spec.describe()} (nothing was written)"
-                )
-            else:
-                rows[path] = ({"path": path, "size": size, "mtime_ns": mtime_ns, "frames": n_frames, "real": real}, emb)
+        failed = _encode_into(rows, request, model, spec, sampling, root, plan.encode, found)
     order = sorted(rows)
     embeddings = (
         np.stack([rows[p][1] for p in order]).astype(np.float32) if order else np.zeros((0, 0), dtype=np.float32)
