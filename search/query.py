@@ -30,7 +30,7 @@ def _find_row(index: Index, video: Path) -> int | None:
     """The index row of ``video`` (an absolute path), or None when it is not indexed."""
     root = index.root
     for i, v in enumerate(index.videos):
-        if root / v["path"] == video:
+        if root / v["path"] == video or v.get("real") == str(video):  # a link's target is the file too
             return i
     return None
 
