@@ -23,6 +23,8 @@ from pathlib import Path
 
 from search.settings import DEFAULT_CLIP, DEFAULT_SAMPLING, SIM_HEADERS
 
+CLIP_CONTEXT = 77  # tokens CLIP's text tower reads, start and end included
+
 
 def _weights_flags(p: argparse.ArgumentParser, index_time: bool) -> None:
     where = "" if index_time else " (only if the weights moved since indexing)"
@@ -54,6 +56,15 @@ def _index_parser(commands) -> None:
         "--qb_bank",
         metavar="CAPTIONS.txt",
         help="also store these captions (one a line, e.g. training captions) as the QB-Norm bank `search --qb_norm` uses",
+    )
+    _repoint_flag(p)
+
+
+def _repoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repoint",
+        action="store_true",
+        help="--videos is another folder than the index's: index it in its place (the old folder's files are removed)",
     )
 
 
@@ -111,6 +122,7 @@ def _serve_parser(commands) -> None:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_words", type=int, default=32)
+    _repoint_flag(p)
     _weights_flags(p, index_time=False)
 
 
@@ -125,6 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1")
     if getattr(args, "max_words", None) is not None and args.max_words < 3:
         parser.error("--max_words must be at least 3 (the start and end tokens and at least one word)")
+    if getattr(args, "max_words", None) is not None and args.max_words > CLIP_CONTEXT:
+        parser.error(f"--max_words must be at most {CLIP_CONTEXT} (CLIP's text context, in tokens)")
     if getattr(args, "num_workers", None) is not None and args.num_workers < 0:
         parser.error("--num_workers must be at least 0")
     return args
@@ -159,11 +173,17 @@ def _nonblank(texts: Sequence[str], flag: str) -> list[str]:
     return stripped
 
 
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on (escape sequences, newlines, other control and format
+    characters) written as Python escapes, so a file name can neither clear the screen nor forge a row."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+
+
 def _print_table(title: str, results: list[dict], column: str) -> None:
-    print(title)
+    print(_printable(title))
     print(f"  {'rank':>4}  {'score':>8}  {column}")
     for r in results:
-        print(f"  {r['rank']:>4}  {r['score']:>8.3f}  {r[column]}")
+        print(f"  {r['rank']:>4}  {r['score']:>8.3f}  {_printable(r[column])}")
 
 
 def _weights(args: argparse.Namespace):
@@ -181,7 +201,7 @@ def _index_request(args: argparse.Namespace, videos: str):
         for name in ("sim_header", "linear_patch", "max_frames", "feature_framerate", "slice_framepos")
     }
     workers = {"batch_size": args.batch_size, "num_workers": args.num_workers} if args.command == "index" else {}
-    return IndexRequest(Path(videos), Path(args.index), _weights(args), **settings, **workers)
+    return IndexRequest(Path(videos), Path(args.index), _weights(args), **settings, **workers, repoint=args.repoint)
 
 
 def run_index(args: argparse.Namespace) -> None:
@@ -258,7 +278,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.videos is not None:
         print(build_index(_index_request(args, args.videos)), file=sys.stderr)
     index, model = open_index(args.index, _weights(args), args.max_words)
-    app = create_app(index, Path(args.index), model, args.max_words)
+    app = create_app(index, Path(args.index), model, args.max_words, args.host)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"searching {len(index.videos)} videos of {args.index} at http://{host}:{args.port}/ (Ctrl+C stops)",
@@ -280,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"retrieve.py {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # an index run has removed what it had not committed; the index is as before
+        print(f"retrieve.py {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -33,6 +33,7 @@ class IndexRequest:
     batch_size: int = 16
     num_workers: int = 0
     progress: bool = True
+    repoint: bool = False  # index another folder than the index's: its files replace the old folder's
 
     def asked(self) -> dict[str, object]:
         """The settings given, by flag name; a given one must agree with an existing index."""
@@ -99,6 +100,12 @@ def _settings_for(request: IndexRequest, old: Index | None) -> tuple[ModelSpec, 
         spec, sampling = old.settings.model, old.settings.sampling
         stored = {**vars(spec), **vars(sampling)}
         conflicts = [f"--{k} {v} (index: {stored[k]})" for k, v in asked.items() if v != stored[k]]
+        if request.videos.resolve() != old.root and not request.repoint:
+            raise UsageError(
+                f"{request.index} indexes {old.root}, not --videos {request.videos}: indexing another folder would "
+                f"remove its {len(old.videos)} videos from the index. Use a new --index directory, or pass "
+                f"--repoint to index the new folder in their place."
+            )
         if conflicts:
             raise UsageError(
                 f"{request.index} was built with other settings: {', '.join(conflicts)}. Use a new --index "
@@ -147,6 +154,28 @@ def _indexing_model(request: IndexRequest, spec: ModelSpec, sampling: VideoSampl
     return model, replace(spec, fingerprint=print_fp)
 
 
+def _encode_into(
+    rows: dict, request: IndexRequest, model, spec: ModelSpec, sampling: VideoSampling, root: Path, paths, found
+) -> list[dict]:
+    """Encode ``paths`` into ``rows`` ({path: (entry, embedding)}); returns the unreadable ones. A non-finite
+    embedding stops the run: the weights are broken, and NaN scores would rank arbitrarily."""
+    failed = []
+    encoded = encode_videos(model, root, paths, sampling, request.batch_size, request.num_workers, request.progress)
+    with contextlib.closing(encoded):  # the progress bar ends before an error is printed
+        for path, emb, n_frames, error in encoded:
+            size, mtime_ns, real = found[path]
+            if error:
+                failed.append({"path": path, "size": size, "mtime_ns": mtime_ns, "error": error})
+            elif not np.isfinite(emb).all():
+                raise UsageError(
+                    f"{root / path}: the model gives non-finite embedding values (NaN or Inf) for this video; "
+                    f"check the weights {spec.describe()} (nothing was written)"
+                )
+            else:
+                rows[path] = ({"path": path, "size": size, "mtime_ns": mtime_ns, "frames": n_frames, "real": real}, emb)
+    return failed
+
+
 def _update_index(request: IndexRequest) -> IndexReport:
     """:func:`build_index` under the index's write lock."""
     old = load_index(request.index) if (request.index / MANIFEST).exists() else None
@@ -154,19 +183,13 @@ def _update_index(request: IndexRequest) -> IndexReport:
     root = request.videos.resolve()
     found, unstatable = scan_videos(root)
     plan = plan_update(old, found)
-    rows = {old.videos[i]["path"]: (old.videos[i], old.embeddings[i]) for i in plan.keep} if old else {}
+    kept = [old.videos[i] for i in plan.keep] if old else []
+    # An index written before real paths were recorded gets them now (the file is unchanged by size and time).
+    rows = {v["path"]: ({**v, "real": found[v["path"]].real}, old.embeddings[i]) for i, v in zip(plan.keep, kept)}
     failed = []
     if old is None or plan.encode or spec != old.settings.model:
         model, spec = _indexing_model(request, spec, sampling, old)
-        encoded = encode_videos(
-            model, root, plan.encode, sampling, request.batch_size, request.num_workers, request.progress
-        )
-        for path, emb, n_frames, error in encoded:
-            size, mtime_ns = found[path]
-            if error:
-                failed.append({"path": path, "size": size, "mtime_ns": mtime_ns, "error": error})
-            else:
-                rows[path] = ({"path": path, "size": size, "mtime_ns": mtime_ns, "frames": n_frames}, emb)
+        failed = _encode_into(rows, request, model, spec, sampling, root, plan.encode, found)
     order = sorted(rows)
     embeddings = (
         np.stack([rows[p][1] for p in order]).astype(np.float32) if order else np.zeros((0, 0), dtype=np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -101,7 +102,10 @@ def index_model(index: Index, index_dir: str | Path, weights: Weights, max_words
 
 def logit_scale(model) -> float:
     """The factor ``get_similarity_logits`` puts on cosine similarities (loose heads)."""
-    return float(model.clip.logit_scale.detach().exp())
+    scale = float(model.clip.logit_scale.detach().exp())
+    if not np.isfinite(scale):
+        raise UsageError(f"the model's logit_scale gives a non-finite factor ({scale}): its weights are damaged")
+    return scale
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,7 +123,10 @@ def text_embeddings(model, texts: Sequence[str], max_words: int = 32) -> torch.T
         parts = [encode_caption(tokenizer, t, max_words) for t in texts[start : start + TEXT_BATCH]]
         ids, mask, segment = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*parts))
         out.append(model.get_text_embedding(model.get_sequence_output(ids, segment, mask)))
-    return torch.cat(out)
+    text = torch.cat(out)
+    if not torch.isfinite(text).all():  # scores of NaN would be ranked arbitrarily and printed as invalid JSON
+        raise UsageError("the model gives non-finite text embeddings (NaN or Inf): its weights are damaged")
+    return text
 
 
 @torch.no_grad()
@@ -159,6 +166,12 @@ def _collate(items):
     return [it[0] for it in good], [it[3] for it in good], video, mask, failed
 
 
+def _ignore_interrupt(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: the main process stops the run, so a decoding worker need not
+    (it would print its own traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def frame_reader(model, sampling: VideoSampling) -> RawVideoExtractor:
     """Frames as the model saw them at indexing: its input size, uncropped, at the index's frame rate."""
     return RawVideoExtractor(
@@ -178,7 +191,9 @@ def encode_videos(
     """Yield (path, embedding or None, n_frames, error) for every file, decoding in ``num_workers`` processes."""
     device = next(model.parameters()).device
     data = VideoFiles(root, paths, frame_reader(model, sampling), sampling)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(
+        data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, worker_init_fn=_ignore_interrupt
+    )
     with tqdm(total=len(data), unit="video", desc="encoding", disable=not progress) as bar:
         for rows, frames, video, mask, failed in loader:
             for i, error in failed:

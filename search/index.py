@@ -18,7 +18,8 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,7 +45,9 @@ class Index:
     """One index directory in memory; ``videos[i]`` describes ``embeddings[i]``."""
 
     settings: IndexSettings
-    videos: list[dict]  # {"path": relative posix path, "size": bytes, "mtime_ns": int, "frames": int}
+    # {"path": relative posix path, "size": bytes, "mtime_ns": int, "frames": int, "real": absolute path with symlinks
+    # resolved (absent in indexes written before it was recorded)}
+    videos: list[dict]
     unreadable: list[dict]  # {"path", "size", "mtime_ns", "error"}: not retried until the file changes
     embeddings: np.ndarray  # (len(videos), D) float32, rows of unit L2 norm
 
@@ -147,9 +150,22 @@ def _check_manifest(path: Path, manifest: dict) -> None:
             raise UsageError(f"{path}: {key}: expected a list, found {type(manifest[key]).__name__}")
         for i, entry in enumerate(manifest[key]):
             _check_fields(path, f"{key}[{i}]", entry, fields)
+            _check_entry_path(path, f"{key}[{i}]", entry)
     name = manifest["embeddings"]
     if not isinstance(name, str) or Path(name).name != name or not name:
         raise UsageError(f"{path}: embeddings: expected a file name in the index directory, found {name!r}")
+
+
+def _check_entry_path(path: Path, where: str, entry: dict) -> None:
+    """An entry names a file inside the videos folder: a relative path that never climbs out of it. The file's real
+    path, when recorded, is absolute. The page serves these files, so a tampered index must not reach others."""
+    rel = entry["path"]
+    parts = PurePosixPath(rel).parts
+    if not rel or "\0" in rel or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise UsageError(f"{path}: {where}: path {rel!r} is not a relative path inside the videos folder; {DAMAGED}")
+    real = entry.get("real")
+    if real is not None and (not isinstance(real, str) or "\0" in real or not os.path.isabs(real)):
+        raise UsageError(f"{path}: {where}: expected 'real' to be an absolute path, found {real!r}; {DAMAGED}")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -181,12 +197,29 @@ def load_index(directory: Path, mmap: bool = False) -> Index:
     n = len(manifest["videos"])
     if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] != n:
         raise UsageError(f"{emb_path}: expected float32 of shape ({n}, D), found {emb.dtype} {emb.shape}")
+    _check_finite(emb_path, emb, manifest["videos"])
     return Index(IndexSettings.from_json(manifest["settings"]), manifest["videos"], manifest["unreadable"], emb)
 
 
-def scan_videos(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
-    """Every video file under ``root`` (recursively), by relative posix path: {path: (size, mtime_ns)} sorted by
-    path, and {path: reason} for those that cannot even be stat'ed (a dangling link, no permission)."""
+def _check_finite(emb_path: Path, emb: np.ndarray, videos: list[dict]) -> None:
+    """Rows holding NaN or Inf would be ranked arbitrarily (NaN compares false with everything): refused, named."""
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1)) if emb.size else []
+    if len(bad):
+        named = ", ".join(f"{i} ({videos[i]['path']!r})" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise UsageError(f"{emb_path}: rows {named} hold non-finite values (NaN or Inf); {DAMAGED}")
+
+
+class FileStat(NamedTuple):
+    """What identifies an indexed file: its size and modification time, and where its symlinks lead."""
+
+    size: int
+    mtime_ns: int
+    real: str
+
+
+def scan_videos(root: Path) -> tuple[dict[str, FileStat], dict[str, str]]:
+    """Every video file under ``root`` (recursively), by relative posix path: {path: FileStat} sorted by path, and
+    {path: reason} for those that cannot even be stat'ed (a dangling link, a symlink loop, no permission)."""
     found, errors = {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -199,7 +232,7 @@ def scan_videos(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]
                 except OSError as e:
                     errors[rel] = f"{type(e).__name__}: {e.strerror}"
                     continue
-                found[rel] = (st.st_size, st.st_mtime_ns)
+                found[rel] = FileStat(st.st_size, st.st_mtime_ns, os.path.realpath(path))
     return dict(sorted(found.items())), errors
 
 
@@ -213,17 +246,22 @@ class Plan:
     still_unreadable: list[dict]  # old unreadable entries whose file is unchanged: reported again, not retried
 
 
-def plan_update(old: Index | None, found: dict[str, tuple[int, int]]) -> Plan:
-    """Compare the files on disk with ``old`` by (size, mtime_ns)."""
+def same_file(entry: dict, stat: FileStat) -> bool:
+    """``entry`` (of an index) describes the file ``stat``: same size, time and, when recorded, real path."""
+    return (entry["size"], entry["mtime_ns"]) == stat[:2] and entry.get("real", stat.real) == stat.real
+
+
+def plan_update(old: Index | None, found: dict[str, FileStat]) -> Plan:
+    """Compare the files on disk with ``old`` by size, mtime and real path."""
     videos = old.videos if old else []
     unreadable = old.unreadable if old else []
     row_of = {v["path"]: i for i, v in enumerate(videos)}
     bad_of = {u["path"]: u for u in unreadable}
     keep, encode, still = [], [], []
     for path, stat in found.items():
-        if path in row_of and (videos[row_of[path]]["size"], videos[row_of[path]]["mtime_ns"]) == stat:
+        if path in row_of and same_file(videos[row_of[path]], stat):
             keep.append(row_of[path])
-        elif path in bad_of and (bad_of[path]["size"], bad_of[path]["mtime_ns"]) == stat:
+        elif path in bad_of and same_file(bad_of[path], stat):
             still.append(bad_of[path])
         else:
             encode.append(path)

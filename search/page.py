@@ -6,8 +6,11 @@
     GET /thumbs/I.jpg           a few of the frames the model saw of video I, side by side
     GET /video/I                video I itself, for the page's player
 
-A file is only ever asked for by its index id, never by a path, so nothing outside the index can be read. Results
-say ``missing`` for a file gone since indexing; its thumbnails still show if they were cached, its video is a 404.
+A file is only ever asked for by its index id, never by a path, and is served only while it is still the file that
+was indexed (same real path, size and time), so nothing outside the index can be read. Only requests naming this
+machine in their Host header are answered, so a web page elsewhere cannot reach the server through DNS rebinding.
+Results say ``missing`` for a file gone or changed since indexing; its thumbnails still show if they were cached,
+its video is a 404 (gone) or a 409 (changed).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 
 from dataloaders.rawvideo_util import kept_frames_uint8, thumbnail_strip
 from search.encode import frame_reader, logit_scale
@@ -32,6 +36,28 @@ THUMBS = "thumbs"  # folder in the index directory that caches the thumbnail str
 MAX_K = 200  # results one request may ask for
 # Containers a browser's <video> may play; the page still falls back to thumbnails when the codec is not one it has.
 PLAYABLE = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".ogv": "video/ogg", ".mov": "video/mp4"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+REINDEX = "re-index with `retrieve.py index` to serve it"
+
+
+def shown(name: str) -> str:
+    """A file name as JSON (UTF-8) can carry it: bytes that are not UTF-8, which the OS hands over as lone
+    surrogates, are written as ``\\udcXX``, as the command line prints them."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def host_name(header: str) -> str:
+    """A Host header without its port: ``[::1]:8000`` -> ``[::1]``, ``LocalHost:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def bound_hosts(host: str) -> frozenset[str]:
+    """The names a request may give in its Host header: the loopback names and the address the server listens on."""
+    host = host.lower()
+    return frozenset((*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host))
 
 
 class SearchState:
@@ -42,31 +68,55 @@ class SearchState:
         self.scale = logit_scale(model)
         self.thumb_dir = Path(index_dir) / THUMBS
         self.extractor = frame_reader(model, index.settings.sampling)
+        self.real_root = os.path.join(os.path.realpath(index.root), "")
 
     def file(self, row: int) -> Path:
         if not 0 <= row < len(self.index.videos):
             raise HTTPException(404, f"no video with id {row} (the index holds ids 0 to {len(self.index.videos) - 1})")
         return self.index.root / self.index.videos[row]["path"]
 
+    def verified(self, row: int) -> tuple[str, os.stat_result]:
+        """(real path, stat) of video ``row`` while it is the file that was indexed: a 404 once it is gone, a 409 once
+        it changed (another size or time, or its name now leads elsewhere, as a symlink swapped for another)."""
+        path, entry = self.file(row), self.index.videos[row]
+        try:
+            st = path.stat()
+        except OSError:
+            raise HTTPException(404, f"video {row} ({shown(entry['path'])}) is gone since indexing") from None
+        real = os.path.realpath(path)
+        # An index from before real paths were recorded: the file must at least lie inside the indexed folder.
+        same_place = real == entry["real"] if "real" in entry else real.startswith(self.real_root)
+        unchanged = (st.st_size, st.st_mtime_ns) == (entry["size"], entry["mtime_ns"])
+        if not (same_place and unchanged and stat.S_ISREG(st.st_mode)):
+            raise HTTPException(409, f"video {row} ({shown(entry['path'])}) changed since indexing; {REINDEX}")
+        return real, st
+
+    def served(self, row: int) -> bool:
+        try:
+            self.verified(row)
+        except HTTPException:
+            return False
+        return True
+
     def annotate(self, results: list) -> list:
-        """Results as the page shows them: the path relative to the indexed folder, and whether the file is gone."""
+        """Results as the page shows them: the path relative to the indexed folder, and whether the file is gone
+        (or changed) since indexing."""
         for r in results:
             rel = self.index.videos[r["id"]]["path"]
-            r["name"] = rel
-            r["missing"] = not (self.index.root / rel).is_file()
+            r["name"], r["path"] = shown(rel), shown(r["path"])
+            r["missing"] = not self.served(r["id"])
             r["playable"] = Path(rel).suffix.lower() in PLAYABLE
         return results
 
     def thumbnail(self, row: int) -> bytes | None:
-        """The JPEG strip of video ``row``, from the cache or decoded now (None when the file cannot be read)."""
+        """The JPEG strip of video ``row``, from the cache or decoded now (None when the file cannot be decoded; a
+        404 or 409 when it is gone or changed since indexing)."""
         v = self.index.videos[row]
-        key = hashlib.sha256(f"{v['path']}\0{v['size']}\0{v['mtime_ns']}".encode()).hexdigest()[:24]
-        cached = self.thumb_dir / f"{key}.jpg"
+        key = hashlib.sha256(f"{v['path']}\0{v['size']}\0{v['mtime_ns']}".encode("utf-8", "surrogatepass"))
+        cached = self.thumb_dir / f"{key.hexdigest()[:24]}.jpg"
         if cached.is_file():
             return cached.read_bytes()
-        path = self.file(row)
-        if not path.is_file():
-            return None
+        path, _ = self.verified(row)
         sampling = self.index.settings.sampling
         try:
             frames = kept_frames_uint8(self.extractor, str(path), sampling.max_frames, sampling.slice_framepos)
@@ -91,11 +141,20 @@ def _cache(data: bytes, path: Path) -> None:
         pass
 
 
-def create_app(index: Index, index_dir: Path, model, max_words: int = 32) -> FastAPI:
-    """The app over ``index``; ``model`` must be the one that built it (``search.encode.index_model`` checks that)."""
+def create_app(index: Index, index_dir: Path, model, max_words: int = 32, host: str = "127.0.0.1") -> FastAPI:
+    """The app over ``index``; ``model`` must be the one that built it (``search.encode.index_model`` checks that).
+    ``host`` is the address the server listens on."""
     state = SearchState(index, index_dir, model, max_words)
     app = FastAPI(title="CLIP4Clip search", docs_url=None, redoc_url=None, openapi_url=None)
     page = (STATIC / "search.html").read_text(encoding="utf-8")
+    hosts = bound_hosts(host)
+
+    @app.middleware("http")
+    async def only_bound_hosts(request: Request, call_next):
+        if host_name(request.headers.get("host", "")) not in hosts:
+            names = ", ".join(sorted(hosts))
+            return PlainTextResponse(f"this server answers requests for {names} only", status_code=421)
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
@@ -113,8 +172,8 @@ def create_app(index: Index, index_dir: Path, model, max_words: int = 32) -> Fas
         results = rank_similar(state.index, emb, k, state.scale, exclude=id)
         return {
             "id": id,
-            "video": str(path),
-            "name": state.index.videos[id]["path"],
+            "video": shown(str(path)),
+            "name": shown(state.index.videos[id]["path"]),
             "results": state.annotate(results),
         }
 
@@ -128,10 +187,9 @@ def create_app(index: Index, index_dir: Path, model, max_words: int = 32) -> Fas
 
     @app.get("/video/{row}")
     def video(row: int) -> FileResponse:
-        path = state.file(row)
-        if not path.is_file():
-            raise HTTPException(404, f"video {row} ({state.index.videos[row]['path']}) is gone since indexing")
-        kind = PLAYABLE.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=kind)
+        name = state.file(row).name
+        real, st = state.verified(row)
+        kind = PLAYABLE.get(Path(name).suffix.lower()) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return FileResponse(real, media_type=kind, stat_result=st)
 
     return app

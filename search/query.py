@@ -3,6 +3,8 @@ video → captions."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +30,7 @@ def _find_row(index: Index, video: Path) -> int | None:
     """The index row of ``video`` (an absolute path), or None when it is not indexed."""
     root = index.root
     for i, v in enumerate(index.videos):
-        if root / v["path"] == video:
+        if root / v["path"] == video or v.get("real") == str(video):  # a link's target is the file too
             return i
     return None
 
@@ -45,6 +47,16 @@ def _named_file(index: Index, video: str) -> tuple[Path | None, int | None]:
     if (index.root / video).is_file():
         return index.root / video, None
     raise UsageError(f"--video {video} is neither a video file nor an index id (0 to {len(index.videos) - 1})")
+
+
+def _check_video_file(video: Path) -> None:
+    """``video`` is a regular file, or a UsageError saying what it is instead (missing, a loop of symlinks, ...)."""
+    try:
+        mode = video.stat().st_mode
+    except OSError as e:
+        raise UsageError(f"--video {os.path.abspath(video)} not found ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"--video {os.path.abspath(video)} is not a regular file (a video file expected)")
 
 
 def query_video(index: Index, model, video: str) -> tuple[np.ndarray, int | None, str]:
@@ -104,8 +116,7 @@ def rank_captions(
     An indexed, unchanged video uses its stored embedding; any other file is encoded with the index's settings.
     """
     index = load_index(Path(index_dir))
-    if not Path(video).is_file():
-        raise UsageError(f"--video {Path(video).resolve()} not found")
+    _check_video_file(Path(video))
     model = index_model(index, index_dir, weights, max_words)
     emb, _, described = query_video(index, model, str(video))
     return {"video": described, "results": rank_caption_texts(model, emb, captions, top, max_words)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.index import COMMIT_LOCK, Index, load_index, plan_update, save_index, scan_videos
+from search.index import COMMIT_LOCK, FileStat, Index, load_index, plan_update, save_index, scan_videos
 from search.settings import DEFAULT_SAMPLING, IndexSettings, ModelSpec
 from util import UsageError
 
@@ -74,6 +74,18 @@ def _damage(directory: Path, change) -> None:
         (lambda m: m["unreadable"].append({"path": "x.mp4"}), r"unreadable\[0\]: expected 'size' of type int"),
         (lambda m: m.update(embeddings="../elsewhere.npy"), r"embeddings: expected a file name in the index directory"),
         (lambda m: m.update(settings=[]), r"settings: expected an object"),
+        (
+            lambda m: m["videos"][2].update(path="../../../etc/passwd"),
+            r"videos\[2\]: path '\.\./\.\./\.\./etc/passwd' is not",
+        ),
+        (lambda m: m["videos"][0].update(path="/etc/shadow"), r"videos\[0\]: path '/etc/shadow' is not a relative"),
+        (lambda m: m["videos"][1].update(path="a/../../b.mp4"), r"videos\[1\]: path 'a/\.\./\.\./b\.mp4' is not"),
+        (lambda m: m["videos"][1].update(path=""), r"videos\[1\]: path '' is not a relative path inside"),
+        (
+            lambda m: m["unreadable"].append({"path": "/x.mp4", "size": 1, "mtime_ns": 1, "error": "e"}),
+            r"unreadable\[0\]: path '/x",
+        ),
+        (lambda m: m["videos"][0].update(real="rel/a.mp4"), r"videos\[0\]: expected 'real' to be an absolute path"),
     ],
 )
 def test_damaged_manifest_is_one_line_naming_the_file_and_field(tmp_path, change, message):
@@ -113,17 +125,22 @@ def test_plan_update_keeps_unchanged_encodes_new_and_changed_drops_removed():
         {"path": "fixed.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
         {"path": "gone.mp4", "size": 5, "mtime_ns": 5, "error": "x"},
     ]
-    found = {
+    old.videos[3:] = [{"path": "v3.mp4", "size": 13, "mtime_ns": 103, "frames": 3, "real": "/data/v3.mp4"}]
+    old.embeddings = np.zeros((4, 4), dtype=np.float32)
+    stats = {
         "bad.mp4": (5, 5),
         "fixed.mp4": (6, 9),
         "new.mp4": (1, 1),
-        "v0.mp4": (10, 100),
+        "v0.mp4": (10, 100),  # no real path recorded (an older index): kept on size and time
         "v1.mp4": (11, 999),
         "v2.mp4": (99, 102),
+        "v3.mp4": (13, 103),  # a symlink swapped for one to another file of the same size and time
     }
+    found = {path: FileStat(*stat, f"/data/{path}") for path, stat in stats.items()}
+    found["v3.mp4"] = FileStat(13, 103, "/etc/v3.mp4")
     plan = plan_update(old, found)
     assert plan.keep == [0]
-    assert plan.encode == ["fixed.mp4", "new.mp4", "v1.mp4", "v2.mp4"]
+    assert plan.encode == ["fixed.mp4", "new.mp4", "v1.mp4", "v2.mp4", "v3.mp4"]
     assert plan.removed == ["gone.mp4"]
     assert [u["path"] for u in plan.still_unreadable] == ["bad.mp4"]
     assert plan_update(None, found).encode == sorted(found)
@@ -134,11 +151,17 @@ def test_scan_videos_is_recursive_and_skips_other_files(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"12345")
     (tmp_path / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    data = tmp_path.parent / f"{tmp_path.name}-drive"
+    data.mkdir()
+    (data / "real.mp4").write_bytes(b"123")
+    (tmp_path / "linked.mp4").symlink_to(data / "real.mp4")  # a folder of links to a data drive
     found, errors = scan_videos(tmp_path)
-    assert list(found) == ["a.mp4", "c.webm", "sub/deeper/B.MKV"]
+    assert list(found) == ["a.mp4", "c.webm", "linked.mp4", "sub/deeper/B.MKV"]
     st = (tmp_path / "a.mp4").stat()
-    assert found["a.mp4"] == (5, st.st_mtime_ns)
-    assert list(errors) == ["dangling.mp4"] and "FileNotFoundError" in errors["dangling.mp4"]
+    assert found["a.mp4"] == (5, st.st_mtime_ns, str((tmp_path / "a.mp4").resolve()))
+    assert found["linked.mp4"].real == str((data / "real.mp4").resolve()) and found["linked.mp4"].size == 3
+    assert list(errors) == ["dangling.mp4", "loop.mp4"] and "FileNotFoundError" in errors["dangling.mp4"]
 
 
 def test_a_format_1_manifest_reads_into_typed_settings_and_writes_back_unchanged(tmp_path):
@@ -164,3 +187,15 @@ def test_a_format_1_manifest_reads_into_typed_settings_and_writes_back_unchanged
     assert index.settings.sampling.slice_framepos == 0 and index.root == Path("/data/videos")
     save_index(tmp_path, index)
     assert json.loads((tmp_path / "index.json").read_text())["settings"] == settings
+
+
+def test_non_finite_embeddings_are_refused_naming_the_rows(tmp_path):
+    index = _index(4)
+    index.embeddings[1, 2] = np.nan
+    index.embeddings[3, 0] = np.inf
+    save_index(tmp_path, index)
+    with pytest.raises(
+        UsageError, match=r"embeddings-.*\.npy: rows 1 \('v1\.mp4'\), 3 \('v3\.mp4'\) hold non-finite"
+    ) as err:
+        load_index(tmp_path, mmap=True)
+    assert len(str(err.value).splitlines()) == 1

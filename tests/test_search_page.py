@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import sys
@@ -23,7 +24,7 @@ from conftest import write_video  # noqa: E402
 import retrieve  # noqa: E402
 from search.build import IndexRequest, build_index  # noqa: E402
 from search.index import load_index  # noqa: E402
-from search.page import create_app  # noqa: E402
+from search.page import bound_hosts, create_app, host_name  # noqa: E402
 from search.query import open_index, search, search_video  # noqa: E402
 from search.settings import AS_STORED, Weights  # noqa: E402
 
@@ -47,6 +48,11 @@ def served(tmp_path_factory, tiny_clip_file):
     )
     (root / "gone.mp4").unlink()
 
+    yield from _serving(root, index_dir)
+
+
+def _serving(root, index_dir):
+    """A real uvicorn server on 127.0.0.1 over ``index_dir``, for the duration of a fixture."""
     index, model = open_index(index_dir, AS_STORED)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,11 +71,17 @@ def served(tmp_path_factory, tiny_clip_file):
     thread.join(timeout=10)
 
 
-def get(served, path: str):
-    """(status, body) of a GET sent as written (no client-side normalisation of ``..``)."""
+def get(served, path: str, host: str | None = None):
+    """(status, body) of a GET sent as written (no client-side normalisation of ``..``), with ``host`` as the Host
+    header (default: 127.0.0.1 and the port)."""
     conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=30)
     try:
-        conn.request("GET", path)
+        if host is None:
+            conn.request("GET", path)
+        else:
+            conn.putrequest("GET", path, skip_host=True)
+            conn.putheader("Host", host)
+            conn.endheaders()
         response = conn.getresponse()
         body = response.read()
         return response.status, body, response.getheader("content-type")
@@ -132,6 +144,97 @@ def test_a_file_gone_since_indexing_is_shown_missing(served):
     status, body, _ = get(served, f"/video/{gone}")
     assert status == 404 and b"gone since indexing" in body
     assert api(served, f"/api/similar?id={gone}&k=2")["results"]  # its stored embedding still answers
+
+
+def test_only_requests_for_a_bound_host_name_are_answered(served):
+    port = served["port"]
+    for host in ("evil.com", f"evil.com:{port}", f"127.0.0.1.evil.com:{port}", "localhost.:80", "[::2]", ""):
+        status, body, _ = get(served, "/api/search?q=a&k=1", host=host)
+        assert status == 421 and b"results" not in body, (host, status)
+        status, body, _ = get(served, "/video/0", host=host)
+        assert status == 421 and len(body) < 200, host
+    for host in (f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", f"[::1]:{port}", "[::1]"):
+        status, body, _ = get(served, "/api/search?q=a&k=1", host=host)
+        assert status == 200 and json.loads(body)["results"], host
+
+
+def test_host_names_are_compared_without_the_port():
+    assert bound_hosts("0.0.0.0") == {"localhost", "127.0.0.1", "[::1]", "0.0.0.0"}
+    assert bound_hosts("::") == {"localhost", "127.0.0.1", "[::1]", "[::]"}
+    assert [host_name(h) for h in ("[::1]:8000", "Example.org:80", "x", "[::1]", "::1")] == [
+        "[::1]",
+        "example.org",
+        "x",
+        "[::1]",
+        "::1",
+    ]
+
+
+ODD = os.fsdecode(b"odd\xff.mp4")  # a file name that is not UTF-8
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory, tiny_clip_file):
+    """A folder of symlinks to a data drive (one to a file whose name is not UTF-8), and a plain file; served."""
+    drive = tmp_path_factory.mktemp("drive")
+    write_video(drive / "one.mp4", n_frames=12, fps=4, seed=1)
+    write_video(drive / "two.mp4", n_frames=12, fps=4, seed=2)
+    os.link(drive / "two.mp4", os.fsencode(drive / ODD))
+    (drive / "secret.txt").write_bytes(b"root:x:0:0 secret")
+    root = tmp_path_factory.mktemp("links")
+    (root / "one.mp4").symlink_to(drive / "one.mp4")
+    (root / ODD).symlink_to(drive / ODD)
+    write_video(root / "plain.mp4", n_frames=12, fps=4, seed=3)
+    index_dir = tmp_path_factory.mktemp("links_index")
+    build_index(
+        IndexRequest(root, index_dir, Weights(pretrained_clip_name=str(tiny_clip_file)), max_frames=4, progress=False)
+    )
+    serving = _serving(root, index_dir)
+    served = next(serving)
+    served["drive"] = drive
+    yield served
+    next(serving, None)  # stops the server
+
+
+def test_links_to_a_data_drive_are_served_while_they_lead_where_they_did(linked):
+    one = row(linked, "one.mp4")
+    status, body, _ = get(linked, f"/video/{one}")
+    assert status == 200 and body == (linked["drive"] / "one.mp4").read_bytes()
+    # The link swapped for one to another file (ln -sfn): refused, and the page says to re-index.
+    (linked["root"] / "one.mp4").unlink()
+    (linked["root"] / "one.mp4").symlink_to(linked["drive"] / "secret.txt")
+    status, body, _ = get(linked, f"/video/{one}")
+    assert status == 409 and b"secret" not in body and b"re-index" in body
+    status, body, _ = get(linked, f"/thumbs/{one}.jpg")
+    assert status in (200, 409) and b"secret" not in body  # 200 only from the cache of the indexed file
+    found = api(linked, "/api/search?q=a&k=3")
+    assert {r["id"]: r["missing"] for r in found["results"]}[one] is True
+    # The same size and time but another place: still refused.
+    (linked["root"] / "one.mp4").unlink()
+    copy = linked["drive"] / "copy.mp4"
+    copy.write_bytes((linked["drive"] / "one.mp4").read_bytes())
+    st = (linked["drive"] / "one.mp4").stat()
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (linked["root"] / "one.mp4").symlink_to(copy)
+    assert get(linked, f"/video/{one}")[0] == 409
+    # A plain file rewritten since indexing.
+    plain = row(linked, "plain.mp4")
+    (linked["root"] / "plain.mp4").write_bytes(b"other content")
+    status, body, _ = get(linked, f"/video/{plain}")
+    assert status == 409 and b"other content" not in body
+
+
+def test_a_file_name_that_is_not_utf8_is_answered_escaped(linked):
+    odd = row(linked, ODD)
+    found = api(linked, "/api/search?q=a&k=3")
+    (entry,) = [r for r in found["results"] if r["id"] == odd]
+    assert entry["name"] == "odd\\udcff.mp4" and entry["path"].endswith("odd\\udcff.mp4") and not entry["missing"]
+    similar = api(linked, f"/api/similar?id={odd}&k=2")
+    assert similar["name"] == "odd\\udcff.mp4" and len(similar["results"]) == 2
+    status, body, kind = get(linked, f"/thumbs/{odd}.jpg")
+    assert status == 200 and body[:2] == b"\xff\xd8"
+    status, body, _ = get(linked, f"/video/{odd}")
+    assert status == 200 and body == (linked["drive"] / "two.mp4").read_bytes()
 
 
 def test_serve_warns_off_loopback_and_names_missing_packages(served, monkeypatch, capsys):
