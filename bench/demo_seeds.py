@@ -58,12 +58,17 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} +- {std:.1f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[tuple[int, float, float]]]:
+    """Runs what is missing (unless ``--dry_run``) and prints the tables; returns (seed, test R@1, order R@1) per
+    head."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for data, checkpoints, logs (outside the repo)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--heads", nargs="+", default=["meanP", "seqTransf"])
-    args = parser.parse_args()
+    parser.add_argument(
+        "--dry_run", action="store_true", help="run nothing: name the missing runs, tabulate the finished ones"
+    )
+    args = parser.parse_args(argv)
     epochs = int(os.environ.get("EPOCHS", "10"))  # demo.sh's default
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -72,6 +77,9 @@ def main() -> None:
         for head in args.heads:
             run = run_folder(args.out, head, seed)
             if records(run, epochs) is None:
+                if args.dry_run:
+                    print(f"== {head}, seed {seed}: not run yet (--dry_run)")
+                    continue
                 run_demo(args.out, head, seed)
             test, order = records(run, epochs)
             figures[head].append((seed, test["text_to_video"]["R1"], order["text_to_video"]["R1"]))
@@ -82,7 +90,10 @@ def main() -> None:
             print(f"| {head} | {seed} | {test_r1:.1f} | {order_r1:.1f} |")
     print("\n| head | seeds | test R@1 (mean +- std) | order-dependent R@1 (mean +- std) |\n|---|---|---|---|")
     for head, rows in figures.items():
+        if not rows:
+            continue
         print(f"| {head} | {len(rows)} | {mean_std([r[1] for r in rows])} | {mean_std([r[2] for r in rows])} |")
+    return figures
 
 
 if __name__ == "__main__":
