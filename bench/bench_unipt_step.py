@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             mark = f"<= {target:.2f}" + ("" if ratio <= target else " MISSED")
             if ratio > target:
                 missed.append(name)
-        print(f"{name:30}{a:>12.2f}{b:>12.2f}{ratio:>8.2f}{mark:>9}")
+        print(f"{name:30}{a:>12.2f}{b:>12.2f}{ratio:>8.2f} {mark:>8}")
     print(f"(memory: {memory}; rest = weights + gradients + optimizer state after one warm-up step)")
     print("largest tensors unipt saves for backward (shape, dtype, MiB):")
     for shape, dtype, n in unipt["top_saved"]:
