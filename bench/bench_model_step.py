@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from modules.clip_names import TINY_MODELS  # noqa: E402
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
@@ -44,42 +45,47 @@ VIT_B_32 = dict(
 MAX_WORDS = 32
 
 
-def _rss_bytes() -> int:
+def clip_shapes(toy: bool) -> dict[str, int]:
+    """ViT-B/32's architecture, or the tiny random CLIP's (``--toy``: the suite runs the bench in seconds)."""
+    return TINY_MODELS["tiny-random-ViT/16"] if toy else VIT_B_32
+
+
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _RssPeak:
+class RssPeak:
     """Samples the process RSS in a thread; ``peak`` is the largest value seen."""
 
     def __init__(self, interval_s: float = 0.002):
         self.interval_s = interval_s
-        self.peak = _rss_bytes()
+        self.peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> _RssPeak:
+    def __enter__(self) -> RssPeak:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, rss_bytes())
 
 
-def _make_batch(batch: int, frames: int, device: torch.device):
+def make_batch(batch: int, frames: int, device: torch.device, resolution: int = 224):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 49000, (batch, 1, MAX_WORDS), generator=gen)
     ids[:, 0, MAX_WORDS // 2] = 49407
     ids[:, 0, MAX_WORDS // 2 + 1 :] = 0
     mask = (ids != 0).long()
-    video = torch.randn(batch, 1, frames, 1, 3, 224, 224, generator=gen)
+    video = torch.randn(batch, 1, frames, 1, 3, resolution, resolution, generator=gen)
     video_mask = torch.ones(batch, 1, frames, dtype=torch.long)
     return [t.to(device) for t in (ids, torch.zeros_like(ids), mask, video, video_mask)]
 
@@ -96,8 +102,8 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> tu
             step()
             times.append(time.perf_counter() - start)
         return times, rest, torch.cuda.max_memory_allocated(device)
-    rest = _rss_bytes()
-    with _RssPeak() as sampler:
+    rest = rss_bytes()
+    with RssPeak() as sampler:
         for _ in range(steps):
             start = time.perf_counter()
             step()
@@ -109,7 +115,8 @@ def run_one(args: argparse.Namespace) -> dict:
     """Build the model and time ``args.steps`` training steps after one warm-up step (this process only)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    clip_state_dict = CLIP(**VIT_B_32).state_dict()
+    shapes = clip_shapes(args.toy)
+    clip_state_dict = CLIP(**shapes).state_dict()
     cfg = CLIP4ClipConfig(
         sim_header=args.sim_header,
         max_words=MAX_WORDS,
@@ -119,7 +126,7 @@ def run_one(args: argparse.Namespace) -> dict:
     )
     model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg).to(device).train()
     del clip_state_dict
-    inputs = _make_batch(args.batch, args.frames, device)
+    inputs = make_batch(args.batch, args.frames, device, shapes["image_resolution"])
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model.precision)
 
     def step() -> None:
@@ -136,7 +143,8 @@ def run_one(args: argparse.Namespace) -> dict:
     return {"step_s": min(times), "peak_bytes": peak, "precision": model.precision}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[bool, dict]:
+    """The table; returns each child's figures by whether it checkpointed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=None, help="videos per step (default 4 on CPU, 32 on CUDA)")
     parser.add_argument("--frames", type=int, default=12)
@@ -145,9 +153,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", help="auto, fp16-weights, fp32, bf16 or fp16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--toy", action="store_true", help="the tiny random CLIP's shapes (runs in seconds)")
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 32 if args.device.startswith("cuda") else 4
     if args.threads:
@@ -155,7 +164,7 @@ def main() -> None:
 
     if args.child:
         print(json.dumps(run_one(args)))
-        return
+        return {}
 
     results = {}
     for checkpointing in (False, True):
@@ -180,6 +189,8 @@ def main() -> None:
             cmd += ["--threads", str(args.threads)]
         if checkpointing:
             cmd.append("--checkpointing")
+        if args.toy:
+            cmd.append("--toy")
         # Every allocation of 64 KiB or more gets its own mapping, so freed tensors leave the RSS at once.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -188,7 +199,7 @@ def main() -> None:
     plain, ckpt = results[False], results[True]
     memory = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "CPU RSS growth (sampled)"
     print(
-        f"CLIP4Clip training step, ViT-B/32 shapes, {args.sim_header}, {args.batch} videos x {args.frames} frames, "
+        f"CLIP4Clip training step, {'tiny CLIP' if args.toy else 'ViT-B/32'} shapes, {args.sim_header}, {args.batch} videos x {args.frames} frames, "
         f"{MAX_WORDS} words, device {args.device}, precision {plain['precision']}, threads {torch.get_num_threads()}"
     )
     print(f"{'':24}{'no checkpointing':>18}{'checkpointing':>16}{'ratio':>9}")
@@ -201,6 +212,7 @@ def main() -> None:
         f"{ckpt['peak_bytes'] / max(plain['peak_bytes'], 1):>9.2f}"
     )
     print(f"(memory: {memory}, growth during a step over what is held before it: weights, gradients, inputs)")
+    return results
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch.nn.utils import clip_grad_norm_
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from modules.module_clip import CLIP  # noqa: E402
-from modules.optimization import BertAdam, _scheduled_lr  # noqa: E402
+from modules.optimization import SCHEDULES, BertAdam  # noqa: E402
 
 VIT_B_32 = dict(
     embed_dim=512,
@@ -42,6 +42,13 @@ VIT_B_32 = dict(
 TOY_SHAPES = [(512, 768), (768,), (3, 64, 33), (1,), (2048, 128), (77, 512)]
 BYTES_PER_ELEMENT = 36  # fp32: read g (norm); read p, g, m, v; write p, g (clipped in place), m, v
 HYPER = dict(lr=1e-4, warmup=0.1, t_total=1000, schedule="warmup_cosine", b1=0.9, b2=0.98, e=1e-6)
+
+
+def scheduled_lr(group: dict, step: int) -> float:
+    """The group's lr at optimizer step ``step`` (0-based), as the original computes it; constant without t_total."""
+    if group["t_total"] == -1:
+        return group["lr"]
+    return group["lr"] * SCHEDULES[group["schedule"]](step / group["t_total"], group["warmup"])
 
 
 class PerTensorBertAdam(BertAdam):
@@ -67,7 +74,7 @@ class PerTensorBertAdam(BertAdam):
                 update = next_m / (next_v.sqrt() + group["e"])
                 if group["weight_decay"] > 0.0:
                     update += group["weight_decay"] * p
-                p.add_(-(_scheduled_lr(group, state["step"]) * update))
+                p.add_(-(scheduled_lr(group, state["step"]) * update))
                 state["step"] += 1
 
 

@@ -1,16 +1,17 @@
 """Training throughput end to end: clips per second from video file to optimizer step, and what bounds it.
 
-Generates an MSR-VTT-layout data set of real h264 videos (320x240, 30 fps, like MSR-VTT's), then runs the driver's
-own pieces (its argument parser, ``DATALOADER_DICT`` data set and DataLoader, ``init_model``, ``prep_optimizer``,
-``normalize_video``) and prints side by side:
+Generates an MSR-VTT-layout data set of real h264 videos (320x240, 30 fps, like MSR-VTT's), then runs the engine's
+own pieces (the typed run config, ``DATALOADER_DICT``'s data set and DataLoader, ``init_model``, ``prep_optimizer``,
+``autocast_for``, ``normalize_video``) and prints side by side:
 
 * loader alone: clips/s and frames/s with N workers, first pass (decoding, filling the frame cache), cached pass,
   and the cached pass with the original's float64 frames instead of uint8;
 * model step alone (synthetic batch already on the device): before (nn.MultiheadAttention, per-tensor BertAdam),
-  now (scaled_dot_product_attention, BertAdam by cache-sized slices), and now with ``--compile``, per phase;
+  now (scaled_dot_product_attention, BertAdam by cache-sized slices), and now with ``--compile``, per phase, with
+  the optimizer's share of the step;
 * the whole loop (loader + model + optimizer, cached pass), its ratio to min(loader, model), the breakdown of a step
-  (data wait, host->device, forward, backward, optimizer, all-reduce) and the projected time of the paper's recipe
-  (MSR-VTT 9k expanded: 180,000 pairs x 5 epochs).
+  (data wait, host->device, forward, backward, optimizer, all-reduce) with the original's per-tensor BertAdam and
+  with today's, and the projected time of the paper's recipe (MSR-VTT 9k expanded: 180,000 pairs x 5 epochs).
 
 Random weights (no download): ``--clip ViT-B/32`` writes a random ViT-B/32 weight file into the data folder once.
 
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "bench"):
@@ -39,12 +41,18 @@ for path in (ROOT, ROOT / "bench"):
 from bench_optimizer import PerTensorBertAdam  # noqa: E402  (the original's per-tensor step)
 from bench_video_loading import make_video  # noqa: E402
 
-import main_task_retrieval as driver  # noqa: E402
-from dataloaders.data_dataloaders import DATALOADER_DICT  # noqa: E402
+import util  # noqa: E402
+from dataloaders.data_dataloaders import DATALOADER_DICT, DataConfig  # noqa: E402
+from dataloaders.dataloader_msrvtt_retrieval import MSRVTT_TrainDataLoader  # noqa: E402
 from dataloaders.rawvideo_util import normalize_video  # noqa: E402
+from dataloaders.sampling import VideoSampling  # noqa: E402
+from engine.config import OptimConfig, RunConfig, RunOptions, clip_image_resolution  # noqa: E402
+from engine.context import RunContext, autocast_for  # noqa: E402
+from engine.model import compile_model, init_model, prep_optimizer  # noqa: E402
 from modules import module_clip  # noqa: E402
-from modules.modeling import freeze_clip_layers  # noqa: E402
-from modules.module_clip import CLIP, clip_config_from_state_dict  # noqa: E402
+from modules.modeling import CLIP4ClipConfig, resolve_precision  # noqa: E402
+from modules.module_clip import CLIP  # noqa: E402
+from modules.optimization import BertAdam  # noqa: E402
 from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
 
 RECIPE_PAIRS, RECIPE_EPOCHS, GOAL_MINUTES = 180_000, 5, 30
@@ -61,6 +69,7 @@ VIT_B_32 = dict(
     transformer_layers=12,
 )
 CAPTIONS_PER_VIDEO = 20
+MAX_WORDS = 32
 PHASES = ("data wait", "host->device", "forward", "backward", "optimizer", "all-reduce")
 
 
@@ -113,53 +122,94 @@ def clip_weights(name: str, root: Path) -> str:
     return str(path)
 
 
-def driver_args(opts: argparse.Namespace, paths: dict[str, str], frame_cache: str | None) -> argparse.Namespace:
-    """The driver's own parsed flags for the recipe (loose meanP, 1 fps, uniform 12 frames, 32 words)."""
-    argv = [
-        "--do_train",
-        "--output_dir",
-        str(Path(opts.data_dir) / "run"),
-        "--datatype",
-        "msrvtt",
-        "--pretrained_clip_name",
-        opts.clip_file,
-        "--sim_header",
-        opts.sim_header,
-        "--loose_type",
-        "--batch_size",
-        str(opts.batch),
-        "--max_frames",
-        str(opts.frames),
-        "--max_words",
-        "32",
-        "--feature_framerate",
-        "1",
-        "--slice_framepos",
-        "2",
-        "--num_thread_reader",
-        str(opts.workers),
-        "--precision",
-        opts.precision,
-        "--lr",
-        "1e-4",
-        "--coef_lr",
-        "1e-3",
-        "--epochs",
-        "5",
-    ]
-    for flag, value in paths.items():
-        argv += [f"--{flag}", value]
-    if frame_cache:
-        argv += ["--frame_cache", frame_cache]
-    args = driver.get_args(argv)
-    args.n_gpu = 1
-    return args
+def run_config(opts: argparse.Namespace, paths: dict[str, str], frame_cache: str | None) -> RunConfig:
+    """The recipe as a run config (loose meanP, 1 fps, uniform 12 frames, 32 words), built from its typed parts."""
+    model = CLIP4ClipConfig(
+        pretrained_clip_name=opts.clip_file,
+        sim_header=opts.sim_header,
+        max_words=MAX_WORDS,
+        max_frames=opts.frames,
+        precision=opts.precision,
+    )
+    sampling = VideoSampling(
+        max_frames=opts.frames,
+        feature_framerate=1,
+        slice_framepos=2,
+        image_resolution=clip_image_resolution(opts.clip_file),
+    )
+    data = DataConfig(
+        datatype="msrvtt",
+        **paths,
+        num_workers=opts.workers,
+        max_words=MAX_WORDS,
+        expand_msrvtt_sentences=False,
+        frame_cache=frame_cache,
+        skip_missing=False,
+    )
+    optim = OptimConfig(
+        epochs=RECIPE_EPOCHS,
+        batch_size=opts.batch,
+        batch_size_val=opts.batch,
+        lr=1e-4,
+        coef_lr=1e-3,
+        warmup_proportion=0.1,
+        gradient_accumulation_steps=1,
+        n_display=100,
+    )
+    run = RunOptions(
+        do_train=True,
+        seed=0,
+        output_dir=str(Path(opts.data_dir) / "run"),
+        init_model=None,
+        resume_model=None,
+        cross_model="cross-base",
+        tuning="full",
+        compile=False,
+        local_rank=0,
+        eval_dsl=False,
+        dsl_temperature=1.0,
+        eval_report=False,
+        tensorboard=False,
+    )
+    return RunConfig(model, sampling, sampling, data, optim, run, flags=())
 
 
-def train_loader(args: argparse.Namespace, tokenizer: SimpleTokenizer, uint8: bool = True):
-    loader, _, sampler = DATALOADER_DICT["msrvtt"]["train"](args, tokenizer)
+def lone_process(precision: str, device: torch.device) -> RunContext:
+    """The context of one process on ``device``, no process group, the asked precision resolved for it."""
+    dist = util.DistInfo(rank=0, local_rank=0, world_size=1, device=device, initialized=False)
+    return RunContext(dist, resolve_precision(precision, device))
+
+
+def train_loader(config: RunConfig, tokenizer: SimpleTokenizer) -> DataLoader:
+    """The run's training loader (uint8 frames, as the engine trains)."""
+    loader, _, sampler = DATALOADER_DICT["msrvtt"]["train"](
+        config.data, config.train_sampling, tokenizer, config.optim.batch_size
+    )
     sampler.set_epoch(0)
-    return driver.frames_as_uint8(loader) if uint8 else loader
+    return loader
+
+
+def float64_loader(config: RunConfig, tokenizer: SimpleTokenizer) -> DataLoader:
+    """The same samples in the same order as the original's float64 frames (``uint8_frames=False``)."""
+    data, sampling = config.data, config.train_sampling
+    dataset = MSRVTT_TrainDataLoader(
+        csv_path=data.train_csv,
+        json_path=data.data_path,
+        features_path=data.features_path,
+        tokenizer=tokenizer,
+        max_words=data.max_words,
+        feature_framerate=sampling.feature_framerate,
+        max_frames=sampling.max_frames,
+        image_resolution=sampling.image_resolution,
+        slice_framepos=sampling.slice_framepos,
+        frame_cache=data.frame_cache,
+        uint8_frames=False,
+    )
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0)
+    sampler.set_epoch(0)
+    return DataLoader(
+        dataset, batch_size=config.optim.batch_size, num_workers=data.num_workers, sampler=sampler, drop_last=True
+    )
 
 
 # ---- timing helpers -------------------------------------------------------------------------------------------------
@@ -209,18 +259,17 @@ def mha_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, mask: torc
     return attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
 
-def build(args: argparse.Namespace, device: torch.device, variant: str):
-    """Model and optimizer as the driver builds them; ``variant`` is 'before', 'now' or 'compile'."""
+def build(config: RunConfig, context: RunContext, variant: str):
+    """Model and optimizer as the engine builds them; ``variant`` is 'before', 'now' or 'compile'."""
     torch.manual_seed(0)
-    model = driver.init_model(args, device)
-    freeze_clip_layers(model, args.freeze_layer_num, args.linear_patch)
-    optimizer = driver.prep_optimizer(
-        args, model, RECIPE_PAIRS // args.batch_size * RECIPE_EPOCHS, coef_lr=args.coef_lr
-    )
+    model = init_model(config, context)
+    optim = config.optim
+    total_steps = RECIPE_PAIRS // optim.batch_size * RECIPE_EPOCHS
+    optimizer = prep_optimizer(model, optim.lr, optim.coef_lr, optim.warmup_proportion, total_steps)
     if variant == "before":
         optimizer.__class__ = PerTensorBertAdam
     if variant == "compile":
-        driver.compile_model(model)
+        compile_model(model)
     return model.train(), optimizer
 
 
@@ -235,13 +284,14 @@ def attention(variant: str) -> Iterator[None]:
         module_clip.self_attention = saved
 
 
-def train_step(model, optimizer, batch, args, device: torch.device, phases: Phases) -> None:
-    """The driver's train_epoch step (gas 1), phase by phase."""
+def train_step(model, optimizer, batch, context: RunContext, phases: Phases) -> None:
+    """The engine's train_epoch step (gas 1), phase by phase."""
+    device = context.device
     with phases("host->device"):
         input_ids, input_mask, segment_ids, video, video_mask = (t.to(device, non_blocking=True) for t in batch)
         video = normalize_video(video, video_mask)
     with phases("forward"):
-        with driver.autocast_for(args.precision, device):
+        with autocast_for(context.precision, device):
             loss = model(input_ids, segment_ids, input_mask, video, video_mask)
     with phases("backward"):
         loss.backward()
@@ -252,39 +302,36 @@ def train_step(model, optimizer, batch, args, device: torch.device, phases: Phas
         torch.clamp_(model.clip.logit_scale.data, max=math.log(100))
 
 
-def synthetic_batch(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+def synthetic_batch(config: RunConfig, device: torch.device) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    b, words, size = args.batch_size, args.max_words, args.image_resolution
+    b, words = config.optim.batch_size, config.data.max_words
+    frames, size = config.train_sampling.max_frames, config.train_sampling.image_resolution
     ids = torch.randint(1, 49000, (b, 1, words), generator=gen)
     ids[:, 0, words // 2 :] = 0
     mask = (ids != 0).long()
-    video = torch.randint(0, 256, (b, 1, args.max_frames, 1, 3, size, size), generator=gen, dtype=torch.uint8)
-    return [
-        t.to(device)
-        for t in (ids, mask, torch.zeros_like(ids), video, torch.ones(b, 1, args.max_frames, dtype=torch.long))
-    ]
+    video = torch.randint(0, 256, (b, 1, frames, 1, 3, size, size), generator=gen, dtype=torch.uint8)
+    return [t.to(device) for t in (ids, mask, torch.zeros_like(ids), video, torch.ones(b, 1, frames, dtype=torch.long))]
 
 
-def model_alone(
-    model, optimizer, args, device: torch.device, variant: str, warmup: int, steps: int
-) -> dict[str, float]:
-    """Seconds per phase of one step on a batch already on the device (the fastest of ``steps``), and clips/s."""
-    batch = synthetic_batch(args, device)
-    best: dict[str, float] = {}
+def model_alone(model, optimizer, config: RunConfig, context: RunContext, variant: str, warmup: int, steps: int):
+    """Seconds per phase of the median step of ``steps`` (by total time) on a batch already on the device, and
+    clips/s."""
+    batch = synthetic_batch(config, context.device)
+    timed: list[dict[str, float]] = []
     with attention(variant):
         for i in range(warmup + steps):
-            phases = Phases(device, exact=True)
-            train_step(model, optimizer, batch, args, device, phases)
-            if i >= warmup and (not best or sum(phases.total.values()) < sum(best.values())):
-                best = dict(phases.total)
-    best["clips_s"] = args.batch_size / sum(best.values())
-    return best
+            phases = Phases(context.device, exact=True)
+            train_step(model, optimizer, batch, context, phases)
+            if i >= warmup:
+                timed.append(dict(phases.total))
+    median = sorted(timed, key=lambda t: sum(t.values()))[(len(timed) - 1) // 2]
+    median["clips_s"] = config.optim.batch_size / sum(median.values())
+    return median
 
 
-def whole_loop(
-    model, optimizer, args, device: torch.device, loader, warmup: int, steps: int, exact: bool
-) -> dict[str, float]:
+def whole_loop(model, optimizer, config: RunConfig, context: RunContext, loader, warmup: int, steps: int, exact: bool):
     """Loader + model + optimizer over ``steps`` batches after ``warmup``: clips/s and seconds per phase."""
+    device = context.device
     phases = Phases(device, exact)
     batches = iter(loader)
     for i in range(warmup + steps):
@@ -294,24 +341,24 @@ def whole_loop(
             start = time.perf_counter()
         with phases("data wait"):
             batch = next(batches)
-        train_step(model, optimizer, batch, args, device, phases)
+        train_step(model, optimizer, batch, context, phases)
     sync(device)
     seconds = time.perf_counter() - start
     out = {name: t / steps for name, t in phases.total.items()}
-    out["clips_s"] = steps * args.batch_size / seconds
+    out["clips_s"] = steps * config.optim.batch_size / seconds
     return out
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 
 
-def report(opts, args, device, results: dict[str, dict[str, float]]) -> None:
+def share(step: dict[str, float], phase: str) -> float:
+    """``phase``'s part of the step's total time, in percent."""
+    return 100 * step[phase] / sum(step[p] for p in PHASES)
+
+
+def report_loader(results: dict[str, dict[str, float]]) -> None:
     first, cached, float64 = results["loader first"], results["loader cached"], results["loader float64"]
-    print(
-        f"\nTraining throughput, {opts.clip} random weights, {opts.sim_header}, batch {args.batch_size} x "
-        f"{args.max_frames} frames, device {device}, precision {args.precision}, {opts.workers} workers, "
-        f"{torch.get_num_threads()} torch threads"
-    )
     print(f"\n{'loader alone':34}{'clips/s':>10}{'frames/s':>11}{'ratio':>8}")
     print(f"{'  first pass (decode, fill cache)':34}{first['clips_s']:>10.1f}{first['frames_s']:>11.0f}{'':>8}")
     print(
@@ -324,6 +371,8 @@ def report(opts, args, device, results: dict[str, dict[str, float]]) -> None:
         f"{cached['clips_s'] / float64['clips_s']:.2f})"
     )
 
+
+def report_model(results: dict[str, dict[str, float]]) -> None:
     variants = [v for v in ("before", "now", "compile") if f"model {v}" in results]
     print(
         f"\n{'model step alone (s)':22}"
@@ -337,26 +386,73 @@ def report(opts, args, device, results: dict[str, dict[str, float]]) -> None:
         if "before" in variants:
             line += f"{vals[variants.index('now')] / vals[0]:>12.2f}"
         print(line)
+    print(
+        "optimizer share of the step: "
+        + ", ".join(f"{v} {share(results[f'model {v}'], 'optimizer'):.0f}%" for v in variants)
+        + " (before: the original's per-tensor BertAdam; now: BertAdam by slices)"
+    )
 
-    whole = results["whole"]
+
+def report_whole(results: dict[str, dict[str, float]]) -> None:
+    whole, cached = results["whole"], results["loader cached"]
     model_rate = results["model now"]["clips_s"]
     bound = min(cached["clips_s"], model_rate)
     print(
         f"\nwhole loop (frame cache, uint8): {whole['clips_s']:.3g} clips/s; loader {cached['clips_s']:.3g}, "
         f"model {model_rate:.3g}; whole/min(loader, model) = {whole['clips_s'] / bound:.2f}"
     )
-    step = sum(whole[p] for p in PHASES)
-    print(
-        "one step: "
-        + ", ".join(f"{p} {whole[p] * 1e3:.1f} ms ({100 * whole[p] / step:.0f}%)" for p in PHASES if p != "all-reduce")
-        + ", all-reduce n/a (one process)"
-    )
+    for key, label in (("whole per-tensor", "per-tensor BertAdam"), ("whole", "BertAdam by slices")):
+        step = results[key]
+        print(
+            f"one step, {label}: "
+            + ", ".join(f"{p} {step[p] * 1e3:.1f} ms ({share(step, p):.0f}%)" for p in PHASES if p != "all-reduce")
+            + ", all-reduce n/a (one process)"
+        )
     hours = RECIPE_PAIRS * RECIPE_EPOCHS / whole["clips_s"] / 3600
     print(
         f"projected MSR-VTT recipe ({RECIPE_PAIRS:,} pairs x {RECIPE_EPOCHS} epochs, this batch size): "
         f"{hours:.3g} h at {whole['clips_s']:.3g} clips/s (goal {GOAL_MINUTES} min: "
         f"{RECIPE_PAIRS * RECIPE_EPOCHS / (GOAL_MINUTES * 60):.0f} clips/s)"
     )
+
+
+def report(opts, config: RunConfig, context: RunContext, results: dict[str, dict[str, float]]) -> None:
+    print(
+        f"\nTraining throughput, {opts.clip} random weights, {opts.sim_header}, batch {config.optim.batch_size} x "
+        f"{config.train_sampling.max_frames} frames, device {context.device}, precision {context.precision}, "
+        f"{opts.workers} workers, {torch.get_num_threads()} torch threads"
+    )
+    report_loader(results)
+    report_model(results)
+    report_whole(results)
+
+
+def measure_loader(config: RunConfig, tokenizer: SimpleTokenizer, steps: int) -> dict[str, dict[str, float]]:
+    return {
+        "loader first": loader_pass(train_loader(config, tokenizer), steps),
+        "loader cached": loader_pass(train_loader(config, tokenizer), steps),
+        "loader float64": loader_pass(float64_loader(config, tokenizer), steps),
+    }
+
+
+def measure_whole(now, config: RunConfig, context: RunContext, tokenizer, opts) -> dict[str, dict[str, float]]:
+    """The whole loop continues training the "now" model (its rate does not depend on the weights), with today's
+    optimizer, then with the original's per-tensor step on the same state."""
+    cuda = context.device.type == "cuda"
+    loop = dict(config=config, context=context, warmup=opts.warmup, steps=opts.steps)
+    results = {"whole": whole_loop(*now, loader=train_loader(config, tokenizer), exact=not cuda, **loop)}
+    if cuda:  # the rate above ran without syncs; the breakdown needs them
+        breakdown = whole_loop(*now, loader=train_loader(config, tokenizer), exact=True, **loop)
+        results["whole"].update({p: breakdown[p] for p in PHASES})
+    model, optimizer = now
+    optimizer.__class__ = PerTensorBertAdam
+    try:
+        results["whole per-tensor"] = whole_loop(
+            model, optimizer, loader=train_loader(config, tokenizer), exact=True, **loop
+        )
+    finally:
+        optimizer.__class__ = BertAdam
+    return results
 
 
 def run(opts: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -367,30 +463,18 @@ def run(opts: argparse.Namespace) -> dict[str, dict[str, float]]:
     opts.clip_file = clip_weights(opts.clip, root)
     cache = root / "frame_cache"
     shutil.rmtree(cache, ignore_errors=True)
-    args = driver_args(opts, paths, str(cache))
-    args.precision = driver.resolve_precision(args.precision, device)
-    args.image_resolution = clip_config_from_state_dict(CLIP.get_config(opts.clip_file))["image_resolution"]
+    config = run_config(opts, paths, str(cache))
+    context = lone_process(opts.precision, device)
     tokenizer = SimpleTokenizer()
-    steps = opts.warmup + opts.steps
 
-    results = {
-        "loader first": loader_pass(train_loader(args, tokenizer), steps),
-        "loader cached": loader_pass(train_loader(args, tokenizer), steps),
-        "loader float64": loader_pass(train_loader(args, tokenizer, uint8=False), steps),
-    }
+    results = measure_loader(config, tokenizer, opts.warmup + opts.steps)
     for variant in ("before", "now") + (() if opts.no_compile else ("compile",)):
-        model, optimizer = build(args, device, variant)
-        results[f"model {variant}"] = model_alone(model, optimizer, args, device, variant, opts.warmup, opts.steps)
+        model, optimizer = build(config, context, variant)
+        results[f"model {variant}"] = model_alone(model, optimizer, config, context, variant, opts.warmup, opts.steps)
         if variant == "now":
             now = model, optimizer
-    # The whole loop continues training the "now" model: its rate does not depend on the weights.
-    results["whole"] = whole_loop(
-        *now, args, device, train_loader(args, tokenizer), opts.warmup, opts.steps, exact=device.type != "cuda"
-    )
-    if device.type == "cuda":  # the rate above ran without syncs; the breakdown needs them
-        breakdown = whole_loop(*now, args, device, train_loader(args, tokenizer), opts.warmup, opts.steps, exact=True)
-        results["whole"].update({p: breakdown[p] for p in PHASES})
-    report(opts, args, device, results)
+    results.update(measure_whole(now, config, context, tokenizer, opts))
+    report(opts, config, context, results)
     return results
 
 
@@ -401,11 +485,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="clips per step (default 4 on CPU, 128 on CUDA)")
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 2 on CPU, 16 on CUDA)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps, the median reported (default 3 on CPU, 20 on CUDA)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--seconds", type=int, default=15, help="length of the generated videos (MSR-VTT: 10-30 s)")
     p.add_argument("--sim_header", default="meanP", choices=["meanP", "seqLSTM", "seqTransf", "tightTransf"])
-    p.add_argument("--precision", default="auto", help="the driver's --precision")
+    p.add_argument("--precision", default="auto", help="as the driver's --precision")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile column (slow to warm up)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data_dir", default=None, help="where to write the data set (default: a temporary folder)")

@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_model_step import MAX_WORDS, VIT_B_32, _make_batch, _rss_bytes, time_steps  # noqa: E402
+from bench.bench_model_step import MAX_WORDS, clip_shapes, make_batch, rss_bytes, time_steps  # noqa: E402
 from engine.model import prep_optimizer  # noqa: E402
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
@@ -60,15 +60,16 @@ def _saved_for_backward(model: torch.nn.Module, inputs) -> Counter:
 
 def run_one(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     torch.manual_seed(0)
     cfg = CLIP4ClipConfig(max_words=MAX_WORDS, max_frames=args.frames, precision=args.precision, tuning=args.tuning)
-    clip_state_dict = CLIP(**VIT_B_32).state_dict()
+    shapes = clip_shapes(args.toy)
+    clip_state_dict = CLIP(**shapes).state_dict()
     model = CLIP4Clip(CrossConfig.get_config("cross-base"), clip_state_dict, cfg).to(device).train()
     del clip_state_dict
     freeze_clip_layers(model, 0, "2d")  # the scripts' --freeze_layer_num 0 (unipt has frozen CLIP already)
     optimizer = prep_optimizer(model, lr=1e-4, coef_lr=1.0, warmup=0.1, total_steps=100.0)
-    inputs = _make_batch(args.batch, args.frames, device)
+    inputs = make_batch(args.batch, args.frames, device, shapes["image_resolution"])
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -113,13 +114,16 @@ def _child(args: argparse.Namespace, tuning: str) -> dict:
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.toy:
+        cmd.append("--toy")
     # Every allocation of 64 KiB or more gets its own mapping, so freed tensors leave the RSS at once.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """The table; returns each mode's figures ("full", "unipt")."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=None, help="videos per step (default 2 on CPU, 32 on CUDA)")
     parser.add_argument("--frames", type=int, default=12)
@@ -127,8 +131,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", help="auto, fp16-weights, fp32, bf16 or fp16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--toy", action="store_true", help="the tiny random CLIP's shapes (runs in seconds)")
     parser.add_argument("--child", choices=["full", "unipt"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 32 if args.device.startswith("cuda") else 2
     if args.threads:
@@ -136,13 +141,13 @@ def main() -> None:
     if args.child:
         args.tuning = args.child
         print(json.dumps(run_one(args)))
-        return
+        return {}
 
     full, unipt = _child(args, "full"), _child(args, "unipt")
     mib = 2**20
     memory = "CUDA memory_allocated" if args.device.startswith("cuda") else "CPU RSS (sampled)"
     print(
-        f"CLIP4Clip training step (forward, backward, BertAdam), ViT-B/32 shapes, meanP, {args.batch} videos x "
+        f"CLIP4Clip training step (forward, backward, BertAdam), {'tiny CLIP' if args.toy else 'ViT-B/32'} shapes, meanP, {args.batch} videos x "
         f"{args.frames} frames, {MAX_WORDS} words, device {args.device}, precision {full['precision']}, "
         f"threads {torch.get_num_threads()}"
     )
@@ -168,7 +173,7 @@ def main() -> None:
             mark = f"<= {target:.2f}" + ("" if ratio <= target else " MISSED")
             if ratio > target:
                 missed.append(name)
-        print(f"{name:30}{a:>12.2f}{b:>12.2f}{ratio:>8.2f}{mark:>9}")
+        print(f"{name:30}{a:>12.2f}{b:>12.2f}{ratio:>8.2f} {mark:>8}")
     print(f"(memory: {memory}; rest = weights + gradients + optimizer state after one warm-up step)")
     print("largest tensors unipt saves for backward (shape, dtype, MiB):")
     for shape, dtype, n in unipt["top_saved"]:
@@ -178,6 +183,7 @@ def main() -> None:
             f"target missed: {', '.join(missed)}; the tensors above are what unipt's step still holds (its "
             f"frozen towers keep no activations; the adapters keep their ReLU inputs per hidden state)"
         )
+    return {"full": full, "unipt": unipt}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ prints per file, side by side:
   torchvision v2 antialiased bicubic on the uint8 tensor, whichever is faster here);
 * cache: ``get_video_sample`` with a warm ``cache_dir``.
 
-Usage: ``python bench/bench_video_loading.py [--quick] [--video_dir DIR]``.
+Usage: ``python bench/bench_video_loading.py [--quick] [--video_dir DIR]`` (``--toy``: one small 2 s video, one
+run per method, for the suite).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ VIDEOS = {  # name: (width, height, extra x264 arguments)
     "320x240 GOP 30": (320, 240, ["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"]),
     "1280x720 default GOP": (1280, 720, []),
 }
+TOY_VIDEOS = {"64x48 toy": (64, 48, [])}
 
 
 def make_video(path: Path, width: int, height: int, extra: list[str], seconds: int = 15) -> Path:
@@ -197,15 +199,19 @@ def bench_file(path: str, repeats: int, cache_dir: str) -> dict[str, object]:
     return r
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
+    """The table; returns each file's figures by its name."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two timed runs per method (about 1-2 minutes)")
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed runs per method, taken in turns; the fastest counts"
     )
     parser.add_argument("--video_dir", default=None, help="where to build (and reuse) the videos; default: a temp dir")
-    args = parser.parse_args()
-    repeats = 2 if args.quick else args.repeats
+    parser.add_argument("--toy", action="store_true", help="one 64x48 video of 2 s, one run per method (seconds)")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.toy else 2 if args.quick else args.repeats
+    videos, seconds = (TOY_VIDEOS, 2) if args.toy else (VIDEOS, 15)
+    results = {}
     torch.set_num_threads(1)  # as in a DataLoader worker
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,9 +226,9 @@ def main() -> None:
             f"{'base/ours':>9}{'ours/limit':>11}{'base/cache':>11}  same  max|ours-PIL|  limit made of"
         )
         print(header + "\n" + "-" * len(header))
-        for name, (w, h, extra) in VIDEOS.items():
-            path = str(make_video(video_dir / (name.replace(" ", "_") + ".mp4"), w, h, extra))
-            r = bench_file(path, repeats, os.path.join(tmp, "cache"))
+        for name, (w, h, extra) in videos.items():
+            path = str(make_video(video_dir / (name.replace(" ", "_") + ".mp4"), w, h, extra, seconds))
+            r = results[name] = bench_file(path, repeats, os.path.join(tmp, "cache"))
             print(
                 f"{name:<22}{r['baseline']:>8.0f}ms{r['ours']:>7.0f}ms{r['ours_pil']:>8.0f}ms{r['limit']:>7.0f}ms"
                 f"{r['cache']:>6.1f}ms  {r['baseline'] / r['ours']:>8.2f}x{r['ours'] / r['limit']:>10.2f}x"
@@ -236,6 +242,7 @@ def main() -> None:
             "frame) + the faster transform; cache: warm --frame_cache;\nsame: bit-identical to the original "
             "algorithm run with the same transform (and the cache to no cache)."
         )
+    return results
 
 
 if __name__ == "__main__":

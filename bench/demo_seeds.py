@@ -59,36 +59,53 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} +- {std:.1f}"
 
 
-def main() -> None:
+def print_tables(figures: dict[str, list[tuple[float, ...]]], qb_norm: bool) -> None:
+    columns = "test R@1 | order-dependent R@1" + (" | test R@1, QB-Norm" if qb_norm else "")
+    rule = "|---|---|---|---|" + ("---|" if qb_norm else "")
+    print(f"\n| head | seed | {columns} |\n{rule}")
+    for head, rows in figures.items():
+        for seed, *r1 in rows:
+            print(f"| {head} | {seed} | " + " | ".join(f"{v:.1f}" for v in r1) + " |")
+    print(f"\n| head | seeds | {columns} |\n{rule}")
+    for head, rows in figures.items():
+        if rows:
+            means = " | ".join(mean_std([r[i] for r in rows]) for i in range(1, len(rows[0])))
+            print(f"| {head} | {len(rows)} | {means} |")
+    print("(each: mean +- sample std over the seeds)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, ...]]]:
+    """Runs what is missing (unless ``--dry_run``) and prints the tables; returns (seed, test R@1, order R@1) per
+    head."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for data, checkpoints, logs (outside the repo)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--heads", nargs="+", default=["meanP", "seqTransf"])
     parser.add_argument("--qb_norm", action="store_true", help="evaluate with --qb_norm and add its R@1 column")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--dry_run", action="store_true", help="run nothing: name the missing runs, tabulate the finished ones"
+    )
+    args = parser.parse_args(argv)
     epochs = int(os.environ.get("EPOCHS", "10"))  # demo.sh's default
     args.out.mkdir(parents=True, exist_ok=True)
 
-    figures: dict[str, list[tuple[int, float, float, float]]] = {head: [] for head in args.heads}
+    figures: dict[str, list[tuple[float, ...]]] = {head: [] for head in args.heads}
     extra = ["--qb_norm"] if args.qb_norm else []
     for seed in args.seeds:  # seed-major, so an interrupted sweep has both heads for the seeds it finished
         for head in args.heads:
             run = run_folder(args.out, head, seed)
             if records(run, epochs) is None:
+                if args.dry_run:
+                    print(f"== {head}, seed {seed}: not run yet (--dry_run)")
+                    continue
                 run_demo(args.out, head, seed, extra)
             test, order = records(run, epochs)
-            qb = test["qb_norm"]["text_to_video"]["R1"] if args.qb_norm else float("nan")
-            figures[head].append((seed, test["text_to_video"]["R1"], order["text_to_video"]["R1"], qb))
-
-    print("\n| head | seed | test R@1 | order-dependent R@1 | test R@1, QB-Norm |\n|---|---|---|---|---|")
-    for head, rows in figures.items():
-        for seed, test_r1, order_r1, qb_r1 in rows:
-            print(f"| {head} | {seed} | {test_r1:.1f} | {order_r1:.1f} | {qb_r1:.1f} |")
-    print("\n| head | seeds | test R@1 | order-dependent R@1 | test R@1, QB-Norm |\n|---|---|---|---|---|")
-    for head, rows in figures.items():
-        means = " | ".join(mean_std([r[i] for r in rows]) for i in (1, 2, 3))
-        print(f"| {head} | {len(rows)} | {means} |")
-    print("(each: mean +- sample std over the seeds; QB-Norm nan without --qb_norm)")
+            row = (seed, test["text_to_video"]["R1"], order["text_to_video"]["R1"])
+            if args.qb_norm:
+                row += (test["qb_norm"]["text_to_video"]["R1"],)
+            figures[head].append(row)
+    print_tables(figures, args.qb_norm)
+    return figures
 
 
 if __name__ == "__main__":

@@ -43,7 +43,18 @@ def test_bench_runs_and_its_figures_agree(tmp_path, capsys):
     whole = results["whole"]
     # Phases are timed inside the loop's wall time, so they cannot add up to more than it.
     assert sum(whole[p] for p in bench.PHASES) * whole["clips_s"] <= 2 * 1.001
+    # The optimizer's share, before and after, is the optimizer phase over the step's phases.
+    for key, label in (("whole per-tensor", "per-tensor BertAdam"), ("whole", "BertAdam by slices")):
+        step = results[key]
+        percent = 100 * step["optimizer"] / sum(step[p] for p in bench.PHASES)
+        assert f"one step, {label}: " in out
+        assert f"optimizer {step['optimizer'] * 1e3:.1f} ms ({percent:.0f}%)" in out
+    shares = [
+        100 * results[f"model {v}"]["optimizer"] / sum(results[f"model {v}"][p] for p in bench.PHASES)
+        for v in ("before", "now")
+    ]
+    assert f"optimizer share of the step: before {shares[0]:.0f}%, now {shares[1]:.0f}%" in out
     hours = bench.RECIPE_PAIRS * bench.RECIPE_EPOCHS / whole["clips_s"] / 3600
     assert f"{hours:.3g} h at {whole['clips_s']:.3g} clips/s" in out
-    for line in ("loader alone", "model step alone", "whole/min(loader, model)", "one step: data wait"):
+    for line in ("loader alone", "model step alone", "whole/min(loader, model)"):
         assert line in out
