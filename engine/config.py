@@ -52,12 +52,13 @@ class RunOptions:
     tuning: str | None
     compile: bool
     local_rank: int
-    eval_dsl: bool
-    dsl_temperature: float
-    qb_norm: bool
-    qb_norm_beta: float
-    eval_report: bool
-    tensorboard: bool
+    # The evaluation's extras, off unless asked for.
+    eval_dsl: bool = False
+    dsl_temperature: float = 1.0
+    qb_norm: bool = False
+    qb_norm_beta: float = 20.0
+    eval_report: bool = False
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
