@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 
 from dataloaders import DATATYPES
+from dataloaders.sampling import VideoSampling
 from errors import UsageError
 from modules.clip_names import available_models
 from modules.names import LOOSE_HEADERS, SIM_HEADERS
@@ -216,9 +217,11 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # The original fails on the first similarity instead; same rule, said before anything is loaded.
     if args.sim_header in LOOSE_HEADERS and not args.loose_type:
         raise UsageError(f"--sim_header {args.sim_header} needs --loose_type (only tightTransf runs without it)")
-    for name in ("epochs", "batch_size", "batch_size_val", "n_display", "max_words", "max_frames", "feature_framerate"):
+    for name in ("epochs", "batch_size", "batch_size_val", "n_display", "max_words"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    # The sampling checks its own fields; built here, and dropped, so that a bad count fails before anything loads.
+    VideoSampling(max_frames=args.max_frames, feature_framerate=args.feature_framerate)
     if args.num_thread_reader < 0:
         raise UsageError(f"--num_thread_reader must be >= 0, got {args.num_thread_reader}")
     if args.batch_size < args.gradient_accumulation_steps:
