@@ -38,7 +38,7 @@ class ActivityNet_DataLoader(VideoTextDataset):
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
-        **loose_sampling: int,
+        **loose_sampling: float,
     ):
         if subset not in ID_FILES:
             raise ValueError(f"ActivityNet subset must be one of {tuple(ID_FILES)}, got {subset!r}")

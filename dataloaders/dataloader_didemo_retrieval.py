@@ -38,7 +38,7 @@ class DiDeMo_DataLoader(VideoTextDataset):
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
-        **loose_sampling: int,
+        **loose_sampling: float,
     ):
         if subset not in SUBSETS:
             raise ValueError(f"DiDeMo subset must be one of {SUBSETS}, got {subset!r}")

@@ -30,7 +30,7 @@ class LSMDC_DataLoader(VideoTextDataset):
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
-        **loose_sampling: int,
+        **loose_sampling: float,
     ):
         if subset not in ANNOTATION_FILES:
             raise ValueError(f"LSMDC subset must be one of {tuple(ANNOTATION_FILES)}, got {subset!r}")

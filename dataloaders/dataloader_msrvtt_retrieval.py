@@ -35,7 +35,7 @@ class MSRVTT_DataLoader(VideoTextDataset):
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
-        **loose_sampling: int,
+        **loose_sampling: float,
     ):
         super().__init__(
             tokenizer,
@@ -76,7 +76,7 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
-        **loose_sampling: int,
+        **loose_sampling: float,
     ):
         super().__init__(
             tokenizer,

@@ -28,7 +28,7 @@ class MSVD_DataLoader(VideoTextDataset):
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
-        **loose_sampling: int,
+        **loose_sampling: float,
     ):
         if subset not in SUBSETS:
             raise ValueError(f"MSVD subset must be one of {SUBSETS}, got {subset!r}")
