@@ -27,6 +27,8 @@ NEW_FLAGS = {
     "tuning",
     "eval_dsl",
     "dsl_temperature",
+    "qb_norm",
+    "qb_norm_beta",
     "eval_report",
     "tensorboard",
 }
@@ -40,7 +42,7 @@ def test_groups_in_order_every_flag_with_help_and_the_new_ones_marked():
     shown = [a for a in parser._actions if a.help is not argparse.SUPPRESS and a.dest != "help"]
     assert all(a.help for a in shown)
     assert {a.dest for a in shown if a.help.startswith("[new]")} == NEW_FLAGS
-    assert len(shown) == 3 + 15 + 12 + 12 + 4 + 4 + 1  # counted group by group in the --help output
+    assert len(shown) == 3 + 15 + 12 + 12 + 6 + 4 + 1  # counted group by group in the --help output
 
 
 @pytest.mark.parametrize(
