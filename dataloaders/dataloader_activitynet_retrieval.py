@@ -15,6 +15,7 @@ from dataloaders.dataset_util import (
     require_keys,
     require_str,
 )
+from dataloaders.sampling import VideoSampling, sampling_of
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,12 @@ class ActivityNet_DataLoader(VideoTextDataset):
         features_path: str,
         tokenizer,
         max_words: int = 30,
-        feature_framerate: float = 1.0,
-        max_frames: int = 100,
-        image_resolution: int = 224,
-        frame_order: int = 0,
-        slice_framepos: int = 0,
+        sampling: VideoSampling | None = None,
+        *,
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
+        **loose_sampling: float,
     ):
         if subset not in ID_FILES:
             raise ValueError(f"ActivityNet subset must be one of {tuple(ID_FILES)}, got {subset!r}")
@@ -47,11 +46,7 @@ class ActivityNet_DataLoader(VideoTextDataset):
             tokenizer,
             features_path,
             max_words,
-            feature_framerate,
-            max_frames,
-            image_resolution,
-            frame_order,
-            slice_framepos,
+            sampling_of(type(self).__name__, sampling, loose_sampling),
             frame_cache,
             skip_missing,
             training=subset == "train",

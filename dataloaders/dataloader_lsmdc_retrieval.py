@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, read_lines
+from dataloaders.sampling import VideoSampling, sampling_of
 
 ANNOTATION_FILES = {
     "train": "LSMDC16_annos_training.csv",
@@ -24,14 +25,12 @@ class LSMDC_DataLoader(VideoTextDataset):
         features_path: str,
         tokenizer,
         max_words: int = 30,
-        feature_framerate: float = 1.0,
-        max_frames: int = 100,
-        image_resolution: int = 224,
-        frame_order: int = 0,
-        slice_framepos: int = 0,
+        sampling: VideoSampling | None = None,
+        *,
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
+        **loose_sampling: float,
     ):
         if subset not in ANNOTATION_FILES:
             raise ValueError(f"LSMDC subset must be one of {tuple(ANNOTATION_FILES)}, got {subset!r}")
@@ -39,11 +38,7 @@ class LSMDC_DataLoader(VideoTextDataset):
             tokenizer,
             features_path,
             max_words,
-            feature_framerate,
-            max_frames,
-            image_resolution,
-            frame_order,
-            slice_framepos,
+            sampling_of(type(self).__name__, sampling, loose_sampling),
             frame_cache,
             skip_missing,
             training=subset == "train",

@@ -6,6 +6,7 @@ import logging
 import os
 
 from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, load_raw_captions, read_id_list
+from dataloaders.sampling import VideoSampling, sampling_of
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +23,12 @@ class MSVD_DataLoader(VideoTextDataset):
         features_path: str,
         tokenizer,
         max_words: int = 30,
-        feature_framerate: float = 1.0,
-        max_frames: int = 100,
-        image_resolution: int = 224,
-        frame_order: int = 0,
-        slice_framepos: int = 0,
+        sampling: VideoSampling | None = None,
+        *,
         frame_cache: str | None = None,
         skip_missing: bool = False,
         uint8_frames: bool = False,
+        **loose_sampling: float,
     ):
         if subset not in SUBSETS:
             raise ValueError(f"MSVD subset must be one of {SUBSETS}, got {subset!r}")
@@ -37,11 +36,7 @@ class MSVD_DataLoader(VideoTextDataset):
             tokenizer,
             features_path,
             max_words,
-            feature_framerate,
-            max_frames,
-            image_resolution,
-            frame_order,
-            slice_framepos,
+            sampling_of(type(self).__name__, sampling, loose_sampling),
             frame_cache,
             skip_missing,
             training=subset == "train",

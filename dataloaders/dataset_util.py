@@ -19,6 +19,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from dataloaders.rawvideo_util import RawVideoExtractor, UnreadableVideoError, empty_video, kept_frames_uint8
+from dataloaders.sampling import VideoSampling
 from errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,9 @@ class VideoTextDataset(Dataset):
     """Items ``(pairs_text, pairs_mask, pairs_segment, video, video_mask)`` from (video id, caption, window) pairs.
 
     A subclass reads its annotations, sets ``video_dict`` (id → file) and ``_pairs`` (or overrides ``_pair``), and
-    calls ``_keep_present`` once so that missing files are reported at build time.
+    calls ``_keep_present`` once so that missing files are reported at build time. A subclass takes a
+    ``VideoSampling`` as ``sampling=``, or the original's loose keywords (``max_frames=``, ``frame_order=``, ...)
+    turned into one by ``sampling_of``.
     """
 
     swallow_read_errors = False  # DiDeMo's original prints a read error and goes on with zero frames
@@ -211,37 +214,23 @@ class VideoTextDataset(Dataset):
         tokenizer,
         features_path: str,
         max_words: int,
-        feature_framerate: float,
-        max_frames: int,
-        image_resolution: int,
-        frame_order: int,
-        slice_framepos: int,
+        sampling: VideoSampling,
         frame_cache: str | None,
         skip_missing: bool,
         training: bool,
         uint8_frames: bool = False,
     ):
-        if frame_order not in (0, 1, 2):
-            raise ValueError(f"frame_order must be 0 (in order), 1 (reversed) or 2 (shuffled), got {frame_order}")
-        if slice_framepos not in (0, 1, 2):
-            raise ValueError(f"slice_framepos must be 0 (head), 1 (tail) or 2 (uniform), got {slice_framepos}")
-        if feature_framerate != int(feature_framerate):
-            raise ValueError(f"feature_framerate must be a whole number of frames per second, got {feature_framerate}")
         self.tokenizer = tokenizer
         self.features_path = features_path
         self.max_words = max_words
-        self.feature_framerate = feature_framerate
-        self.max_frames = max_frames
-        self.frame_order = frame_order
-        self.slice_framepos = slice_framepos
+        self.sampling = sampling
         self.skip_missing = skip_missing
         self.training = training
         # True: ``video`` holds the uint8 pixels and the reader normalises them (rawvideo_util.normalize_video), so a
         # DataLoader moves uint8 instead of float64. False, as the original: the normalised float64 frames.
         self.uint8_frames = uint8_frames
-        # the signatures keep the original's float default 1.0; the extractor counts frames in whole numbers
         self.rawVideoExtractor = RawVideoExtractor(
-            framerate=int(feature_framerate), size=image_resolution, cache_dir=frame_cache
+            framerate=sampling.feature_framerate, size=sampling.image_resolution, cache_dir=frame_cache
         )
         self.video_dict: dict[str, str] = {}
         self._pairs: list[Pair] = []
@@ -250,6 +239,12 @@ class VideoTextDataset(Dataset):
         self.n_undecodable = 0
         self.n_replaced = 0
         self.undecodable_videos: dict[str, int] = {}
+
+    # The original's attributes, read-only: the sampling is one frozen value, so that a change cannot reach half of it.
+    max_frames = property(lambda self: self.sampling.max_frames)
+    feature_framerate = property(lambda self: self.sampling.feature_framerate)
+    frame_order = property(lambda self: self.sampling.frame_order)
+    slice_framepos = property(lambda self: self.sampling.slice_framepos)
 
     def __len__(self) -> int:
         return len(self._pairs)

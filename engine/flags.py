@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 
 from dataloaders import DATATYPES
+from dataloaders.sampling import VideoSampling
 from errors import UsageError
 from modules.clip_names import available_models
 from modules.names import LOOSE_HEADERS, SIM_HEADERS
@@ -21,12 +22,26 @@ class _Parser(argparse.ArgumentParser):
 def get_parser() -> argparse.ArgumentParser:
     """Every flag of the original, with its default; the new ones are marked [new]."""
     p = _Parser(description="CLIP4Clip on Retrieval Task", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_mode_flags(p)
+    _add_data_flags(p)
+    _add_model_flags(p)
+    _add_optimisation_flags(p)
+    _add_evaluation_flags(p)
+    _add_distributed_flags(p)
+    _add_compatibility_flags(p)
+    return p
 
+
+def _add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """What the run does."""
     g = p.add_argument_group("mode")
     g.add_argument("--do_train", action="store_true", help="train, evaluating the test set after each epoch")
     g.add_argument("--do_eval", action="store_true", help="evaluate --init_model (ignored with --do_train)")
     g.add_argument("--task_type", default="retrieval", choices=["retrieval"], help="only retrieval exists")
 
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Where the data set is and how its videos are sampled."""
     g = p.add_argument_group("data")
     g.add_argument("--datatype", default="msrvtt", choices=list(DATATYPES), help="data set")
     g.add_argument("--train_csv", default="data/.train.csv", help="MSR-VTT train id CSV")
@@ -63,6 +78,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="[new] drop listed videos that have no file instead of stopping",
     )
 
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The CLIP weights, the similarity head and how the model is trained."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--pretrained_clip_name",
@@ -115,6 +133,9 @@ def get_parser() -> argparse.ArgumentParser:
         "(the UniPT fork). Default: unipt when --init_model holds adapters, else full",
     )
 
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """The optimiser, the schedule and the checkpoints."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", required=True, help="log, checkpoints and metrics go here")
     g.add_argument("--epochs", type=int, default=20, help="passes over the training set")
@@ -138,6 +159,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--cache_dir", default="", help="accepted for compatibility; nothing is downloaded")
 
+
+def _add_evaluation_flags(p: argparse.ArgumentParser) -> None:
+    """What an evaluation reports."""
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--eval_dsl", action="store_true", help="[new] also report dual-softmax re-ranked metrics, on separate lines"
@@ -169,6 +193,9 @@ def get_parser() -> argparse.ArgumentParser:
         "(metrics.jsonl is always written); needs tensorboard",
     )
 
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """The process layout, as the launchers pass it."""
     g = p.add_argument_group("distributed (set by the launcher)")
     g.add_argument(
         "--local_rank",
@@ -182,6 +209,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--world_size", type=int, default=0, help="overwritten by torch.distributed")
     g.add_argument("--rank", type=int, default=0, help="overwritten by torch.distributed")
 
+
+def _add_compatibility_flags(p: argparse.ArgumentParser) -> None:
+    """The original's flags that nothing reads, accepted so that its scripts still run."""
     g = p.add_argument_group("accepted for the original's scripts, no effect")
     for flag in ("--do_pretrain", "--do_lower_case", "--fp16", "--use_mil", "--sampled_use_mil"):
         g.add_argument(
@@ -199,7 +229,6 @@ def get_parser() -> argparse.ArgumentParser:
         ("--visual_num_hidden_layers", int, 12),
     ):
         g.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
-    return p
 
 
 def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -216,9 +245,11 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # The original fails on the first similarity instead; same rule, said before anything is loaded.
     if args.sim_header in LOOSE_HEADERS and not args.loose_type:
         raise UsageError(f"--sim_header {args.sim_header} needs --loose_type (only tightTransf runs without it)")
-    for name in ("epochs", "batch_size", "batch_size_val", "n_display", "max_words", "max_frames", "feature_framerate"):
+    for name in ("epochs", "batch_size", "batch_size_val", "n_display", "max_words"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    # The sampling checks its own fields; built here, and dropped, so that a bad count fails before anything loads.
+    VideoSampling(max_frames=args.max_frames, feature_framerate=args.feature_framerate)
     if args.num_thread_reader < 0:
         raise UsageError(f"--num_thread_reader must be >= 0, got {args.num_thread_reader}")
     if args.batch_size < args.gradient_accumulation_steps:

@@ -40,7 +40,6 @@ def train_epoch(
     model.train()
     log_step = config.optim.n_display
     gas = config.optim.gradient_accumulation_steps
-    clip_model = getattr(model, "module", model).clip
     start_time = time.time()
     total_loss = 0.0
     bar = tqdm(
@@ -68,14 +67,7 @@ def train_epoch(
         scaler.scale(loss).backward()
         total_loss += loss_value
         if (step + 1) % gas == 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            # Zeros, not None, as the original's torch did: get_lr() below lists the lr of parameters with a grad.
-            optimizer.zero_grad(set_to_none=False)
-            # https://github.com/openai/CLIP/issues/46
-            torch.clamp_(clip_model.logit_scale.data, max=np.log(100))
+            _optimizer_step(model, optimizer, scaler)
             global_step += 1
             if global_step % log_step == 0 and util.is_main_process():
                 _log_step(config, optimizer, epoch, step, len(train_dataloader), global_step, loss, start_time, run_log)
@@ -83,6 +75,19 @@ def train_epoch(
         bar.set_postfix(loss=f"{loss_value:.4f}")
     log_peak_memory(device)
     return total_loss / len(train_dataloader), global_step
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: BertAdam, scaler: torch.amp.GradScaler) -> None:
+    """Clip the unscaled gradients to norm 1, step, zero the gradients and keep the logit scale at most 100."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    # Zeros, not None, as the original's torch did: get_lr() lists the lr of parameters with a grad.
+    optimizer.zero_grad(set_to_none=False)
+    # https://github.com/openai/CLIP/issues/46
+    clip_model = getattr(model, "module", model).clip
+    torch.clamp_(clip_model.logit_scale.data, max=np.log(100))
 
 
 def _log_step(

@@ -14,6 +14,7 @@ from conftest import write_video
 from dataloaders.dataloader_activitynet_retrieval import ActivityNet_DataLoader
 from dataloaders.dataloader_didemo_retrieval import DiDeMo_DataLoader
 from dataloaders.dataloader_lsmdc_retrieval import LSMDC_DataLoader
+from dataloaders.sampling import VideoSampling
 from util import UsageError
 
 SOT, EOT = 49406, 49407
@@ -46,6 +47,22 @@ def check_item(item, reference, caption):
 
 
 # -------------------------------------------------------------------------------------------------------------- LSMDC
+def test_the_original_loose_sampling_keywords_read_as_the_sampling_does(tmp_path, clip, tokenizer):
+    (tmp_path / "LSMDC16_annos_val.csv").write_text(lsmdc_line("0001_A", "He smiles.") + "\n")
+    link(tmp_path / "videos", ["0001_A.avi"], clip)
+    loose = dict(max_frames=3, feature_framerate=2.0, image_resolution=32, frame_order=1, slice_framepos=2)
+    old = LSMDC_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, 24, **loose)
+    sampling = VideoSampling(max_frames=3, feature_framerate=2, slice_framepos=2, image_resolution=32, frame_order=1)
+    new = LSMDC_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, 24, sampling=sampling)
+    assert old.sampling == new.sampling == sampling
+    assert (old.max_frames, old.feature_framerate, old.frame_order, old.slice_framepos) == (3, 2, 1, 2)
+    for a, b in zip(old[0], new[0]):
+        np.testing.assert_array_equal(a, b)
+    assert old[0][3].shape == (1, 3, 1, 3, 32, 32) and old[0][4].tolist() == [[1, 1, 1]]
+    with pytest.raises(TypeError, match="LSMDC_DataLoader"):
+        LSMDC_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer, sampling=sampling, max_frames=3)
+
+
 def lsmdc_line(clip_id, sentence):
     return "\t".join([clip_id, "00.00.01.000", "00.00.03.000", "00.00.01.000", "00.00.03.000", sentence])
 
