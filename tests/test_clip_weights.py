@@ -203,3 +203,63 @@ def test_known_name_reads_its_file_from_weights_dir(tmp_path, monkeypatch, tiny_
     loaded = CLIP.get_config("ViT-B/16")
     assert loaded.keys() == tiny_clip_state_dict.keys()
     assert all(torch.equal(loaded[k], tiny_clip_state_dict[k]) for k in loaded)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# which CLIP a CLIP4Clip checkpoint is built on
+
+
+def _tiny_checkpoint(scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A CLIP4Clip-style checkpoint holding every weight of the tiny CLIP (scaled, so its values are its own)."""
+    from modules.tiny_clip import tiny_state_dict
+
+    return {"clip." + k: v * scale for k, v in tiny_state_dict("tiny-random-ViT/16").items()}
+
+
+def _unreadable(name: str):
+    raise AssertionError(f"read {name}")
+
+
+def test_self_contained_checkpoint_is_built_on_its_own_clip(monkeypatch, caplog):
+    checkpoint = _tiny_checkpoint(scale=2.0)
+    monkeypatch.setattr(clip_weights, "load_clip_state_dict", _unreadable)  # the named CLIP is never read
+    clip = clip_weights.clip_for_checkpoint("ViT-B/32", checkpoint, "ckpt.bin")
+    assert clip.keys() == {k[len("clip.") :] for k in checkpoint}
+    assert all(torch.equal(clip[k[len("clip.") :]], v) for k, v in checkpoint.items())
+    assert "ckpt.bin holds its own CLIP, not ViT-B/32 (another architecture)" in caplog.text
+    caplog.clear()
+    clip_weights.clip_for_checkpoint("tiny-random-ViT/16", checkpoint, "ckpt.bin")
+    assert caplog.text == ""  # the same architecture: nothing to say
+
+
+def test_new_head_copies_come_from_the_named_clip_when_it_fits():
+    from modules.tiny_clip import tiny_state_dict
+
+    checkpoint = _tiny_checkpoint(scale=2.0)
+    clip = clip_weights.clip_for_checkpoint("tiny-random-ViT/16", checkpoint, "ckpt", copies_from_clip=True)
+    pristine = tiny_state_dict("tiny-random-ViT/16")
+    assert all(torch.equal(clip[k], pristine[k]) for k in pristine)  # as the original: the CLIP file's text tower
+    own = clip_weights.clip_for_checkpoint("ViT-B/32", checkpoint, "ckpt", copies_from_clip=True)
+    assert torch.equal(own["positional_embedding"], checkpoint["clip.positional_embedding"])
+
+
+def test_checkpoint_lacking_clip_weights_names_what_it_lacks(monkeypatch, tmp_path):
+    monkeypatch.setattr(clip_weights, "WEIGHTS_DIR", tmp_path)  # ViT-B/32's file is absent
+    with pytest.raises(UsageError) as none:
+        clip_weights.clip_for_checkpoint("ViT-B/32", {"image_adapter.w": torch.zeros(1)}, "--init_model a.bin")
+    assert str(none.value).startswith("--init_model a.bin holds no complete CLIP (none at all); pass --pretrained_clip")
+    assert "ViT-B/32 not found" in str(none.value) and "\n" not in str(none.value)
+    partial = _tiny_checkpoint()
+    del partial["clip.ln_final.bias"], partial["clip.text_projection"]
+    with pytest.raises(UsageError, match=r"only some: it lacks ln_final.bias, text_projection\)"):
+        clip_weights.clip_for_checkpoint("ViT-B/32", partial, "--init_model a.bin")
+    filled = clip_weights.clip_for_checkpoint("tiny-random-ViT/16", partial, "--init_model a.bin")
+    assert "text_projection" in filled  # the named CLIP supplies what the checkpoint lacks
+
+
+def test_self_contained_checkpoint_needs_no_clip_file_for_its_image_size(tmp_path):
+    path = tmp_path / "ckpt.bin"
+    torch.save({**_tiny_checkpoint(), "transformerClip.w": torch.zeros(1)}, path)
+    assert clip_weights.checkpoint_image_resolution(path) == 64
+    torch.save({"image_adapter.w": torch.zeros(1)}, path)
+    assert clip_weights.checkpoint_image_resolution(path) is None
