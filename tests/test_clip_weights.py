@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_clip_state_dict
@@ -16,6 +19,8 @@ from modules import clip_weights
 from modules.clip_weights import load_clip_state_dict, load_state_dict_file, weight_file_format
 from modules.module_clip import CLIP, build_model
 from util import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_texts(lengths: list[int]) -> torch.Tensor:
@@ -263,3 +268,57 @@ def test_self_contained_checkpoint_needs_no_clip_file_for_its_image_size(tmp_pat
     assert clip_weights.checkpoint_image_resolution(path) == 64
     torch.save({"image_adapter.w": torch.zeros(1)}, path)
     assert clip_weights.checkpoint_image_resolution(path) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the formats people have, through the command lines
+
+
+def _write_open_clip(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """open_clip's training checkpoint layout: DDP prefix, model name, epoch."""
+    torch.save(
+        {"epoch": 1, "name": "ViT-B-16-quickgelu", "state_dict": {"module." + k: v for k, v in state.items()}}, path
+    )
+    return path
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    _run("preprocess/make_synthetic_dataset.py", "--output_dir", str(out), "--datasets", "msrvtt", "--seed", "0",
+         "--num_train", "8", "--num_test", "4", "--num_val", "2")  # fmt: skip
+    return out / "msrvtt"
+
+
+@pytest.mark.parametrize("fmt", ["transformers", "open_clip"])
+def test_clip_of_another_format_trains_and_indexes(tmp_path, tiny_data, fmt):
+    from modules.clip_formats import write_hf_clip
+    from modules.tiny_clip import tiny_state_dict
+
+    tiny = tiny_state_dict("tiny-random-ViT/16")
+    if fmt == "transformers":
+        write_hf_clip(tmp_path / "hf", tiny)
+        clip = tmp_path / "hf"
+    else:
+        clip = _write_open_clip(tmp_path / "open_clip.pt", tiny)
+    m = tiny_data
+    _run(
+        "main_task_retrieval.py", "--do_train", "--epochs", "1", "--batch_size", "8",
+        "--train_csv", str(m / "MSRVTT_train.9k.csv"), "--val_csv", str(m / "MSRVTT_JSFUSION_test.csv"),
+        "--data_path", str(m / "MSRVTT_data.json"), "--features_path", str(m / "videos"), "--num_thread_reader", "0",
+        "--pretrained_clip_name", str(clip), "--max_words", "16", "--max_frames", "2", "--batch_size_val", "16", "--loose_type",
+        "--output_dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert (tmp_path / "run/pytorch_model.bin.0").is_file()
+    for index, name in (("ours", str(clip)), ("named", "tiny-random-ViT/16")):
+        _run("retrieve.py", "index", "--videos", str(m / "videos"), "--index", str(tmp_path / index),
+             "--pretrained_clip_name", name, "--max_frames", "2", "--num_workers", "0")  # fmt: skip
+    # The converted weights are the tiny CLIP's: the same embeddings as the named model, to fp32 rounding.
+    ours, named = (np.load(next((tmp_path / index).glob("embeddings-*.npy"))) for index in ("ours", "named"))
+    np.testing.assert_allclose(ours, named, atol=1e-5)
