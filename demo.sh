@@ -109,4 +109,4 @@ echo "== evaluating $RUN/pytorch_model.bin.$LAST on the order-dependent test cap
     --val_csv "$MSRVTT/MSRVTT_JSFUSION_test_order.csv" --init_model "$RUN/pytorch_model.bin.$LAST" \
     --output_dir "$RUN/order" > "$RUN/order_eval.log" 2>&1 || { cat "$RUN/order_eval.log"; exit 1; }
 
-"$PYTHON" preprocess/demo_table.py "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json"
+"$PYTHON" preprocess/demo_table.py "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json" --tuning "$TUNING"
