@@ -119,4 +119,4 @@ printf '#!/usr/bin/env bash\n# Written by demo.sh: evaluate %s, write %s/eval/ev
     "$RUN/pytorch_model.bin.$LAST" "$RUN" "$PWD" "$(printf '%q ' "${EVAL[@]}")" > "$RUN/eval.sh"
 echo "== evaluate it again, with its report: bash $RUN/eval.sh"
 
-"$PYTHON" preprocess/demo_table.py "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json"
+"$PYTHON" preprocess/demo_table.py "$RUN/metrics_epoch$LAST.json" "$RUN/order/metrics_eval.json" --tuning "$TUNING"

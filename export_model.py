@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from modules.clip_formats import read_clip_weights, write_exported, write_hf_clip
+from modules.clip_formats import write_exported, write_hf_clip
+from modules.clip_weights import load_clip_state_dict
 from modules.modeling import implied_by_state_dict
-from modules.module_clip import CLIP, clip_config_from_state_dict
+from modules.module_clip import clip_config_from_state_dict
 from util import UsageError, read_state_dict
 
 CLIP_PREFIX = "clip."
@@ -48,19 +49,13 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def clip_weights(name: str) -> dict[str, torch.Tensor]:
-    """CLIP weights by name or path, in any format this project reads."""
-    weights = read_clip_weights(name)
-    return weights if weights is not None else CLIP.get_config(name)
-
-
 def complete_checkpoint(state: dict[str, torch.Tensor], clip_name: str | None, where: str) -> dict[str, torch.Tensor]:
     """The checkpoint with every CLIP weight: its own, else those of ``clip_name`` under the ``clip.`` prefix."""
     if any(k.startswith(CLIP_PREFIX) for k in state):
         return state
     if clip_name is None:
         raise UsageError(f"--init_model {where}: holds no CLIP weights ('clip.*'); give --pretrained_clip_name")
-    clip = clip_weights(clip_name)
+    clip = load_clip_state_dict(clip_name)
     return {**state, **{CLIP_PREFIX + k: v for k, v in clip.items() if k not in _CLIP_EXTRAS}}
 
 

@@ -14,7 +14,7 @@ import util
 from dataloaders.data_dataloaders import DataConfig
 from dataloaders.sampling import VideoSampling
 from modules.clip_names import TINY_MODELS, available_models
-from modules.clip_weights import load_state_dict_file
+from modules.clip_weights import checkpoint_image_resolution, load_state_dict_file
 from modules.modeling import CLIP4ClipConfig
 from modules.module_clip import clip_config_from_state_dict
 from util import UsageError
@@ -87,7 +87,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         max_frames=args.max_frames,
         feature_framerate=args.feature_framerate,
         slice_framepos=args.slice_framepos,
-        image_resolution=clip_image_resolution(args.pretrained_clip_name),
+        image_resolution=clip_image_resolution(args.pretrained_clip_name, args.init_model),
         frame_order=args.train_frame_order,
     )
     return RunConfig(
@@ -101,8 +101,12 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def clip_image_resolution(pretrained_clip_name: str) -> int:
-    """The frame size the CLIP weights take, known before the model is built so the loaders need not wait."""
+def clip_image_resolution(pretrained_clip_name: str, init_model: str | None = None) -> int:
+    """The frame size the CLIP weights take, known before the model is built so the loaders need not wait: the
+    checkpoint's own when it holds every CLIP weight (the model is then built on them), else the named CLIP's."""
+    own = checkpoint_image_resolution(init_model) if init_model is not None else None
+    if own is not None:
+        return own
     if pretrained_clip_name in TINY_MODELS:
         return TINY_MODELS[pretrained_clip_name]["image_resolution"]
     if pretrained_clip_name in available_models():
@@ -130,12 +134,12 @@ def _need(path: str | None, flag: str, kind: str = "file") -> None:
 
 def check_paths(args: argparse.Namespace) -> None:
     """Every input path exists, so a typo fails in a second, not after the model is built."""
-    if args.pretrained_clip_name not in available_models() and not os.path.isfile(args.pretrained_clip_name):
+    if args.pretrained_clip_name not in available_models() and not os.path.exists(args.pretrained_clip_name):
         raise UsageError(
             f"--pretrained_clip_name {args.pretrained_clip_name}: neither a known name "
-            f"({', '.join(available_models())}) nor an existing file"
+            f"({', '.join(available_models())}) nor an existing file or folder"
         )
-    if args.init_model is not None:
+    if args.init_model is not None and not os.path.isdir(args.init_model):  # a folder: an exported model
         _need(args.init_model, "--init_model")
     elif args.do_eval and not args.do_train:
         logger.warning("--do_eval without --init_model evaluates the untrained CLIP4Clip initialisation")

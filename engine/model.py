@@ -7,9 +7,9 @@ import logging
 
 import torch
 
-import util
 from engine.config import RunConfig
 from engine.context import RunContext
+from modules.clip_formats import read_checkpoint
 from modules.modeling import ADAPTER_PREFIXES, CLIP4Clip, CLIP4ClipConfig, freeze_clip_layers, implied_by_state_dict
 from modules.optimization import BertAdam
 from util import UsageError
@@ -40,7 +40,7 @@ def init_model(config: RunConfig, context: RunContext) -> CLIP4Clip:
     """The run's model: CLIP, then ``--init_model`` over it, frozen below ``--freeze_layer_num``. Evaluating a
     checkpoint as another head is refused."""
     path = config.run.init_model
-    state_dict = util.read_state_dict(path, "--init_model") if path else None
+    state_dict = read_checkpoint(path, "--init_model") if path else None
     tuning = resolve_tuning(config.run.tuning, path, state_dict)
     model_config = dataclasses.replace(config.model, tuning=tuning, precision=context.precision)
     if state_dict is not None and not config.run.do_train:

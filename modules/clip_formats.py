@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from util import UsageError, atomic_path
+from modules.clip_archive import is_torchscript_archive
+from util import UsageError, atomic_path, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,10 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever a damaged or hostile file raises, the user needs the same one line
         first = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{path}: cannot read as a torch.save file with weights only ({first})") from None
+        raise UsageError(
+            f"cannot read CLIP weights from {path} ({first}): expected a torch.save file (read with weights only); "
+            f"it may be truncated or corrupt"
+        ) from None
 
 
 # Keys by which open_clip variants that OpenAI's CLIP cannot represent show themselves.
@@ -392,13 +395,6 @@ def read_open_clip(path: str | Path) -> StateDict:
     return _check_openai_layout(path, _open_clip_state(path, obj))
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.split("/")[1:2] == ["code"] for n in archive.namelist())
-
-
 def read_clip_weights(path: str | Path) -> StateDict | None:
     """OpenAI-keyed CLIP weights from a transformers folder, an open_clip checkpoint, a safetensors file or a plain
     state dict; None when ``path`` is no existing file or folder, or is a TorchScript archive (OpenAI's ``.pt``)."""
@@ -407,7 +403,7 @@ def read_clip_weights(path: str | Path) -> StateDict | None:
         if not is_hf_clip_folder(path):
             raise UsageError(f"{path}: a folder, but no config.json of a transformers CLIP in it or its sub-folders")
         return read_hf_clip(path)
-    if not path.is_file() or _is_torchscript(path):
+    if not path.is_file() or is_torchscript_archive(path):
         return None
     return read_open_clip(path)
 
@@ -439,6 +435,17 @@ def read_exported(folder: str | Path) -> tuple[StateDict, dict[str, Any]]:
             f"{folder / 'config.json'}: format_version {config.get('format_version')!r}, this code reads {EXPORT_VERSION}"
         )
     return read_safetensors(folder / "model.safetensors"), config
+
+
+def read_checkpoint(path: str | Path, flag: str) -> StateDict:
+    """A CLIP4Clip checkpoint's state dict: a folder :func:`write_exported` wrote, or a torch.save file."""
+    if Path(path).is_dir():
+        if not is_exported_folder(path):
+            raise UsageError(
+                f"{flag} {path}: a folder, but not one export_model.py wrote (config.json, format clip4clip)"
+            )
+        return read_exported(path)[0]
+    return read_state_dict(path, flag)
 
 
 def write_hf_clip(folder: str | Path, clip_state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from modules.clip_weights import clip_for_checkpoint
 from modules.module_adapter import Our_tuning_for_transformer
 from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
 from modules.module_cross import CrossConfig, CrossModel
@@ -192,7 +193,10 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         checkpoint_name: str = "the checkpoint",
         **kwargs,
     ) -> CLIP4ClipPreTrainedModel:
-        """Load CLIP (``task_config.pretrained_clip_name``), build the model, initialise the heads, load weights.
+        """Load CLIP, build the model, initialise the heads, load weights.
+
+        CLIP is ``task_config.pretrained_clip_name``, unless ``state_dict`` holds every CLIP weight: then the model
+        is built on those, its architecture read off their shapes (see :func:`clip_for_checkpoint`).
 
         ``task_config`` (keyword only) is a :class:`CLIP4ClipConfig` or the original's argument namespace.
         ``state_dict`` (the ``--init_model`` checkpoint) wins over the CLIP file key by key; a checkpoint that
@@ -204,7 +208,9 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
             )
         config = CLIP4ClipConfig.from_args(task_config)
         checkpoint = dict(state_dict) if state_dict is not None else {}
-        clip_state_dict = CLIP.get_config(config.pretrained_clip_name)
+        clip_state_dict = clip_for_checkpoint(
+            config.pretrained_clip_name, state_dict, checkpoint_name, _copies_from_clip(config, checkpoint)
+        )
         merged = dict(checkpoint)
         for key, val in clip_state_dict.items():
             merged.setdefault("clip." + key, val.clone())
@@ -227,6 +233,16 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         return cls.from_pretrained(
             "cross-base", state_dict=state_dict, task_config=config, checkpoint_name=checkpoint_name
         )
+
+
+def _copies_from_clip(config: CLIP4ClipConfig, checkpoint: Mapping[str, torch.Tensor]) -> bool:
+    """Whether loading initialises a head the checkpoint lacks from CLIP's text tower (see
+    :func:`_add_initialisation_copies`)."""
+    if config.sim_header == "tightTransf":
+        return not any("cross.transformer" in key for key in checkpoint)
+    if config.sim_header in ("seqLSTM", "seqTransf"):
+        return not any("frame_position_embeddings" in key for key in checkpoint)
+    return False
 
 
 def _preview(keys: list[str], limit: int = 6) -> str:

@@ -10,15 +10,18 @@ import argparse
 import json
 from pathlib import Path
 
+# Said in the title when stage 2 did not fine-tune CLIP itself.
+TUNING_NOTES = {"unipt": " with UniPT (CLIP frozen, adapters trained)"}
 
-def table(test_path: Path, order_path: Path) -> str:
-    """The markdown table, headed by the run's head name (read from the test record)."""
+
+def table(test_path: Path, order_path: Path, tuning: str = "full") -> str:
+    """The markdown table, headed by the run's head name (read from the test record) and, for UniPT, the tuning."""
     rows = [
         ("test (all captions)", json.loads(test_path.read_text())),
         ("test, order-dependent only", json.loads(order_path.read_text())),
     ]
     lines = [
-        f"\n== CLIP4Clip {rows[0][1]['sim_header']}, text-to-video, last epoch of stage 2",
+        f"\n== CLIP4Clip {rows[0][1]['sim_header']}{TUNING_NOTES.get(tuning, '')}, text-to-video, last epoch of stage 2",
         f"| {'split':<27}| videos | chance R@1 | R@1   | R@5   | R@10  | MdR  | MnR  |",
         f"|{'-' * 28}|--------|------------|-------|-------|-------|------|------|",
     ]
@@ -35,8 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("test_json", type=Path, help="metrics_epoch<last>.json of the run")
     parser.add_argument("order_json", type=Path, help="metrics_eval.json of the order-dependent evaluation")
+    parser.add_argument("--tuning", default="full", help="stage 2's --tuning (full or unipt)")
     args = parser.parse_args()
-    print(table(args.test_json, args.order_json))
+    print(table(args.test_json, args.order_json, args.tuning))
 
 
 if __name__ == "__main__":

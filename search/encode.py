@@ -24,18 +24,19 @@ from tqdm import tqdm
 from dataloaders.dataset_util import encode_caption
 from dataloaders.rawvideo_util import RawVideoExtractor
 from dataloaders.sampling import VideoSampling
+from modules.clip_formats import read_checkpoint as read_model_checkpoint
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig
 from modules.tokenization_clip import SimpleTokenizer
 from search.index import DAMAGED, Index
 from search.settings import ModelSpec, Weights
-from util import UsageError, default_device, read_state_dict
+from util import UsageError, default_device
 
 TEXT_BATCH = 256  # texts per forward pass: a query file of any length fits in memory
 
 
 def read_checkpoint(path: str | None) -> dict[str, torch.Tensor] | None:
-    """The ``--init_model`` state dict, or None without one."""
-    return read_state_dict(path, "--init_model") if path is not None else None
+    """The ``--init_model`` state dict (a checkpoint file or an exported folder), or None without one."""
+    return read_model_checkpoint(path, "--init_model") if path is not None else None
 
 
 def load_model(
@@ -80,7 +81,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 def index_model(index: Index, index_dir: str | Path, weights: Weights, max_words: int) -> CLIP4Clip:
     """The model that built ``index`` (weights moved since: pass their new place); refuses any other model."""
     spec = index.settings.model.with_weights(weights)
-    if spec.init_model and not Path(spec.init_model).is_file():
+    if spec.init_model and not Path(spec.init_model).exists():
         raise UsageError(
             f"checkpoint {spec.init_model}, which built {index_dir}, not found; pass its new location with --init_model"
         )

@@ -46,7 +46,7 @@ class ModelSpec:
             spec = replace(spec, init_model=str(Path(weights.init_model).resolve()))
         name = weights.pretrained_clip_name
         if name:
-            spec = replace(spec, pretrained_clip_name=str(Path(name).resolve()) if Path(name).is_file() else name)
+            spec = replace(spec, pretrained_clip_name=str(Path(name).resolve()) if Path(name).exists() else name)
         return spec
 
     def describe(self) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_clip_state_dict
@@ -16,6 +19,8 @@ from modules import clip_weights
 from modules.clip_weights import load_clip_state_dict, load_state_dict_file, weight_file_format
 from modules.module_clip import CLIP, build_model
 from util import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_texts(lengths: list[int]) -> torch.Tensor:
@@ -134,9 +139,11 @@ def test_torchscript_and_plain_files_load_identically(tmp_path):
     torch.save({"state_dict": sd, "epoch": 3}, wrapped_file)
 
     loaded = [CLIP.get_config(str(f)) for f in (jit_file, plain_file, wrapped_file)]
+    weights = {k for k in sd if k not in ("input_resolution", "context_length", "vocab_size")}
+    assert loaded[0].keys() == sd.keys()  # the archive as torch.jit.load gives it
     for d in loaded:
-        assert d.keys() == sd.keys()
-        assert all(torch.equal(d[k], sd[k]) for k in sd)
+        assert d.keys() - weights <= {"input_resolution", "context_length", "vocab_size"} and weights <= d.keys()
+        assert all(torch.equal(d[k], sd[k]) for k in weights)
 
     ids = make_texts([5, 9])
     image = images(2, 32)
@@ -180,7 +187,7 @@ def test_name_and_file_errors_are_one_usage_line(tmp_path, monkeypatch, tiny_cli
 
     not_dict = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], not_dict)
-    with pytest.raises(UsageError, match="list.pt does not hold a CLIP state dict"):
+    with pytest.raises(UsageError, match="list.pt: expected a state dict"):
         CLIP.get_config(str(not_dict))
 
 
@@ -201,3 +208,117 @@ def test_known_name_reads_its_file_from_weights_dir(tmp_path, monkeypatch, tiny_
     loaded = CLIP.get_config("ViT-B/16")
     assert loaded.keys() == tiny_clip_state_dict.keys()
     assert all(torch.equal(loaded[k], tiny_clip_state_dict[k]) for k in loaded)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# which CLIP a CLIP4Clip checkpoint is built on
+
+
+def _tiny_checkpoint(scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A CLIP4Clip-style checkpoint holding every weight of the tiny CLIP (scaled, so its values are its own)."""
+    from modules.tiny_clip import tiny_state_dict
+
+    return {"clip." + k: v * scale for k, v in tiny_state_dict("tiny-random-ViT/16").items()}
+
+
+def _unreadable(name: str):
+    raise AssertionError(f"read {name}")
+
+
+def test_self_contained_checkpoint_is_built_on_its_own_clip(monkeypatch, caplog):
+    checkpoint = _tiny_checkpoint(scale=2.0)
+    monkeypatch.setattr(clip_weights, "load_clip_state_dict", _unreadable)  # the named CLIP is never read
+    clip = clip_weights.clip_for_checkpoint("ViT-B/32", checkpoint, "ckpt.bin")
+    assert clip.keys() == {k[len("clip.") :] for k in checkpoint}
+    assert all(torch.equal(clip[k[len("clip.") :]], v) for k, v in checkpoint.items())
+    assert "ckpt.bin holds its own CLIP, not ViT-B/32 (another architecture)" in caplog.text
+    caplog.clear()
+    clip_weights.clip_for_checkpoint("tiny-random-ViT/16", checkpoint, "ckpt.bin")
+    assert caplog.text == ""  # the same architecture: nothing to say
+
+
+def test_new_head_copies_come_from_the_named_clip_when_it_fits():
+    from modules.tiny_clip import tiny_state_dict
+
+    checkpoint = _tiny_checkpoint(scale=2.0)
+    clip = clip_weights.clip_for_checkpoint("tiny-random-ViT/16", checkpoint, "ckpt", copies_from_clip=True)
+    pristine = tiny_state_dict("tiny-random-ViT/16")
+    assert all(torch.equal(clip[k], pristine[k]) for k in pristine)  # as the original: the CLIP file's text tower
+    own = clip_weights.clip_for_checkpoint("ViT-B/32", checkpoint, "ckpt", copies_from_clip=True)
+    assert torch.equal(own["positional_embedding"], checkpoint["clip.positional_embedding"])
+
+
+def test_checkpoint_lacking_clip_weights_names_what_it_lacks(monkeypatch, tmp_path):
+    monkeypatch.setattr(clip_weights, "WEIGHTS_DIR", tmp_path)  # ViT-B/32's file is absent
+    with pytest.raises(UsageError) as none:
+        clip_weights.clip_for_checkpoint("ViT-B/32", {"image_adapter.w": torch.zeros(1)}, "--init_model a.bin")
+    assert str(none.value).startswith("--init_model a.bin holds no complete CLIP (none at all); pass --pretrained_clip")
+    assert "ViT-B/32 not found" in str(none.value) and "\n" not in str(none.value)
+    partial = _tiny_checkpoint()
+    del partial["clip.ln_final.bias"], partial["clip.text_projection"]
+    with pytest.raises(UsageError, match=r"only some: it lacks ln_final.bias, text_projection\)"):
+        clip_weights.clip_for_checkpoint("ViT-B/32", partial, "--init_model a.bin")
+    filled = clip_weights.clip_for_checkpoint("tiny-random-ViT/16", partial, "--init_model a.bin")
+    assert "text_projection" in filled  # the named CLIP supplies what the checkpoint lacks
+
+
+def test_self_contained_checkpoint_needs_no_clip_file_for_its_image_size(tmp_path):
+    path = tmp_path / "ckpt.bin"
+    torch.save({**_tiny_checkpoint(), "transformerClip.w": torch.zeros(1)}, path)
+    assert clip_weights.checkpoint_image_resolution(path) == 64
+    torch.save({"image_adapter.w": torch.zeros(1)}, path)
+    assert clip_weights.checkpoint_image_resolution(path) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the formats people have, through the command lines
+
+
+def _write_open_clip(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """open_clip's training checkpoint layout: DDP prefix, model name, epoch."""
+    torch.save(
+        {"epoch": 1, "name": "ViT-B-16-quickgelu", "state_dict": {"module." + k: v for k, v in state.items()}}, path
+    )
+    return path
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    _run("preprocess/make_synthetic_dataset.py", "--output_dir", str(out), "--datasets", "msrvtt", "--seed", "0",
+         "--num_train", "8", "--num_test", "4", "--num_val", "2")  # fmt: skip
+    return out / "msrvtt"
+
+
+@pytest.mark.parametrize("fmt", ["transformers", "open_clip"])
+def test_clip_of_another_format_trains_and_indexes(tmp_path, tiny_data, fmt):
+    from modules.clip_formats import write_hf_clip
+    from modules.tiny_clip import tiny_state_dict
+
+    tiny = tiny_state_dict("tiny-random-ViT/16")
+    if fmt == "transformers":
+        write_hf_clip(tmp_path / "hf", tiny)
+        clip = tmp_path / "hf"
+    else:
+        clip = _write_open_clip(tmp_path / "open_clip.pt", tiny)
+    m = tiny_data
+    _run(
+        "main_task_retrieval.py", "--do_train", "--epochs", "1", "--batch_size", "8",
+        "--train_csv", str(m / "MSRVTT_train.9k.csv"), "--val_csv", str(m / "MSRVTT_JSFUSION_test.csv"),
+        "--data_path", str(m / "MSRVTT_data.json"), "--features_path", str(m / "videos"), "--num_thread_reader", "0",
+        "--pretrained_clip_name", str(clip), "--max_words", "16", "--max_frames", "2", "--batch_size_val", "16", "--loose_type",
+        "--output_dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert (tmp_path / "run/pytorch_model.bin.0").is_file()
+    for index, name in (("ours", str(clip)), ("named", "tiny-random-ViT/16")):
+        _run("retrieve.py", "index", "--videos", str(m / "videos"), "--index", str(tmp_path / index),
+             "--pretrained_clip_name", name, "--max_frames", "2", "--num_workers", "0")  # fmt: skip
+    # The converted weights are the tiny CLIP's: the same embeddings as the named model, to fp32 rounding.
+    ours, named = (np.load(next((tmp_path / index).glob("embeddings-*.npy"))) for index in ("ours", "named"))
+    np.testing.assert_allclose(ours, named, atol=1e-5)

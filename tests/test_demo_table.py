@@ -23,3 +23,12 @@ def test_table_rows_and_chance(tmp_path):
     # chance R@1 is 100 / videos: 1.0 for 100 videos, 2.0 for 50
     assert cells[0] == ["test (all captions)", "100", "1.0", "41.0", "77.5", "88.2", "2.0", "6.1"]
     assert cells[1] == ["test, order-dependent only", "50", "2.0", "38.0", "70.0", "80.0", "3.5", "12.0"]
+
+
+def test_unipt_stage_two_is_named_in_the_title(tmp_path):
+    test = write(tmp_path / "test.json", 100, 41.0, 77.5, 88.25, 2.0, 6.125)
+    title = table(test, test, tuning="unipt").splitlines()[1]
+    assert (
+        title
+        == "== CLIP4Clip seqTransf with UniPT (CLIP frozen, adapters trained), text-to-video, last epoch of stage 2"
+    )
