@@ -156,10 +156,13 @@ table.metrics { border-collapse: collapse; margin: 8px 0 16px; }
 table.metrics th, table.metrics td { border: 1px solid #d4d4d8; padding: 4px 10px; text-align: right; }
 table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
 .caption { margin: 18px 0 6px; font-size: 15px; }
-.row { display: flex; gap: 10px; flex-wrap: wrap; }
-.video { font-size: 12px; width: 200px; }
-.video img { width: 200px; display: block; border-radius: 4px; }
-.right { outline: 3px solid #16a34a; outline-offset: 2px; border-radius: 4px; }
+/* A caption's videos stay on one row: the tiles shrink together in a narrow window instead of wrapping. */
+.row { display: flex; gap: 8px; }
+.video { font-size: 12px; flex: 0 1 212px; min-width: 0; overflow-wrap: anywhere; padding: 3px;
+         border: 3px solid transparent; border-radius: 6px; }
+.video img { width: 100%; display: block; border-radius: 3px; }
+/* A border, unlike an outline, takes its own space, so the green frame never lies over the label. */
+.video.right { border-color: #16a34a; }
 .muted { color: #71717a; }
 """
 
@@ -177,12 +180,10 @@ def _metric_table(metrics: dict[str, dict]) -> str:
 
 def _video_tile(j: int, score: float, name: str, thumb: str | None, right: bool) -> str:
     picture = (
-        f'<img src="{thumb}" alt="frames of {html.escape(name)}"' + (' class="right"' if right else "") + ">"
-        if thumb
-        else '<div class="muted">(no frames)</div>'
+        f'<img src="{thumb}" alt="frames of {html.escape(name)}">' if thumb else '<div class="muted">(no frames)</div>'
     )
     return (
-        f'<div class="video" data-video="{j}">{picture}<div>{html.escape(name)}'
+        f'<div class="video{" right" if right else ""}" data-video="{j}">{picture}<div>{html.escape(name)}'
         f'{" (right video)" if right else ""}</div><div class="muted">score {score:.2f}</div></div>'
     )
 

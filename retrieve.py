@@ -180,10 +180,12 @@ def _printable(text: str) -> str:
 
 
 def _print_table(title: str, results: list[dict], column: str) -> None:
+    """Ranked results as text; a video's index id is shown because ``search --video ID`` takes it."""
+    ids = bool(results) and "id" in results[0]
     print(_printable(title))
-    print(f"  {'rank':>4}  {'score':>8}  {column}")
+    print(f"  {'rank':>4}  {'score':>8}  " + (f"{'id':>5}  " if ids else "") + column)
     for r in results:
-        print(f"  {r['rank']:>4}  {r['score']:>8.3f}  {_printable(r[column])}")
+        print(f"  {r['rank']:>4}  {r['score']:>8.3f}  " + (f"{r['id']:>5}  " if ids else "") + _printable(r[column]))
 
 
 def _weights(args: argparse.Namespace):

@@ -5,10 +5,13 @@
 # Extra arguments are passed through and win over the ones below, e.g.
 #   ./train_msrvtt_tuning.sh --epochs 1 --precision bf16
 #   TUNING=full ./train_msrvtt_tuning.sh
+# On one GPU (the same global batch of 128; if it does not fit, add --gradient_accumulation_steps 4):
+#   GPUS=1 ./train_msrvtt_tuning.sh
+# Videos: preprocess/compress_video.py's output in $DATA_PATH/Compress_Videos when it is there, else the archive's
+# videos in $DATA_PATH/MSRVTT_Videos (the layout of README's Data section); VIDEO_DIR=... picks another folder.
 set -euo pipefail
 
 DATA_PATH=${DATA_PATH:-datasets/MSRVTT}      # MSRVTT_data.json, the split CSVs, and the videos folder
-VIDEO_DIR=${VIDEO_DIR:-${DATA_PATH}/Compress_Videos}  # preprocess/compress_video.py output (or MSRVTT_Videos)
 GPUS=${GPUS:-4}                              # processes on this node, one per GPU; --batch_size is split over them
 SIM_ENC=${SIM_ENC:-meanP}                    # meanP | seqLSTM | seqTransf | tightTransf
 CLIP_NAME=${CLIP_NAME:-ViT-B/32}             # ViT-B/32 | ViT-B/16 (modules/ViT-B-*.pt) or a weights file
@@ -17,7 +20,16 @@ SAVE_NAME=${SAVE_NAME:-${TUNING}_msrvtt}
 OUTPUT_DIR=${OUTPUT_DIR:-ckpts/${SAVE_NAME}}
 MASTER_PORT=${MASTER_PORT:-10000}
 
-cd "$(dirname "$0")"
+cd "$(dirname "$0")"  # relative paths are the checkout's
+if [[ -z "${VIDEO_DIR:-}" ]]; then
+  VIDEO_DIR=${DATA_PATH}/Compress_Videos
+  [[ -d "${VIDEO_DIR}" ]] || VIDEO_DIR=${DATA_PATH}/MSRVTT_Videos
+fi
+if [[ ! -d "${VIDEO_DIR}" ]]; then
+  echo "$(basename "$0"): error: no video folder ${VIDEO_DIR} (expected ${DATA_PATH}/Compress_Videos or" \
+    "${DATA_PATH}/MSRVTT_Videos; set DATA_PATH or VIDEO_DIR)" >&2
+  exit 2
+fi
 
 torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" \
   main_task_retrieval.py --do_train --num_thread_reader=4 \

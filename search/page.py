@@ -22,6 +22,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
@@ -60,6 +61,26 @@ def bound_hosts(host: str) -> frozenset[str]:
     return frozenset((*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host))
 
 
+# Codecs (cv2's FOURCC, upper case) that browsers decode: H.264, VP8, VP9, AV1, Theora. The container alone says
+# nothing: cv2's "mp4v" writes MPEG-4 Part 2 ("FMP4") into an .mp4, which no current browser plays.
+BROWSER_CODECS = {"AVC1", "AVC3", "H264", "X264", "VP80", "VP90", "AV01", "THEO"}
+
+
+def video_codec(path: Path) -> str:
+    """The FOURCC of the file's video stream as cv2 reports it ("" when it cannot be read)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 crashes cv2; unknown codec, so the page offers the file
+        return ""
+    capture = cv2.VideoCapture(name)
+    try:
+        code = int(capture.get(cv2.CAP_PROP_FOURCC)) if capture.isOpened() else 0
+    finally:
+        capture.release()
+    return code.to_bytes(4, "little").decode("latin-1").strip("\0 ").upper() if code > 0 else ""
+
+
 class SearchState:
     """What the app holds for its lifetime: the index, its model (loaded once) and where thumbnails are cached."""
 
@@ -69,6 +90,7 @@ class SearchState:
         self.thumb_dir = Path(index_dir) / THUMBS
         self.extractor = frame_reader(model, index.settings.sampling)
         self.real_root = os.path.join(os.path.realpath(index.root), "")
+        self.codecs: dict[int, str] = {}  # row -> FOURCC, probed when a result first shows it
 
     def file(self, row: int) -> Path:
         if not 0 <= row < len(self.index.videos):
@@ -105,7 +127,10 @@ class SearchState:
             rel = self.index.videos[r["id"]]["path"]
             r["name"], r["path"] = shown(rel), shown(r["path"])
             r["missing"] = not self.served(r["id"])
-            r["playable"] = Path(rel).suffix.lower() in PLAYABLE
+            if not r["missing"] and r["id"] not in self.codecs:
+                self.codecs[r["id"]] = video_codec(self.index.root / rel)
+            r["codec"] = self.codecs.get(r["id"], "")
+            r["playable"] = Path(rel).suffix.lower() in PLAYABLE and r["codec"] in BROWSER_CODECS
         return results
 
     def thumbnail(self, row: int) -> bytes | None:
@@ -174,6 +199,7 @@ def create_app(index: Index, index_dir: Path, model, max_words: int = 32, host: 
             "id": id,
             "video": shown(str(path)),
             "name": shown(state.index.videos[id]["path"]),
+            "query_video": state.annotate([{"id": id, "path": str(path)}])[0],
             "results": state.annotate(results),
         }
 

@@ -147,3 +147,63 @@ def test_torn_records_are_left_out_wherever_they_are(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(STEP + '{"event": "st' + "\n" + STEP + "\n" + '{"event"')
     assert eval_report.read_jsonl(path) == [json.loads(STEP)] * 2
+
+
+# ------------------------------------------------------------------------------------------------ in a browser
+
+# Per entry: the tiles' tops, the row's right edge, and for the right video whether its label lies clear of the green
+# frame (inside the tile's border) and below the thumbnails.
+_LAYOUT = """
+return [...document.querySelectorAll('.entry')].map(e => {
+  const tiles = [...e.querySelectorAll('.video')].map(v => v.getBoundingClientRect());
+  const right = e.querySelector('.video.right');
+  const box = right.getBoundingClientRect(), border = parseFloat(getComputedStyle(right).borderTopWidth);
+  const img = right.querySelector('img').getBoundingClientRect();
+  const labels = [...right.querySelectorAll('div')].map(d => d.getBoundingClientRect());
+  return {
+    tops: tiles.map(r => Math.round(r.top)),
+    rowRight: Math.max(...tiles.map(r => r.right)),
+    width: document.documentElement.clientWidth,
+    clear: labels.every(l => l.left >= box.left + border && l.right <= box.right - border
+                             && l.bottom <= box.bottom - border && l.top >= img.bottom),
+    framed: getComputedStyle(right).borderTopColor == 'rgb(22, 163, 74)' && border >= 2,
+  };
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.parametrize("window", [1400, 800, 420])
+def test_a_captions_videos_fit_one_row_and_the_frame_leaves_the_label_clear(tmp_path, browser, window):
+    n = 8
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(n, n))
+    names = [f"video{j}_with_a_rather_long_file_name.mp4" for j in range(n)]
+    out = tmp_path / "eval_report.html"
+    metrics = {"Text-to-Video": {"R1": 0.0, "R5": 0.0, "R10": 0.0, "MR": 1.0, "MeanR": 1.0}}
+    frames = lambda j: np.full((4, 3, 224, 224), 20 * j, dtype=np.uint8)  # noqa: E731
+    eval_report.write_report(out, sim, list(range(n)), [f"caption {i}" for i in range(n)], names, metrics, frames)
+    browser.set_window_size(window, 900)
+    browser.get(out.as_uri())
+    entries = browser.execute_script(_LAYOUT)
+    assert len(entries) == n
+    for e in entries:
+        assert len(e["tops"]) == 1 + eval_report.TOP and len(set(e["tops"])) == 1, e
+        assert e["rowRight"] <= e["width"] and e["clear"] and e["framed"], e

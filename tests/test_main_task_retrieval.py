@@ -492,7 +492,7 @@ def test_eval_report_and_tensorboard(run_a, setup):
     assert page.count("data:image/png;base64,") == 1  # the rank plots; an evaluation-only run has no curves
     ranks = [int(r) for r in re.findall(r'data-rank="(\d+)"', page)]
     assert len(ranks) == 6 and ranks == sorted(ranks, reverse=True)  # every caption of 6, worst first
-    assert page.count('class="right"') == 6 and page.count("data:image/jpeg;base64,") >= 6
+    assert page.count('class="video right"') == 6 and page.count("data:image/jpeg;base64,") >= 6
 
     record = read_metrics(out / "metrics_eval.json")
     assert read_jsonl(out / "metrics.jsonl")[-1]["text_to_video"] == record["text_to_video"]

@@ -161,6 +161,8 @@ def test_search_cli_json_and_table(built, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "query: a red circle" and out[3] == "query: a blue square" and len(out) == 6
     assert out[2].split()[-1] == parsed[0]["results"][0]["path"]
+    # The id column is what ``search --video ID`` takes.
+    assert out[1].split() == ["rank", "score", "id", "path"] and int(out[2].split()[2]) == parsed[0]["results"][0]["id"]
 
 
 def test_captions_ranks_captions_for_indexed_and_new_videos(built, reference, tmp_path, capsys):
@@ -429,6 +431,7 @@ def test_search_video_ranks_the_other_videos_by_the_stored_embeddings(built, tmp
     assert retrieve.main(["search", "--index", str(index_dir), "--video", "1", "--top_k", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"video: {by_id['video']}" and out[2].split()[-1] == by_id["results"][0]["path"]
+    assert int(out[2].split()[2]) == by_id["results"][0]["id"]
     for bad, message in (("7", "the index holds ids 0 to 2"), ("nope.mp4", "neither a video file nor an index id")):
         assert retrieve.main(["search", "--index", str(index_dir), "--video", bad]) == 2
         err = capsys.readouterr().err

@@ -136,6 +136,23 @@ def test_only_indexed_files_by_id_are_served(served):
         assert b"root:" not in body and b"import" not in body
 
 
+def test_playable_means_a_codec_browsers_decode(served):
+    """cv2's "mp4v" writes MPEG-4 Part 2 into an .mp4: the container browsers know, a codec they do not."""
+    found = {r["name"]: r for r in api(served, "/api/search?q=anything&k=10")["results"]}
+    assert (found["a.mp4"]["codec"], found["a.mp4"]["playable"]) == ("FMP4", False)
+    assert (found["play.webm"]["codec"], found["play.webm"]["playable"]) == ("VP80", True)
+    assert found["gone.mp4"]["playable"] is False
+    similar = api(served, f"/api/similar?id={row(served, 'play.webm')}&k=1")
+    assert similar["query_video"] == {
+        "id": row(served, "play.webm"),
+        "path": str(served["root"] / "play.webm"),
+        "name": "play.webm",
+        "missing": False,
+        "codec": "VP80",
+        "playable": True,
+    }
+
+
 def test_a_file_gone_since_indexing_is_shown_missing(served):
     gone = row(served, "gone.mp4")
     found = api(served, "/api/search?q=anything&k=10")
@@ -350,9 +367,56 @@ def test_the_page_in_a_browser(served, browser):
         f"(document.querySelector(\".card[data-id='{playable}'] video\"))",
     )
 
-    # More like this: the page shows retrieve.py search --video's ranking.
+    # An MPEG-4 Part 2 file is not handed to the player: the page says why and offers the file.
+    mp4v = row(served, "a.mp4")
+    browser.find_element(By.CSS_SELECTOR, f".card[data-id='{mp4v}'] .media").click()
+    why = browser.find_element(By.CSS_SELECTOR, f".card[data-id='{mp4v}'] .why")
+    assert why.text == "Browsers do not play MPEG-4 Part 2 (FMP4) video: download the file"
+    link = why.find_element(By.TAG_NAME, "a")
+    assert link.get_attribute("href") == f"{base}/video/{mp4v}" and link.get_attribute("download") == "a.mp4"
+    assert not browser.find_elements(By.CSS_SELECTOR, f".card[data-id='{mp4v}'] video")
+    assert get(served, f"/video/{mp4v}")[1] == (served["root"] / "a.mp4").read_bytes()
+
+    # More like this: the page shows retrieve.py search --video's ranking under the query video, and the box no
+    # longer holds the text it is not showing results for.
     first = card_ids(browser)[0]
-    browser.find_element(By.CSS_SELECTOR, f".card[data-id='{first}'] button.more").click()
-    wait_for(browser, f"location.search == '?similar={first}' && document.querySelectorAll('.card').length == 4")
+    browser.find_element(By.CSS_SELECTOR, f"#results .card[data-id='{first}'] button.more").click()
+    wait_for(
+        browser, f"location.search == '?similar={first}' && document.querySelectorAll('#results .card').length == 4"
+    )
     expected = search_video(served["index_dir"], str(first), top=12)
-    assert card_ids(browser) == [r["id"] for r in expected["results"]]
+    assert card_ids(browser) == [first] + [r["id"] for r in expected["results"]]
+    query_card = browser.find_element(By.CSS_SELECTOR, "#query .card")
+    assert (
+        query_card.is_displayed()
+        and query_card.find_element(By.CSS_SELECTOR, ".meta").text == f"the query video · id {first}"
+    )
+    assert browser.find_element(By.ID, "q").get_attribute("value") == ""
+
+    # Back to the text search: its text returns and the query video goes.
+    browser.back()
+    wait_for(
+        browser, "document.querySelectorAll('#results .card').length == 5 && document.getElementById('query').hidden"
+    )
+    assert browser.find_element(By.ID, "q").get_attribute("value") == QUERY
+
+
+def test_a_narrow_window_keeps_the_search_button(served, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(420, 800)
+    try:
+        browser.get(f"http://127.0.0.1:{served['port']}/")
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        assert width <= 420
+        button = browser.find_element(By.CSS_SELECTOR, "form button")
+        box = browser.find_element(By.ID, "q")
+        for element in (button, box):
+            rect = browser.execute_script("return arguments[0].getBoundingClientRect().toJSON()", element)
+            assert rect["left"] >= 0 and rect["right"] <= width and rect["width"] > 40, rect
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+        box.send_keys(QUERY)
+        button.click()
+        wait_for(browser, "document.querySelectorAll('.card').length == 5")
+    finally:
+        browser.set_window_size(1200, 900)
