@@ -143,8 +143,7 @@ def run_one(args: argparse.Namespace) -> dict:
     return {"step_s": min(times), "peak_bytes": peak, "precision": model.precision}
 
 
-def main(argv: list[str] | None = None) -> dict[bool, dict]:
-    """The table; returns each child's figures by whether it checkpointed."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=None, help="videos per step (default 4 on CPU, 32 on CUDA)")
     parser.add_argument("--frames", type=int, default=12)
@@ -159,47 +158,31 @@ def main(argv: list[str] | None = None) -> dict[bool, dict]:
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 32 if args.device.startswith("cuda") else 4
+    return args
+
+
+def run_child(args: argparse.Namespace, checkpointing: bool) -> dict:
+    """``run_one``'s figures from a fresh subprocess with the same settings."""
+    cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--frames", str(args.frames)]
+    cmd += ["--sim_header", args.sim_header, "--steps", str(args.steps)]
+    cmd += ["--device", args.device, "--precision", args.precision]
     if args.threads:
-        torch.set_num_threads(args.threads)
+        cmd += ["--threads", str(args.threads)]
+    if checkpointing:
+        cmd.append("--checkpointing")
+    if args.toy:
+        cmd.append("--toy")
+    # Every allocation of 64 KiB or more gets its own mapping, so freed tensors leave the RSS at once.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
-    if args.child:
-        print(json.dumps(run_one(args)))
-        return {}
 
-    results = {}
-    for checkpointing in (False, True):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            "--batch",
-            str(args.batch),
-            "--frames",
-            str(args.frames),
-            "--sim_header",
-            args.sim_header,
-            "--steps",
-            str(args.steps),
-            "--device",
-            args.device,
-            "--precision",
-            args.precision,
-        ]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        if checkpointing:
-            cmd.append("--checkpointing")
-        if args.toy:
-            cmd.append("--toy")
-        # Every allocation of 64 KiB or more gets its own mapping, so freed tensors leave the RSS at once.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        results[checkpointing] = json.loads(out.strip().splitlines()[-1])
-
-    plain, ckpt = results[False], results[True]
+def print_table(args: argparse.Namespace, plain: dict, ckpt: dict) -> None:
     memory = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "CPU RSS growth (sampled)"
+    shapes = "tiny CLIP" if args.toy else "ViT-B/32"
     print(
-        f"CLIP4Clip training step, {'tiny CLIP' if args.toy else 'ViT-B/32'} shapes, {args.sim_header}, {args.batch} videos x {args.frames} frames, "
+        f"CLIP4Clip training step, {shapes} shapes, {args.sim_header}, {args.batch} videos x {args.frames} frames, "
         f"{MAX_WORDS} words, device {args.device}, precision {plain['precision']}, threads {torch.get_num_threads()}"
     )
     print(f"{'':24}{'no checkpointing':>18}{'checkpointing':>16}{'ratio':>9}")
@@ -212,6 +195,18 @@ def main(argv: list[str] | None = None) -> dict[bool, dict]:
         f"{ckpt['peak_bytes'] / max(plain['peak_bytes'], 1):>9.2f}"
     )
     print(f"(memory: {memory}, growth during a step over what is held before it: weights, gradients, inputs)")
+
+
+def main(argv: list[str] | None = None) -> dict[bool, dict]:
+    """The table; returns each child's figures by whether it checkpointed."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(run_one(args)))
+        return {}
+    results = {checkpointing: run_child(args, checkpointing) for checkpointing in (False, True)}
+    print_table(args, results[False], results[True])
     return results
 
 

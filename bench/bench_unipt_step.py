@@ -122,8 +122,7 @@ def _child(args: argparse.Namespace, tuning: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict]:
-    """The table; returns each mode's figures ("full", "unipt")."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=None, help="videos per step (default 2 on CPU, 32 on CUDA)")
     parser.add_argument("--frames", type=int, default=12)
@@ -136,14 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 32 if args.device.startswith("cuda") else 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        args.tuning = args.child
-        print(json.dumps(run_one(args)))
-        return {}
+    return args
 
-    full, unipt = _child(args, "full"), _child(args, "unipt")
+
+def print_table(args: argparse.Namespace, full: dict, unipt: dict) -> None:
+    """Both modes side by side with unipt / full ratios against TARGETS, then what unipt saves for backward."""
     mib = 2**20
     memory = "CUDA memory_allocated" if args.device.startswith("cuda") else "CPU RSS (sampled)"
     print(
@@ -183,6 +179,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             f"target missed: {', '.join(missed)}; the tensors above are what unipt's step still holds (its "
             f"frozen towers keep no activations; the adapters keep their ReLU inputs per hidden state)"
         )
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """The table; returns each mode's figures ("full", "unipt")."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        args.tuning = args.child
+        print(json.dumps(run_one(args)))
+        return {}
+    full, unipt = _child(args, "full"), _child(args, "unipt")
+    print_table(args, full, unipt)
     return {"full": full, "unipt": unipt}
 
 

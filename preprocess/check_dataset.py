@@ -194,12 +194,8 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:LISTED]) + (f", ... ({len(names) - LISTED} more)" if len(names) > LISTED else "")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is shown, not a crash
-    splits = build_splits(args)
-
-    print(f"Data set {args.datatype}: annotations {args.data_path}, videos {args.features_path}")
+def report_splits(splits: list[Split]) -> tuple[list[Request], list[str]]:
+    """Print each split's sample and video counts; returns the videos to decode and the missing ids, deduplicated."""
     requests: dict[Request, None] = {}
     missing: dict[str, None] = {}
     for split in splits:
@@ -214,14 +210,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
         missing.update(dict.fromkeys(ds.missing_videos))
         requests.update(dict.fromkeys(ds.video_requests()))
+    return list(requests), list(missing)
 
-    ordered = list(requests)
-    results = decode_all(ordered, args) if ordered else []
-    files = {path for path, _start, _end in ordered}
-    bad = [(r, res) for r, res in zip(ordered, results) if res["n_frames"] == 0]
+
+def _undecodable_line(bad: list[tuple[Request, dict[str, object]]]) -> str:
+    names = [
+        f"{path}" + (f" [{s}, {e}]" if s is not None else "") + (f" ({res['error']})" if res["error"] else "")
+        for (path, s, e), res in bad
+    ]
+    return "  undecodable (no frame read): " + _listing(names)
+
+
+def report_videos(requests: list[Request], missing: list[str], args: argparse.Namespace) -> int:
+    """Decode every requested video and print the counts, failures and duration/fps statistics; returns #bad."""
+    results = decode_all(requests, args) if requests else []
+    files = {path for path, _start, _end in requests}
+    bad = [(r, res) for r, res in zip(requests, results) if res["n_frames"] == 0]
     durations = {}
     fps = {}
-    for (path, _s, _e), res in zip(ordered, results):
+    for (path, _s, _e), res in zip(requests, results):
         if res["duration"] is not None:
             durations[path] = res["duration"]
         if res["fps"]:
@@ -229,23 +236,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"Videos: {len(files)} found, {len(missing)} missing, {len(bad)} undecodable")
     if missing:
-        print(f"  missing (no file under {args.features_path}): {_listing(list(missing))}")
+        print(f"  missing (no file under {args.features_path}): {_listing(missing)}")
     if bad:
-        print(
-            "  undecodable (no frame read): "
-            + _listing(
-                [
-                    f"{path}"
-                    + (f" [{s}, {e}]" if s is not None else "")
-                    + (f" ({res['error']})" if res["error"] else "")
-                    for (path, s, e), res in bad
-                ]
-            )
-        )
+        print(_undecodable_line(bad))
     print(f"Duration (s): {_stats(list(durations.values()))}")
     print(f"FPS:          {_stats(list(fps.values()))}")
+    return len(bad)
 
-    broken = any(s.error for s in splits) or bool(missing) or bool(bad)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is shown, not a crash
+    splits = build_splits(args)
+
+    print(f"Data set {args.datatype}: annotations {args.data_path}, videos {args.features_path}")
+    requests, missing = report_splits(splits)
+    n_bad = report_videos(requests, missing, args)
+
+    broken = any(s.error for s in splits) or bool(missing) or bool(n_bad)
     print(
         "Result: "
         + (

@@ -309,6 +309,74 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return buffer.getvalue()
 
 
+Split = list[tuple[str, VideoSpec]]  # (video id, spec) in file order
+# Which splits each layout lists; MSR-VTT has no val split (its test split doubles as val).
+LAYOUTS = {"msrvtt": ("train", "test"), "msvd": ("train", "val", "test")}
+
+
+def _check_options(
+    datasets: Sequence[str], num_train: int, num_val: int, num_test: int, size: int, fps: int, seconds: int
+) -> None:
+    unknown = set(datasets) - {"msrvtt", "msvd"}
+    if unknown or not datasets:
+        raise ValueError(f"datasets must be a non-empty subset of msrvtt, msvd; got {list(datasets)}")
+    if seconds < 2 or fps < 1 or size < 32:
+        raise ValueError(f"need seconds >= 2, fps >= 1 and size >= 32; got {seconds}, {fps}, {size}")
+    if min(num_train, num_test) < 1 or num_val < 0 or ("msvd" in datasets and num_val < 1):
+        raise ValueError(
+            f"need num_train, num_test (and num_val for msvd) >= 1; got {num_train}, {num_val}, {num_test}"
+        )
+
+
+def _make_splits(seed: int, counts: dict[str, int], size: int, seconds: int) -> dict[str, Split]:
+    """Specs per split, each from its own seeded stream; ids run on across splits (train, val, test)."""
+    splits: dict[str, Split] = {}
+    next_id = 0
+    for split, n in counts.items():
+        rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
+        specs = make_split(rng, n, size, seconds)
+        ids = [f"video{next_id + i}" for i in range(n)]
+        next_id += n
+        splits[split] = list(zip(ids, specs))
+    return splits
+
+
+def _write_videos(
+    out: Path, splits: dict[str, Split], datasets: Sequence[str], size: int, fps: int
+) -> list[tuple[str, str, VideoSpec, list[Path]]]:
+    """Draw every listed video once and copy it into the other layout; returns (split, id, spec, folders)."""
+    wanted = [
+        (split, vid, spec, [out / name / "videos" for name in datasets if split in LAYOUTS[name]])
+        for split in ("train", "val", "test")
+        for vid, spec in splits[split]
+    ]
+    wanted = [w for w in wanted if w[3]]
+    for folder in {folder for *_, folders in wanted for folder in folders}:
+        folder.mkdir(parents=True, exist_ok=True)
+    for _, vid, spec, (first, *others) in tqdm(wanted, desc="draw videos", unit="video", leave=False):
+        write_video(first / f"{vid}.mp4", spec, size, fps)
+        for folder in others:
+            shutil.copyfile(first / f"{vid}.mp4", folder / f"{vid}.mp4")
+    return wanted
+
+
+def _meta(splits: dict[str, Split], written: Sequence[tuple[str, str, VideoSpec, list[Path]]], **options: int) -> dict:
+    """The metadata file's content: the generation options, then per written video what it shows."""
+    videos = {
+        vid: {
+            "split": split,
+            "kind": spec.kind,
+            "background": spec.background,
+            "objects": [list(o) for o in spec.objects],
+            "motion": spec.motion,
+            "twin": None if spec.twin is None else splits[split][spec.twin][0],
+            "captions": spec.captions,
+        }
+        for split, vid, spec, _ in written
+    }
+    return {**options, "videos": videos}
+
+
 def make_dataset(
     output_dir: Path,
     seed: int = 0,
@@ -321,70 +389,21 @@ def make_dataset(
     datasets: Sequence[str] = ("msrvtt", "msvd"),
 ) -> dict[str, Path]:
     """Write the data set; returns its paths, keyed like the training flags (e.g. ``msrvtt_val_csv``)."""
-    unknown = set(datasets) - {"msrvtt", "msvd"}
-    if unknown or not datasets:
-        raise ValueError(f"datasets must be a non-empty subset of msrvtt, msvd; got {list(datasets)}")
-    if seconds < 2 or fps < 1 or size < 32:
-        raise ValueError(f"need seconds >= 2, fps >= 1 and size >= 32; got {seconds}, {fps}, {size}")
-    if min(num_train, num_test) < 1 or num_val < 0 or ("msvd" in datasets and num_val < 1):
-        raise ValueError(
-            f"need num_train, num_test (and num_val for msvd) >= 1; got {num_train}, {num_val}, {num_test}"
-        )
-
-    counts = {"train": num_train, "val": num_val, "test": num_test}
-    splits: dict[str, list[tuple[str, VideoSpec]]] = {}
-    next_id = 0
-    for split, n in counts.items():
-        rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
-        specs = make_split(rng, n, size, seconds)
-        ids = [f"video{next_id + i}" for i in range(n)]
-        next_id += n
-        splits[split] = list(zip(ids, specs))
-
+    _check_options(datasets, num_train, num_val, num_test, size, fps, seconds)
+    splits = _make_splits(seed, {"train": num_train, "val": num_val, "test": num_test}, size, seconds)
     out = Path(output_dir)
     paths: dict[str, Path] = {"root": out, "meta": out / "synthetic_meta.json"}
-    # Draw every video once, then copy it into the other layout if that one lists it too.
-    layouts = {"msrvtt": ("train", "test"), "msvd": ("train", "val", "test")}
-    wanted = [
-        (split, vid, spec, [out / name / "videos" for name in datasets if split in layouts[name]])
-        for split in ("train", "val", "test")
-        for vid, spec in splits[split]
-    ]
-    wanted = [w for w in wanted if w[3]]
-    for folder in {folder for *_, folders in wanted for folder in folders}:
-        folder.mkdir(parents=True, exist_ok=True)
-    for _, vid, spec, (first, *others) in tqdm(wanted, desc="draw videos", unit="video", leave=False):
-        write_video(first / f"{vid}.mp4", spec, size, fps)
-        for folder in others:
-            shutil.copyfile(first / f"{vid}.mp4", folder / f"{vid}.mp4")
-
+    written = _write_videos(out, splits, datasets, size, fps)
     if "msrvtt" in datasets:
         paths.update(_write_msrvtt(out / "msrvtt", splits))
     if "msvd" in datasets:
         paths.update(_write_msvd(out / "msvd", splits))
-    meta = {
-        "seed": seed,
-        "size": size,
-        "fps": fps,
-        "seconds": seconds,
-        "videos": {
-            vid: {
-                "split": split,
-                "kind": spec.kind,
-                "background": spec.background,
-                "objects": [list(o) for o in spec.objects],
-                "motion": spec.motion,
-                "twin": None if spec.twin is None else splits[split][spec.twin][0],
-                "captions": spec.captions,
-            }
-            for split, vid, spec, _ in wanted
-        },
-    }
+    meta = _meta(splits, written, seed=seed, size=size, fps=fps, seconds=seconds)
     _write_text(paths["meta"], json.dumps(meta, indent=1) + "\n")
     return paths
 
 
-def _write_msrvtt(d: Path, splits: dict[str, list[tuple[str, VideoSpec]]]) -> dict[str, Path]:
+def _write_msrvtt(d: Path, splits: dict[str, Split]) -> dict[str, Path]:
     paths = {
         "msrvtt_train_csv": d / "MSRVTT_train.9k.csv",
         "msrvtt_data_path": d / "MSRVTT_data.json",
@@ -409,7 +428,7 @@ def _write_msrvtt(d: Path, splits: dict[str, list[tuple[str, VideoSpec]]]) -> di
     return paths
 
 
-def _write_msvd(d: Path, splits: dict[str, list[tuple[str, VideoSpec]]]) -> dict[str, Path]:
+def _write_msvd(d: Path, splits: dict[str, Split]) -> dict[str, Path]:
     for split in ("train", "val", "test"):
         _write_text(d / f"{split}_list.txt", "".join(f"{vid}\n" for vid, _ in splits[split]))
     raw = {vid: [c.split() for c in spec.captions] for split in ("train", "val", "test") for vid, spec in splits[split]}
