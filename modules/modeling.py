@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -13,150 +11,26 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from modules.clip_weights import clip_for_checkpoint
+from modules.model_config import (  # noqa: F401  (importable from here, as before the split)
+    ADAPTER_PREFIXES,
+    MAX_POSITION_EMBEDDINGS,
+    CLIP4ClipConfig,
+    implied_by_state_dict,
+    resolve_precision,
+)
+from modules.model_loading import add_initialisation_copies, check_checkpoint, copies_from_clip  # noqa: F401
 from modules.module_adapter import Our_tuning_for_transformer
-from modules.module_clip import CLIP, clip_config_from_state_dict, convert_weights
+from modules.module_clip import CLIP, convert_weights
 from modules.module_cross import CrossConfig, CrossModel
 from modules.module_cross import Transformer as TransformerClip
 from modules.names import LINEAR_PATCHES, LOOSE_HEADERS, PRECISIONS, SIM_HEADERS, TUNINGS  # noqa: F401
 from modules.until_module import CrossEn, PreTrainedModel, allgather, is_log_rank
-from util import UsageError, default_device, get_world_size
+from util import default_device, get_world_size
 
 logger = logging.getLogger(__name__)
-
-# The cross config's max_position_embeddings; the original asserts max_words + max_frames against it.
-MAX_POSITION_EMBEDDINGS = 128
-ADAPTER_PREFIXES = ("image_adapter.", "text_adapter.")
 # Guards the norms so an all-zero video mask gives zero logits, not NaN (the original divides by a zero norm);
 # far below any real norm.
 NORM_EPS = 1e-6
-
-
-def resolve_precision(precision: str | None, device: Any) -> str:
-    """Map the ``precision`` option to one of :data:`PRECISIONS`.
-
-    None/'auto' is the original's fp16 CLIP weights on CUDA and fp32 on CPU (fp16 weights on CPU are slow and not
-    how anyone trains). 'bf16' and 'fp16' keep fp32 weights; the driver runs the step under autocast.
-    """
-    if precision in (None, "auto"):
-        resolved = "fp16-weights" if torch.device(device).type == "cuda" else "fp32"
-        logger.info("precision auto on %s: %s", torch.device(device).type, resolved)
-        return resolved
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
-def _resblock_count(state_dict: Mapping[str, Any], prefix: str) -> int | None:
-    """How many ``<prefix><i>.`` blocks a state dict holds, or None when it holds none."""
-    indices = {int(key[len(prefix) :].split(".")[0]) for key in state_dict if key.startswith(prefix)}
-    return max(indices) + 1 if indices else None
-
-
-@dataclass
-class CLIP4ClipConfig:
-    """What a CLIP4Clip model is: the CLIP weights, the similarity head and its size, the input sizes, the precision.
-
-    ``loose_type`` None means "as the head needs" (True for the dot-product heads, False for tightTransf). A loose
-    head built with ``loose_type=False`` gets the cross encoder's modules and cannot score, as in the original.
-    ``tuning`` is "full" (the original: CLIP is fine-tuned) or "unipt" (the UniPT fork: CLIP is frozen and only
-    its two adapters train).
-    """
-
-    pretrained_clip_name: str = "ViT-B/32"
-    sim_header: str = "meanP"
-    loose_type: bool | None = None
-    cross_num_hidden_layers: int = 4
-    linear_patch: str = "2d"
-    max_words: int = 32
-    max_frames: int = 12
-    precision: str = "auto"
-    grad_checkpointing: bool = False
-    freeze_layer_num: int = 0
-    tuning: str = "full"
-
-    def __post_init__(self) -> None:
-        if self.sim_header not in SIM_HEADERS:
-            raise UsageError(f"sim_header must be one of {SIM_HEADERS}, got {self.sim_header!r}")
-        if self.loose_type is None:
-            self.loose_type = self.sim_header in LOOSE_HEADERS
-        if self.sim_header == "tightTransf" and self.loose_type:
-            raise UsageError("sim_header tightTransf is a cross encoder: loose_type must be False")
-        if self.linear_patch not in LINEAR_PATCHES:
-            raise UsageError(f"linear_patch must be one of {LINEAR_PATCHES}, got {self.linear_patch!r}")
-        if self.precision not in ("auto",) + PRECISIONS:
-            raise UsageError(f"precision must be 'auto' or one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("cross_num_hidden_layers", "max_words", "max_frames"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not -1 <= self.freeze_layer_num <= 12:
-            raise UsageError(f"freeze_layer_num must be in -1..12, got {self.freeze_layer_num}")
-        if self.max_words + self.max_frames > MAX_POSITION_EMBEDDINGS:
-            raise UsageError(
-                f"max_words + max_frames = {self.max_words} + {self.max_frames} exceeds the cross "
-                f"config's max_position_embeddings {MAX_POSITION_EMBEDDINGS}"
-            )
-        if self.tuning not in TUNINGS:
-            raise UsageError(f"tuning must be one of {TUNINGS}, got {self.tuning!r}")
-        if self.tuning == "unipt" and self.sim_header == "tightTransf":
-            raise UsageError(
-                "tuning unipt cannot use sim_header tightTransf: the adapters give one vector per "
-                "caption, the cross encoder needs per-token outputs"
-            )
-
-    @classmethod
-    def from_args(cls, args: Any) -> CLIP4ClipConfig:
-        """The config of the driver's flags (or any object with the original's ``task_config`` attributes).
-
-        Attributes the object lacks keep the defaults, so scripts written against the original keep working.
-        """
-        if isinstance(args, cls):
-            return args
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        for name in ("precision", "tuning"):  # None: not given, the default
-            if values.get(name) is None:
-                values.pop(name, None)
-        return cls(**values)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Any], **given: Any) -> CLIP4ClipConfig:
-        """The config a CLIP4Clip checkpoint implies (head, its layer count, 2d/3d patch, tuning), completed by
-        ``given``.
-
-        ``given`` also overrides what the checkpoint implies; what neither says keeps the defaults.
-        """
-        return cls(**{**implied_by_state_dict(state_dict), **given})
-
-    def check_clip(self, clip_state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """CLIP's architecture (:func:`clip_config_from_state_dict`), once it is known to carry this config."""
-        if "visual.proj" not in clip_state_dict:
-            raise UsageError("CLIP weights have no 'visual.proj': CLIP4Clip needs a ViT CLIP (ViT-B/32, ViT-B/16)")
-        clip_kwargs = clip_config_from_state_dict(clip_state_dict)
-        n_positions = 1 + self.max_frames if self.sim_header == "tightTransf" else self.max_frames
-        if self.sim_header in ("seqTransf", "tightTransf") and n_positions > clip_kwargs["context_length"]:
-            raise UsageError(
-                f"sim_header {self.sim_header} with max_frames {self.max_frames} needs {n_positions} positions, "
-                f"but the position tables have CLIP's context_length {clip_kwargs['context_length']}"
-            )
-        return clip_kwargs
-
-
-def implied_by_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The config fields a checkpoint's keys decide: the head, its layer count, the patch embedding and the tuning
-    (UniPT when it holds adapter weights)."""
-    implied: dict[str, Any] = {"linear_patch": "3d" if "clip.visual.conv2.weight" in state_dict else "2d"}
-    if any(key.startswith("cross.") for key in state_dict):
-        implied["sim_header"] = "tightTransf"
-        layers = _resblock_count(state_dict, "cross.transformer.resblocks.")
-    elif any(key.startswith("transformerClip.") for key in state_dict):
-        implied["sim_header"] = "seqTransf"
-        layers = _resblock_count(state_dict, "transformerClip.resblocks.")
-    else:
-        implied["sim_header"] = "seqLSTM" if any(key.startswith("lstm_visual.") for key in state_dict) else "meanP"
-        layers = None
-    if layers is not None:
-        implied["cross_num_hidden_layers"] = layers
-    implied["tuning"] = "unipt" if any(key.startswith(ADAPTER_PREFIXES) for key in state_dict) else "full"
-    return implied
 
 
 def _flatten_video(video: Any) -> tuple[torch.Tensor, int]:
@@ -209,7 +83,7 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         config = CLIP4ClipConfig.from_args(task_config)
         checkpoint = dict(state_dict) if state_dict is not None else {}
         clip_state_dict = clip_for_checkpoint(
-            config.pretrained_clip_name, state_dict, checkpoint_name, _copies_from_clip(config, checkpoint)
+            config.pretrained_clip_name, state_dict, checkpoint_name, copies_from_clip(config, checkpoint)
         )
         merged = dict(checkpoint)
         for key, val in clip_state_dict.items():
@@ -219,7 +93,7 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         model = cls(cross_config, clip_state_dict, *inputs, task_config=config, **kwargs)
         if state_dict is not None:
             check_checkpoint(model, checkpoint, checkpoint_name)
-        _add_initialisation_copies(model, merged, clip_state_dict, config.cross_num_hidden_layers)
+        add_initialisation_copies(model, merged, clip_state_dict, config.cross_num_hidden_layers)
         return cls.init_preweight(model, merged, task_config=config)
 
     @classmethod
@@ -233,116 +107,6 @@ class CLIP4ClipPreTrainedModel(PreTrainedModel):
         return cls.from_pretrained(
             "cross-base", state_dict=state_dict, task_config=config, checkpoint_name=checkpoint_name
         )
-
-
-def _copies_from_clip(config: CLIP4ClipConfig, checkpoint: Mapping[str, torch.Tensor]) -> bool:
-    """Whether loading initialises a head the checkpoint lacks from CLIP's text tower (see
-    :func:`_add_initialisation_copies`)."""
-    if config.sim_header == "tightTransf":
-        return not any("cross.transformer" in key for key in checkpoint)
-    if config.sim_header in ("seqLSTM", "seqTransf"):
-        return not any("frame_position_embeddings" in key for key in checkpoint)
-    return False
-
-
-def _preview(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def check_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str) -> None:
-    """Refuse a checkpoint that cannot be this model's; warn about what of the model it leaves at initialisation.
-
-    Errors: none of its weights is one of the model's, or it holds CLIP weights (clip.*) and none of them is one of
-    the model's (another architecture, or not a CLIP4Clip file), or a weight has another shape. Warnings: head
-    weights it lacks (they start from their initialisation, e.g. a meanP checkpoint fine-tuned with seqTransf, a
-    documented use), weights it holds that the model does not use, and CLIP weights it lacks (they keep the CLIP
-    file's values).
-    """
-    own = model.state_dict()
-    keys = {key.replace("gamma", "weight").replace("beta", "bias"): key for key in state_dict}
-    clip_keys = [key for key in keys if key.startswith("clip.")]
-    if not any(key in own for key in keys) or (clip_keys and not any(key in own for key in clip_keys)):
-        raise UsageError(
-            f"{name}: none of its {len(clip_keys) or len(keys)} {'CLIP ' if clip_keys else ''}weights "
-            f"is one of this model's; it is not a CLIP4Clip checkpoint of this CLIP (its first keys: "
-            f"{_preview(list(keys), 3)})"
-        )
-    for key, original in keys.items():
-        if key in own and tuple(own[key].shape) != tuple(state_dict[original].shape):
-            raise UsageError(
-                f"{name}: {original} has shape {tuple(state_dict[original].shape)}, the model expects "
-                f"{tuple(own[key].shape)} (a checkpoint of another CLIP or head size?)"
-            )
-    if not is_log_rank(getattr(model, "task_config", None)):
-        return
-    missing_head = [key for key in own if not key.startswith("clip.") and key not in keys]
-    missing_clip = [key for key in own if key.startswith("clip.") and key not in keys]
-    unused = [original for key, original in keys.items() if key not in own]
-    if missing_head:
-        logger.warning(
-            "%s has no weights for %d parameters of the %s head; they start from their initialisation: %s",
-            name,
-            len(missing_head),
-            getattr(model, "sim_header", "?"),
-            _preview(missing_head),
-        )
-    if unused:
-        logger.warning(
-            "%s holds %d weights this model does not use (trained with another head or layer count?): %s",
-            name,
-            len(unused),
-            _preview(unused),
-        )
-    if missing_clip:
-        logger.warning(
-            "%s lacks %d CLIP weights; they keep the CLIP file's values: %s",
-            name,
-            len(missing_clip),
-            _preview(missing_clip),
-        )
-
-
-def _add_initialisation_copies(
-    model: CLIP4Clip,
-    state_dict: dict[str, torch.Tensor],
-    clip_state_dict: dict[str, torch.Tensor],
-    cross_num_hidden_layers: int,
-) -> None:
-    """As the original at load time: fill head weights that ``state_dict`` lacks from CLIP, in place.
-
-    The 3d kernel comes from the merged dict's conv1 (so a fine-tuned one when ``--init_model`` has it); the
-    text-tower copies always come from the CLIP file itself.
-    """
-
-    def has_key_containing(fragment: str) -> bool:
-        return any(fragment in key for key in state_dict)
-
-    def text_blocks(new_prefix: str) -> dict[str, torch.Tensor]:
-        copies = {}
-        for key, val in clip_state_dict.items():
-            if key.startswith("transformer.resblocks.") and int(key.split(".")[2]) < cross_num_hidden_layers:
-                copies[new_prefix + key[len("transformer.") :]] = val.clone()
-        return copies
-
-    if model.linear_patch == "3d" and not has_key_containing("visual.conv2.weight"):
-        conv1 = state_dict["clip.visual.conv1.weight"].clone()
-        kernel_t = model.clip.visual.conv2.weight.size(2)
-        left = (kernel_t - 1) // 2
-        right = kernel_t - 1 - left
-        zeros = lambda n: conv1.new_zeros(conv1.shape[0], conv1.shape[1], n, *conv1.shape[2:])  # noqa: E731
-        # Temporal centre slice = conv1, so 3d equals 2d on the centre frame at initialisation.
-        state_dict["clip.visual.conv2.weight"] = torch.cat([zeros(left), conv1.unsqueeze(2), zeros(right)], dim=2)
-
-    if model.sim_header == "tightTransf" and not has_key_containing("cross.transformer"):
-        state_dict["cross.embeddings.position_embeddings.weight"] = clip_state_dict["positional_embedding"].clone()
-        state_dict.update(text_blocks("cross.transformer."))
-
-    if model.sim_header in ("seqLSTM", "seqTransf") and not has_key_containing("frame_position_embeddings"):
-        state_dict["frame_position_embeddings.weight"] = clip_state_dict["positional_embedding"].clone()
-        if model.sim_header == "seqTransf":
-            # The text tower's blocks (the paper says "image": a typo, issue #60).
-            state_dict.update(text_blocks("transformerClip."))
 
 
 class CLIP4Clip(CLIP4ClipPreTrainedModel):
