@@ -188,6 +188,50 @@ def _video_tile(j: int, score: float, name: str, thumb: str | None, right: bool)
     )
 
 
+def _thumbnailer(frames: Callable[[int], np.ndarray]) -> Callable[[int], str | None]:
+    """Video j's thumbnail strip as a data URL, made once per video; None when its frames cannot be read."""
+    thumbs: dict[int, str | None] = {}
+
+    def thumb(j: int) -> str | None:
+        if j not in thumbs:
+            try:
+                f = frames(j)
+                thumbs[j] = (
+                    ("data:image/jpeg;base64," + base64.b64encode(thumbnail_strip(f, count=4, height=56)).decode())
+                    if len(f)
+                    else None
+                )
+            except (OSError, ValueError):
+                thumbs[j] = None
+        return thumbs[j]
+
+    return thumb
+
+
+def _header(title: str, details: dict[str, object] | None) -> str:
+    head = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    )
+    if details:
+        head += (
+            "<p class='muted'>"
+            + " · ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in details.items())
+            + "</p>"
+        )
+    return head
+
+
+def _curves_section(curves: Path) -> str:
+    try:
+        fig = plot_curves(read_jsonl(curves))
+    except UsageError as error:  # the report is still worth having without its curves
+        return f"<p class='muted'>No training curves: {html.escape(str(error))}</p>"
+    if fig is None:
+        return ""
+    return f"<h2>Training so far</h2><img id='curves' alt='training curves' src='{_png(fig)}'>"
+
+
 def write_report(
     path: Path,
     sim: np.ndarray,
@@ -210,49 +254,20 @@ def write_report(
     """
     sim, truth = np.asarray(sim), np.asarray(truth, dtype=np.int64)
     ranks = caption_ranks(sim, truth)
-    thumbs: dict[int, str | None] = {}
-
-    def thumb(j: int) -> str | None:
-        if j not in thumbs:
-            try:
-                f = frames(j)
-                thumbs[j] = (
-                    ("data:image/jpeg;base64," + base64.b64encode(thumbnail_strip(f, count=4, height=56)).decode())
-                    if len(f)
-                    else None
-                )
-            except (OSError, ValueError):
-                thumbs[j] = None
-        return thumbs[j]
-
-    parts = [
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-    ]
-    if details:
-        parts.append(
-            "<p class='muted'>"
-            + " · ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in details.items())
-            + "</p>"
-        )
+    parts = [_header(title, details)]
     parts.append(
         f"<h2>Metrics</h2><p class='muted'>{sim.shape[0]} captions, {sim.shape[1]} videos</p>" + _metric_table(metrics)
     )
     parts.append(
         f"<h2>Text-to-video ranks</h2><img id='rank-plots' alt='recall@k and rank histogram' src='{plot_ranks(ranks)}'>"
     )
-    if curves is not None and Path(curves).is_file():
-        try:
-            fig = plot_curves(read_jsonl(Path(curves)))
-        except UsageError as error:  # the report is still worth having without its curves
-            parts.append(f"<p class='muted'>No training curves: {html.escape(str(error))}</p>")
-            fig = None
-        if fig is not None:
-            parts.append(f"<h2>Training so far</h2><img id='curves' alt='training curves' src='{_png(fig)}'>")
+    if curves is not None and Path(curves).is_file() and (section := _curves_section(Path(curves))):
+        parts.append(section)
     parts.append(
         f"<h2>The {min(worst, len(ranks))} worst-ranked captions</h2><p class='muted'>Each caption's right "
         f"video (green) and the top {top} it retrieved instead.</p>"
     )
+    thumb = _thumbnailer(frames)
     for i in worst_captions(ranks, worst):
         t = int(truth[i])
         tiles = [_video_tile(t, float(sim[i, t]), video_names[t], thumb(t), right=True)]
