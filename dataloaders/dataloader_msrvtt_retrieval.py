@@ -113,7 +113,9 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
                     )
         if len(kept) < len(video_ids):
             self.csv = self.csv[self.csv["video_id"].isin(kept)].reset_index(drop=True)
-        self.sample_len = len(self._pairs) if unfold_sentences else len(self.csv)
+        # the ids as a plain list, resolved once: a pandas column costs more per item than reading cached frames
+        self._csv_ids: list[str] = list(self.csv["video_id"])
+        self.sample_len = len(self._pairs) if unfold_sentences else len(self._csv_ids)
 
     def __len__(self) -> int:
         return self.sample_len
@@ -121,14 +123,14 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
     def _pair(self, idx: int) -> Pair:
         if self.unfold_sentences:
             return self._pairs[idx]
-        video_id = self.csv["video_id"].values[idx]
+        video_id = self._csv_ids[idx]
         captions = self.sentences[video_id]
         return video_id, captions[random.randint(0, len(captions) - 1)], None, None
 
     def all_pairs(self) -> Iterable[Pair]:
         if self.unfold_sentences:
             return self._pairs
-        return [(v, self.sentences[v][0], None, None) for v in self.csv["video_id"]]
+        return [(v, self.sentences[v][0], None, None) for v in self._csv_ids]
 
 
 def _read_sentences(data, json_path: str) -> list[tuple]:

@@ -6,6 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,20 +35,64 @@ def cache_file(cache_dir: str, video_path: str, settings: dict) -> str:
     return os.path.join(cache_dir, digest[:2], digest + ".npy")
 
 
-def load_cached(path: str, max_frames: int, size: int) -> np.ndarray | None:
-    """The cached frames, or None when absent or not what this key should hold (then it is rewritten)."""
+def read_cached(path: str, out: np.ndarray, order: Callable[[int], np.ndarray] | None = None) -> int | None:
+    """Read the frames cached at ``path`` straight into ``out`` (uint8 [max_frames, 3, size, size], C-contiguous) and
+    return their number n; ``out[n:]`` is left as it was. ``order(n)`` reorders them on the way in, as indexing
+    would (``out[:n] = frames[order(n)]``), and is called only once the entry is known good.
+
+    None when the entry is absent or not what this key should hold (then it is rewritten): a header other than the
+    one ``save_cached`` writes for such frames, or a file shorter than its header says.
+    """
     try:
-        frames = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):  # absent, or not an array this code wrote
+        with open(path, "rb", buffering=0) as f:
+            n = _frame_count(f, out.shape)
+            if n is None or os.fstat(f.fileno()).st_size < f.tell() + out[:n].nbytes:
+                return None
+            if order is None:
+                rows = [out[:n]]
+            else:  # stored frame i goes to row where[i], so the file is still read front to back
+                where = np.empty(n, dtype=np.intp)
+                where[order(n)] = np.arange(n)
+                rows = [out[j] for j in where]
+            if not all(_read_exactly(f, row) for row in rows):
+                return None
+    except OSError:  # absent, or unreadable
         return None
-    if (
-        frames.dtype != np.uint8
-        or frames.ndim != 4
-        or frames.shape[1:] != (3, size, size)
-        or not 0 < frames.shape[0] <= max_frames
-    ):
+    return n
+
+
+# What np.save writes for C-ordered uint8 [n, 3, H, W] (format 1.0: a 2-byte little-endian header length). Read by
+# hand because np.load parses the header with ast.literal_eval, which costs as much as reading the frames.
+_MAGIC_1_0 = b"\x93NUMPY\x01\x00"
+_HEADER = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+), (\d+), (\d+)\), \} *\n")
+
+
+def _frame_count(f: BinaryIO, out_shape: tuple[int, ...]) -> int | None:
+    """The frame count of the header at the start of ``f`` (left at the data), or None unless it describes uint8
+    frames of ``out_shape[1:]``, at least one and at most ``out_shape[0]``."""
+    prefix = f.read(len(_MAGIC_1_0) + 2)
+    if len(prefix) < len(_MAGIC_1_0) + 2 or not prefix.startswith(_MAGIC_1_0):
         return None
-    return frames
+    header = f.read(int.from_bytes(prefix[-2:], "little"))
+    match = _HEADER.fullmatch(header)
+    if match is None:
+        return None
+    n, *frame_shape = (int(d) for d in match.groups())
+    if tuple(frame_shape) != tuple(out_shape[1:]) or not 0 < n <= out_shape[0]:
+        return None
+    return n
+
+
+def _read_exactly(f: BinaryIO, row: np.ndarray) -> bool:
+    """Fill ``row`` from ``f``; False when the file ends first."""
+    view = memoryview(row).cast("B")
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            return False
+        done += got
+    return True
 
 
 def save_cached(path: str, frames: np.ndarray) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize, v2
 
-from dataloaders.frame_cache import cache_file, load_cached, save_cached
+from dataloaders.frame_cache import cache_file, read_cached, save_cached
 from dataloaders.video_reading import MAX_FRAME_COUNT as MAX_FRAME_COUNT  # re-exported: callers meet these here
 from dataloaders.video_reading import MAX_PIXELS as MAX_PIXELS
 from dataloaders.video_reading import UnreadableVideoError as UnreadableVideoError
@@ -289,37 +289,55 @@ class RawVideoExtractorCV2:
         """
         select_kept(0, max_frames, slice_framepos)  # validates max_frames and slice_framepos before any work
         _check_frame_order(frame_order)
-        frames = self._kept_frames(video_path, max_frames, slice_framepos, start_time, end_time)
-        video = empty_video(max_frames, self.size, uint8)
+        video = np.empty((1, max_frames, 1, 3, self.size, self.size), dtype=np.uint8 if uint8 else np.float64)
+        # uint8: the frames land in the sample itself; float: in a scratch array, normalised into the sample below
+        pixels = video[0, :, 0] if uint8 else np.empty((max_frames, 3, self.size, self.size), dtype=np.uint8)
+        order = None if frame_order == 0 else lambda n: order_positions(n, frame_order)
+        n = self._read_kept(video_path, max_frames, slice_framepos, start_time, end_time, pixels, order)
+        video[0, n:] = 0
+        if n and not uint8:
+            video[0, :n, 0] = normalize_uint8(pixels[:n]).numpy()
         video_mask = np.zeros((1, max_frames), dtype=np.int64)
-        n = len(frames)
-        if n:
-            if frame_order != 0:
-                frames = frames[order_positions(n, frame_order)]
-            video[0, :n, 0] = frames if uint8 else normalize_uint8(frames).numpy()
-            video_mask[0, :n] = 1
+        video_mask[0, :n] = 1
         return video, video_mask, n
 
     def _kept_frames(
         self, video_path: str, max_frames: int, slice_framepos: int, start_time: int | None, end_time: int | None
     ) -> np.ndarray:
         """The kept frames in time order after resize and crop, uint8 [n, 3, size, size], through the cache."""
+        out = np.empty((max_frames, 3, self.size, self.size), dtype=np.uint8)
+        return out[: self._read_kept(video_path, max_frames, slice_framepos, start_time, end_time, out)]
+
+    def _read_kept(
+        self,
+        video_path: str,
+        max_frames: int,
+        slice_framepos: int,
+        start_time: int | None,
+        end_time: int | None,
+        out: np.ndarray,
+        order: Callable[[int], np.ndarray] | None = None,
+    ) -> int:
+        """Write the n kept frames after resize and crop into ``out[:n]`` (uint8 [max_frames, 3, size, size]),
+        reordered as ``frames[order(n)]`` when ``order`` is given, from the cache when it holds them; returns n."""
         _check_request(self.framerate, start_time, end_time)
         check_video_file(video_path)
         cached = None
         if self.cache_dir is not None:
             cached = self._cache_file(video_path, max_frames, slice_framepos, start_time, end_time)
-            frames = load_cached(cached, max_frames, self.size)
-            if frames is not None:
-                return frames
+            n = read_cached(cached, out, order)
+            if n is not None:
+                return n
         decoded = self._decode_kept(video_path, max_frames, slice_framepos, start_time, end_time)
-        frames = np.zeros((0, 3, self.size, self.size), dtype=np.uint8)
-        if decoded:
-            frames = self.transform.resize_crop(np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in decoded]))
-        # An empty result may be transient: never cache it. A cache that cannot be written is left alone from then on.
-        if cached is not None and len(frames) and self._cache_writable:
+        if not decoded:  # may be transient: never cached
+            return 0
+        frames = self.transform.resize_crop(np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in decoded]))
+        # A cache that cannot be written is left alone from then on.
+        if cached is not None and self._cache_writable:
             self._cache_writable = save_cached(cached, frames)
-        return frames
+        n = len(frames)
+        out[:n] = frames if order is None else frames[order(n)]
+        return n
 
     def _decode_kept(
         self, video_path: str, max_frames: int, slice_framepos: int, start_time: int | None, end_time: int | None

@@ -224,3 +224,43 @@ def test_header_only_csv_fails_when_read(tmp_path, clip, tokenizer):
         MSRVTT_TrainDataLoader(
             str(tmp_path / "train.csv"), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos"), tokenizer
         )
+
+
+@pytest.mark.parametrize("uint8", [True, False], ids=["uint8", "float"])
+@pytest.mark.parametrize("frame_order", [0, 1, 2])
+@pytest.mark.parametrize("max_frames", [2, 4], ids=["full", "padded"])
+def test_cached_items_equal_uncached_ones_and_the_pandas_lookup(
+    tmp_path, clip, tokenizer, uint8, frame_order, max_frames
+):
+    """Every item read through a filling and then a warm frame cache is the uncached item bit for bit, drawing the
+    same numbers; the caption is the one the original's per-item pandas lookup picks (a listed id without a video
+    is dropped first)."""
+    write_small_split(tmp_path, clip)
+    csv = tmp_path / "train.csv"
+    csv.write_text(csv.read_text() + "video9\n")
+    args = (str(csv), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "videos"), tokenizer)
+    sampling = dict(max_words=16, max_frames=max_frames, image_resolution=32, frame_order=frame_order)
+    plain = MSRVTT_TrainDataLoader(*args, skip_missing=True, uint8_frames=uint8, **sampling)
+    cached = MSRVTT_TrainDataLoader(
+        *args, skip_missing=True, uint8_frames=uint8, frame_cache=str(tmp_path / "cache"), **sampling
+    )
+    listed = pd.read_csv(csv, dtype=str)
+    listed = listed[listed["video_id"] != "video9"].reset_index(drop=True)
+    captions = {v: [f"caption {k} of video {v[-1]}" for k in range(3)] for v in listed["video_id"]}
+    assert len(plain) == len(cached) == 4
+    for seed, idx in enumerate([0, 1, 2, 3] * 2):  # the first pass fills the cache, the second reads it
+        items, draws = [], []
+        for ds in (plain, cached):
+            random.seed(seed)
+            np.random.seed(seed)
+            items.append(ds[idx])
+            draws.append((random.random(), np.random.random()))
+        random.seed(seed)
+        video_id = listed["video_id"].values[idx]
+        expected = captions[video_id][random.randint(0, len(captions[video_id]) - 1)]
+        assert items[0][0][0].tolist() == expected_ids(expected, 16)
+        assert draws[0] == draws[1]
+        for a, b in zip(*items):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        assert items[1][4].sum() == min(3, max_frames)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4

@@ -456,6 +456,45 @@ def test_frame_cache_rewrites_a_bad_entry_and_skips_failures(videos, tmp_path):
     assert len(list(cache.rglob("*.npy"))) == 1  # an undecodable file is not cached
 
 
+def _sample_before_direct_reads(frames: np.ndarray, max_frames: int, frame_order: int, uint8: bool):
+    """How a sample was assembled before the cache read into it: the kept frames (as np.load gave them) reordered
+    with numpy's global RNG, then copied into a zero-filled array; floats through ToTensor's scaling and Normalize."""
+    n = len(frames)
+    video = np.zeros((1, max_frames, 1, 3, SIZE, SIZE), dtype=np.uint8 if uint8 else np.float64)
+    mask = np.zeros((1, max_frames), dtype=np.int64)
+    if n:
+        order = np.arange(n)
+        if frame_order == 1:
+            order = order[::-1]
+        elif frame_order == 2:
+            np.random.shuffle(order)
+        frames = frames[order]
+        normalize = Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+        video[0, :n, 0] = frames if uint8 else normalize(torch.from_numpy(frames).float().div(255)).numpy()
+        mask[0, :n] = 1
+    return video, mask, n
+
+
+@pytest.mark.parametrize("uint8", [True, False], ids=["uint8", "float"])
+@pytest.mark.parametrize("frame_order", [0, 1, 2])
+@pytest.mark.parametrize("max_frames", [3, 6], ids=["full", "padded"])
+def test_samples_bit_identical_to_the_copying_assembly(videos, tmp_path, uint8, frame_order, max_frames):
+    ex = RawVideoExtractor(size=SIZE, framerate=1, cache_dir=str(tmp_path / "cache"))
+    plain = RawVideoExtractor(size=SIZE, framerate=1)
+    path = videos["mp4v_25"]  # 4 sampled frames
+    for seed, reader in enumerate((ex, ex, plain)):  # filling the cache, reading it, no cache
+        np.random.seed(seed)
+        got = reader.get_video_sample(path, max_frames, 0, frame_order, uint8=uint8)
+        after = np.random.random()
+        (entry,) = (tmp_path / "cache").rglob("*.npy")
+        np.random.seed(seed)
+        expected = _sample_before_direct_reads(np.load(entry), max_frames, frame_order, uint8)
+        assert got[2] == expected[2] == min(4, max_frames)
+        for a, b in zip(got[:2], expected[:2]):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        assert np.random.random() == after  # the same draws from numpy's RNG, no more
+
+
 # ---- uint8 samples, normalised later ---------------------------------------------------------------------------------
 
 
