@@ -3,6 +3,7 @@ and atomic file writes."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -239,6 +240,15 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
     ):
         raise UsageError(f"{flag} {path}: expected a state dict (name → tensor), got {type(state).__name__}")
     return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # A temporary file is ``.<name>.<pid>.<random>.tmp<suffix>`` beside its target: the suffix stays, since some writers

@@ -819,3 +819,55 @@ def test_a_bug_in_model_building_keeps_its_traceback(setup, monkeypatch, capsys)
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         root, paths, clip = setup
         mtr.main(msvd_args(paths, clip, root / "bug", "--do_eval"))
+
+
+# ----------------------------------------------------------------------------------------------- runs and resume
+
+
+def _one_line_error(capsys, message):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("main_task_retrieval.py: error:") and message in err, err
+
+
+def test_second_run_into_a_locked_output_dir_is_refused(setup, capsys, tmp_path):
+    from engine.runlock import run_lock
+
+    _, paths, clip = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    with run_lock(str(out)):  # a first run holds the folder
+        assert mtr.main(["--do_train", *msvd_args(paths, clip, out)]) == 2
+        _one_line_error(capsys, f"--output_dir {out}: another run (pid {os.getpid()} on ")
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # not even a log line written
+
+
+def test_resume_pairs_are_checked_before_anything_trains(run_a, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    model0, opt1 = run_a / "pytorch_model.bin.0", run_a / "pytorch_opt.bin.1"
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(model0.read_bytes())
+    negative = tmp_path / "negative.bin"
+    torch.save(dict(weights(opt1), epoch=-2), negative)
+    cases = [
+        (model0, opt1, "3", f"--init_model {model0} is the model of epoch 0, --resume_model {opt1} the optimizer of"),
+        (renamed, opt1, "3", f"--init_model {renamed} is not the model saved with --resume_model {opt1}"),
+        (run_a / "pytorch_model.bin.1", opt1, "2", "ends epoch 2 of the run and --epochs 2 leaves nothing to train"),
+        (model0, negative, "3", f"--resume_model {negative}: its epoch is -2; expected a whole number >= 0"),
+    ]
+    for init, opt, epochs, message in cases:
+        out = tmp_path / f"out{epochs}"
+        args = ["--do_train", "--epochs", epochs, "--init_model", str(init), "--resume_model", str(opt)]
+        assert mtr.main([*args, *msvd_args(paths, clip, out)]) == 2
+        _one_line_error(capsys, message)
+        assert not [p for p in out.iterdir() if p.name.startswith("pytorch_")]
+
+
+def test_an_old_opt_file_without_a_fingerprint_is_resumed_with_a_warning(run_a, tmp_path, caplog):
+    old = tmp_path / "pytorch_opt.bin.0"
+    state = weights(run_a / "pytorch_opt.bin.0")
+    assert len(state.pop("model_sha256")) == 64
+    torch.save(state, old)
+    with caplog.at_level(logging.WARNING, logger="logger"):
+        loaded = engine.checkpoint.load_resume_state(str(old), str(run_a / "pytorch_model.bin.0"), 2)
+    assert loaded["epoch"] == 0 and "records no fingerprint of its model file" in caplog.text
