@@ -251,6 +251,7 @@ def test_optimizer_groups_follow_spec(setup):
         (["--do_train", "--loose_type", "--max_words", "2"], "--max_words must be >= 3"),
         (["--do_train", "--loose_type", "--dsl_temperature", "inf"], "--dsl_temperature must be a positive finite"),
         (["--do_train", "--loose_type", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--do_train", "--loose_type", "--max_words", "78"], "--max_words must be <= 77 (CLIP's text context"),
         (["--do_train", "--loose_type", "--output_dir", "{clip}/out"], "cannot write there (Not a directory)"),
     ],
 )
@@ -437,6 +438,24 @@ def test_checkpoints_that_do_not_fit_give_one_line(run_a, setup, capsys, tmp_pat
         assert mtr.main(["--do_eval", *msvd_args(paths, clip, tmp_path / "out"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("main_task_retrieval.py: error:") and message in err, err
+    # A meanP checkpoint holds no layer count: the message claims none, whatever the run used.
+    extra = ["--init_model", str(meanp), "--sim_header", "seqTransf", "--cross_num_hidden_layers", "2"]
+    assert mtr.main(["--do_eval", *msvd_args(paths, clip, tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained with --linear_patch 2d --sim_header meanP" in err and "cross_num_hidden_layers" not in err, err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_file(bad, run_a, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    damaged = tmp_path / "damaged.bin"
+    state = weights(run_a / "pytorch_model.bin.1")
+    state["clip.visual.proj"][0, 0] = bad
+    torch.save(state, damaged)
+    out = tmp_path / "out"
+    assert mtr.main(["--do_eval", "--init_model", str(damaged), *msvd_args(paths, clip, out)]) == 2
+    _one_line_error(capsys, f"--init_model {damaged}: weights hold NaN or Inf values (clip.visual.proj)")
+    assert not (out / "metrics_eval.json").exists()
 
 
 def test_an_error_while_training_keeps_its_traceback(setup, tmp_path):
