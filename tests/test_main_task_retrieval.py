@@ -890,3 +890,23 @@ def test_an_old_opt_file_without_a_fingerprint_is_resumed_with_a_warning(run_a, 
     with caplog.at_level(logging.WARNING, logger="logger"):
         loaded = engine.checkpoint.load_resume_state(str(old), str(run_a / "pytorch_model.bin.0"), 2)
     assert loaded["epoch"] == 0 and "records no fingerprint of its model file" in caplog.text
+
+
+def test_data_path_messages_name_what_is_wanted(setup, capsys, tmp_path, monkeypatch):
+    import engine.run
+
+    _, paths, clip = setup
+    monkeypatch.setattr(engine.run, "init_model", lambda *a: pytest.fail("the model was built"))
+    folder = Path(paths["msrvtt_data_path"]).parent
+    args = msrvtt_args(paths, clip, tmp_path / "out")
+    args[args.index("--data_path") + 1] = str(folder)
+    assert mtr.main(["--do_train", *args]) == 2
+    _one_line_error(capsys, f"--data_path {folder}: is a folder; MSR-VTT wants the MSRVTT_data.json file")
+    msvd = tmp_path / "msvd"
+    msvd.mkdir()
+    (msvd / "raw-captions.pkl").write_bytes((Path(paths["msvd_data_path"]) / "raw-captions.pkl").read_bytes())
+    (msvd / "val_list.txt").write_text("a\n")
+    args = msvd_args(paths, clip, tmp_path / "out")
+    args[args.index("--data_path") + 1] = str(msvd)
+    assert mtr.main(["--do_eval", *args]) == 2
+    _one_line_error(capsys, f"--data_path {msvd}: no test_list.txt there (an MSVD folder holds raw-captions.pkl")
