@@ -111,8 +111,21 @@ def previous_best(output_dir: str, before_epoch: int) -> tuple[float, str]:
     for epoch in range(before_epoch):
         path = os.path.join(output_dir, f"metrics_epoch{epoch}.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                record = json.load(f)
-            if best_score <= record["text_to_video"]["R1"]:
-                best_score, best_file = record["text_to_video"]["R1"], record["model_file"]
+            score, model_file = _r1_of(path)
+            if best_score <= score:
+                best_score, best_file = score, model_file
     return best_score, best_file
+
+
+def _r1_of(path: str) -> tuple[float, str]:
+    """An earlier epoch's text-to-video R@1 and model file, or a one-line error naming its metrics file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        score, model_file = record["text_to_video"]["R1"], record["model_file"]
+    except (ValueError, KeyError, TypeError) as error:  # JSON and UTF-8 errors are ValueErrors
+        raise UsageError(
+            f"{path}: expected an earlier epoch's metrics (a JSON object with text_to_video.R1 and model_file) to "
+            f"resume from ({type(error).__name__}: {' '.join(str(error).split())[:80]})"
+        ) from None
+    return score, model_file

@@ -910,3 +910,10 @@ def test_data_path_messages_name_what_is_wanted(setup, capsys, tmp_path, monkeyp
     args[args.index("--data_path") + 1] = str(msvd)
     assert mtr.main(["--do_eval", *args]) == 2
     _one_line_error(capsys, f"--data_path {msvd}: no test_list.txt there (an MSVD folder holds raw-captions.pkl")
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", '{"text_to_video": {}}'])
+def test_a_damaged_earlier_metrics_file_on_resume_is_named(content, tmp_path):
+    (tmp_path / "metrics_epoch0.json").write_text(content)
+    with pytest.raises(util.UsageError, match=rf"{tmp_path}/metrics_epoch0\.json: expected an earlier epoch's metrics"):
+        engine.checkpoint.previous_best(str(tmp_path), 1)
