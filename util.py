@@ -3,6 +3,7 @@ and atomic file writes."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -238,7 +239,21 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UsageError(f"{flag} {path}: expected a state dict (name → tensor), got {type(state).__name__}")
+    # Damaged weights would be evaluated (or indexed) to the end and give NaN scores: refused before any work.
+    damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        named = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        raise UsageError(f"{flag} {path}: weights hold NaN or Inf values ({named}); the file is damaged")
     return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # A temporary file is ``.<name>.<pid>.<random>.tmp<suffix>`` beside its target: the suffix stays, since some writers

@@ -15,6 +15,7 @@ from dataloaders.dataset_util import (
     read_json,
     require_keys,
     require_str,
+    warn_repeated,
 )
 from dataloaders.sampling import VideoSampling, sampling_of
 
@@ -48,6 +49,12 @@ class MSRVTT_DataLoader(VideoTextDataset):
             uint8_frames=uint8_frames,
         )
         self.data = read_csv(csv_path, ("video_id", "sentence"))
+        warn_repeated(
+            self.data["video_id"],
+            csv_path,
+            "each row is scored as a video of its own, so its copies tie with the right answer (counted as the "
+            "original counts ties)",
+        )
         video_ids = list(dict.fromkeys(self.data["video_id"]))
         self.video_dict = find_videos_flat(features_path, video_ids, VIDEO_EXTENSIONS)
         kept = set(self._keep_present(video_ids, csv_path))

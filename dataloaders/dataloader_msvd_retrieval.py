@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 import os
 
-from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, load_raw_captions, read_id_list
+from dataloaders.dataset_util import (
+    VideoTextDataset,
+    annotation_error,
+    find_videos,
+    load_raw_captions,
+    read_id_list,
+    warn_repeated,
+)
 from dataloaders.sampling import VideoSampling, sampling_of
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class MSVD_DataLoader(VideoTextDataset):
                     caption_path, f"key {video_id!r}", f"captions for every video of {list_path} (line {line} lists it)"
                 )
         video_ids = [video_id for _line, video_id in listed]
+        warn_repeated(video_ids, list_path, "each listing adds the video and its captions again, as the original does")
 
         self.video_dict = find_videos(features_path, video_ids)
         video_ids = self._keep_present(video_ids, list_path)

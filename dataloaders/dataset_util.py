@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import random
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -118,6 +119,21 @@ def read_csv(path: str, columns: Sequence[str]) -> pd.DataFrame:
             # +2: one for the header, one because file lines count from 1
             raise annotation_error(path, f"line {empty[0] + 2}, column {column!r}", "a non-empty value")
     return frame
+
+
+def warn_repeated(ids: Iterable[str], source: str, consequence: str) -> list[str]:
+    """Log a WARNING naming the ids ``source`` lists more than once and what that does to the metrics; returns them.
+
+    The original reads such lists as they are, so the repeats are kept (the metrics stay the original's), but never
+    silently: a repeated test video is a second candidate that ties with the right one.
+    """
+    repeated = [video_id for video_id, n in Counter(ids).items() if n > 1]
+    if repeated:
+        shown = ", ".join(repeated[:LISTED_NAMES])
+        if len(repeated) > LISTED_NAMES:
+            shown += f" and {len(repeated) - LISTED_NAMES} more"
+        logger.warning("%s lists %d video id(s) more than once: %s; %s", source, len(repeated), shown, consequence)
+    return repeated
 
 
 def require_keys(item: Any, keys: Sequence[str], path: str, where: str) -> None:

@@ -151,9 +151,13 @@ def check_paths(args: argparse.Namespace) -> None:
         _need(args.val_csv, "--val_csv")
         if args.do_train:
             _need(args.train_csv, "--train_csv")
+            if os.path.isdir(args.data_path):
+                raise UsageError(f"--data_path {args.data_path}: is a folder; MSR-VTT wants the MSRVTT_data.json file")
             _need(args.data_path, "--data_path")
     else:
         _need(args.data_path, "--data_path", "folder")
+    if args.datatype == "msvd":
+        _need_msvd_lists(args.data_path, args.do_train)
     _need(args.features_path, "--features_path", "folder")
     if args.frame_cache is not None and os.path.exists(args.frame_cache) and not os.path.isdir(args.frame_cache):
         raise UsageError(f"--frame_cache {args.frame_cache}: exists and is not a folder")
@@ -162,6 +166,17 @@ def check_paths(args: argparse.Namespace) -> None:
     _need_writable(args.output_dir, "--output_dir")
     if args.frame_cache is not None:
         _need_writable(args.frame_cache, "--frame_cache")
+
+
+def _need_msvd_lists(data_path: str, do_train: bool) -> None:
+    """The captions and split lists the MSVD loaders read, named before the model is built."""
+    names = ["raw-captions.pkl", "val_list.txt", "test_list.txt"] + (["train_list.txt"] if do_train else [])
+    missing = [name for name in names if not os.path.isfile(os.path.join(data_path, name))]
+    if missing:
+        raise UsageError(
+            f"--data_path {data_path}: no {', '.join(missing)} there (an MSVD folder holds raw-captions.pkl and the "
+            f"split lists train_list.txt, val_list.txt, test_list.txt)"
+        )
 
 
 def _need_writable(directory: str, flag: str) -> None:

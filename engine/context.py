@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,7 @@ import torch
 import util
 from engine.checkpoint import remove_stale_temporaries
 from engine.config import RunConfig
+from engine.runlock import run_lock
 from modules.modeling import resolve_precision
 from util import UsageError
 
@@ -34,13 +35,20 @@ class RunContext:
         return self.dist.rank == 0
 
 
-def start_run(config: RunConfig) -> RunContext:
-    """Process group, seeding, logger, precision and batch check, in the original's order."""
+def start_run(config: RunConfig, hold: ExitStack | None = None) -> RunContext:
+    """Process group, seeding, logger, precision and batch check, in the original's order.
+
+    With ``hold``, rank 0 locks ``--output_dir`` into it before anything is written there (the log included), so a
+    second run into the same folder stops at once; the lock lasts as long as ``hold``.
+    """
     dist_info = util.init_distributed(config.run.local_rank)
     util.set_seed(config.run.seed)
     output_dir = config.run.output_dir
     os.makedirs(output_dir, exist_ok=True)
+    stale = hold.enter_context(run_lock(output_dir)) if hold is not None and dist_info.rank == 0 else None
     util.get_logger(os.path.join(output_dir, "log.txt") if dist_info.rank == 0 else None)
+    if stale:
+        logger.warning("took over the lock of %s: its run (%s) is gone", output_dir, stale)
     if dist_info.rank == 0:
         remove_stale_temporaries(output_dir)
     context = RunContext(dist_info, resolve_precision(config.model.precision, dist_info.device))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from dataloaders import DATATYPES
 from dataloaders.sampling import VideoSampling
-from errors import UsageError
+from errors import UsageError, check_max_words
 from modules.clip_names import available_models
 from modules.names import LOOSE_HEADERS, SIM_HEADERS
 
@@ -263,10 +263,7 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise UsageError(f"--{name} must be a positive finite number, got {value}")
     if not 0 <= args.warmup_proportion < 1:  # NaN fails this too
         raise UsageError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
-    if args.max_words < 3:
-        raise UsageError(
-            f"--max_words must be >= 3 (the start and end tokens and at least one word), got {args.max_words}"
-        )
+    check_max_words(args.max_words)
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     args.batch_size = int(args.batch_size / args.gradient_accumulation_steps)

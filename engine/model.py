@@ -61,9 +61,8 @@ def check_trained_as(config: CLIP4ClipConfig, state_dict: dict[str, torch.Tensor
     Training may start from another head's checkpoint (meanP → seqTransf is a documented use; the missing head
     weights are logged); an evaluation would report metrics of a head that was never trained.
     """
+    # A meanP or seqLSTM checkpoint holds no layer count: neither compared nor named.
     implied = implied_by_state_dict(state_dict)
-    if implied.get("cross_num_hidden_layers") is None:
-        implied["cross_num_hidden_layers"] = config.cross_num_hidden_layers
     differ = {key: value for key, value in implied.items() if getattr(config, key) != value}
     if differ:
         flags = " ".join(f"--{key} {value}" for key, value in implied.items())

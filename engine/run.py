@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,20 @@ logger = logging.getLogger("logger")
 
 
 def run(config: RunConfig) -> None:
-    """The whole run, as the original orders it: processes and logger, model, test and val loaders, then work."""
-    context = start_run(config)
+    """The whole run, as the original orders it: processes and logger, model, test and val loaders, then work.
+
+    ``--output_dir`` is locked for the run's life; a resume's checkpoint pair is checked before the model is built.
+    """
+    with ExitStack() as hold:
+        context = start_run(config, hold)
+        resume_state = None
+        if config.run.do_train and config.run.resume_model:
+            resume_state = load_resume_state(config.run.resume_model, config.run.init_model, config.optim.epochs)
+        run_started(config, context, resume_state)
+
+
+def run_started(config: RunConfig, context: RunContext, resume_state: dict | None) -> None:
+    """Model, test and val loaders, then training (from ``resume_state`` when resuming) or an evaluation."""
     tokenizer = ClipTokenizer()
     model = init_model(config, context)
     loaders = DATALOADER_DICT[config.data.datatype]
@@ -50,7 +63,7 @@ def run(config: RunConfig) -> None:
     run_log = RunLog(config.run.output_dir, config.run.tensorboard) if context.is_main else None
     try:
         if config.run.do_train:
-            train_and_evaluate(config, context, model, tokenizer, test_dataloader, run_log)
+            train_and_evaluate(config, context, model, tokenizer, test_dataloader, run_log, resume_state)
         else:
             eval_epoch(
                 config, context, model, test_dataloader, tag="eval", model_file=config.run.init_model, run_log=run_log
@@ -77,8 +90,9 @@ def train_and_evaluate(
     tokenizer: ClipTokenizer,
     test_dataloader: DataLoader,
     run_log: RunLog | None,
+    resume_state: dict | None = None,
 ) -> None:
-    """Train, evaluating and saving after each epoch."""
+    """Train, evaluating and saving after each epoch; a resumed run from its checked ``resume_state``."""
     per_process = config.optim.batch_size // context.dist.world_size
     train_builder = DATALOADER_DICT[config.data.datatype]["train"]
     train_dataloader, train_length, train_sampler = train_builder(
@@ -101,7 +115,7 @@ def train_and_evaluate(
         logger.info("  Num examples = %d", train_length)
         logger.info("  Batch size = %d", config.optim.batch_size)
         logger.info("  Num steps = %d", num_train_optimization_steps * gas)
-    state = resume(config, context, optimizer, scaler) if config.run.resume_model else TrainState()
+    state = TrainState() if resume_state is None else resume(config, context, resume_state, optimizer, scaler)
     for epoch in range(state.epoch, config.optim.epochs):
         train_sampler.set_epoch(epoch)
         run_epoch(epoch, config, context, model, train_dataloader, test_dataloader, optimizer, scaler, state, run_log)
@@ -149,10 +163,11 @@ def run_epoch(
         logger.info(f"The best model is: {state.best_model_file}, the R1 is: {state.best_score:.4f}")
 
 
-def resume(config: RunConfig, context: RunContext, optimizer: BertAdam, scaler: torch.amp.GradScaler) -> TrainState:
-    """Optimizer, scaler and RNG states from ``--resume_model``; the best so far from the earlier metrics files."""
+def resume(
+    config: RunConfig, context: RunContext, checkpoint: dict, optimizer: BertAdam, scaler: torch.amp.GradScaler
+) -> TrainState:
+    """Optimizer, scaler and RNG states of the ``--resume_model`` file; the best so far from the earlier metrics."""
     path = config.run.resume_model
-    checkpoint = load_resume_state(path)
     optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
     state = TrainState(epoch=checkpoint["epoch"] + 1, global_step=checkpoint.get("global_step", 0))
     if "scaler" in checkpoint:

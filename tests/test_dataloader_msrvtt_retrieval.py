@@ -264,3 +264,16 @@ def test_cached_items_equal_uncached_ones_and_the_pandas_lookup(
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
         assert items[1][4].sum() == min(3, max_frames)
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
+
+
+def test_test_rows_sharing_a_video_are_kept_and_named(tmp_path, clip, tokenizer, caplog):
+    write_small_split(tmp_path, clip)
+    (tmp_path / "test.csv").write_text(
+        "key,vid_key,video_id,sentence\nret0,msr0,video1,a b\nret1,msr1,video2,c d\nret2,msr2,video1,e f\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="dataloaders"):
+        ds = MSRVTT_DataLoader(str(tmp_path / "test.csv"), str(tmp_path / "videos"), tokenizer)
+    # The original's benchmark: every row a (video, caption) pair, the repeat included.
+    assert [(v, s) for v, s, *_ in ds.all_pairs()] == [("video1", "a b"), ("video2", "c d"), ("video1", "e f")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "test.csv lists 1 video id(s) more than once: video1; each row" in warnings[0]

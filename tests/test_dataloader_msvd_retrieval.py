@@ -89,3 +89,13 @@ def test_listed_video_without_captions_names_the_files(tmp_path, tokenizer):
         MSVD_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer)
     with pytest.raises(ValueError, match="subset must be one of"):
         MSVD_DataLoader("dev", str(tmp_path), str(tmp_path / "videos"), tokenizer)
+
+
+def test_a_video_listed_twice_is_named(tmp_path, tokenizer, caplog):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({"a": [["x"]], "b": [["y"]]}))
+    (tmp_path / "val_list.txt").write_text("a\nb\na\n")
+    with caplog.at_level(logging.WARNING, logger="dataloaders"):
+        with pytest.raises(ValueError, match="have no file under"):  # the warning comes first, with the list read
+            MSVD_DataLoader("val", str(tmp_path), str(tmp_path / "videos"), tokenizer)
+    assert "val_list.txt lists 1 video id(s) more than once: a; each listing adds" in caplog.text

@@ -251,6 +251,7 @@ def test_optimizer_groups_follow_spec(setup):
         (["--do_train", "--loose_type", "--max_words", "2"], "--max_words must be >= 3"),
         (["--do_train", "--loose_type", "--dsl_temperature", "inf"], "--dsl_temperature must be a positive finite"),
         (["--do_train", "--loose_type", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--do_train", "--loose_type", "--max_words", "78"], "--max_words must be <= 77 (CLIP's text context"),
         (["--do_train", "--loose_type", "--output_dir", "{clip}/out"], "cannot write there (Not a directory)"),
     ],
 )
@@ -437,6 +438,24 @@ def test_checkpoints_that_do_not_fit_give_one_line(run_a, setup, capsys, tmp_pat
         assert mtr.main(["--do_eval", *msvd_args(paths, clip, tmp_path / "out"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("main_task_retrieval.py: error:") and message in err, err
+    # A meanP checkpoint holds no layer count: the message claims none, whatever the run used.
+    extra = ["--init_model", str(meanp), "--sim_header", "seqTransf", "--cross_num_hidden_layers", "2"]
+    assert mtr.main(["--do_eval", *msvd_args(paths, clip, tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained with --linear_patch 2d --sim_header meanP" in err and "cross_num_hidden_layers" not in err, err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_file(bad, run_a, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    damaged = tmp_path / "damaged.bin"
+    state = weights(run_a / "pytorch_model.bin.1")
+    state["clip.visual.proj"][0, 0] = bad
+    torch.save(state, damaged)
+    out = tmp_path / "out"
+    assert mtr.main(["--do_eval", "--init_model", str(damaged), *msvd_args(paths, clip, out)]) == 2
+    _one_line_error(capsys, f"--init_model {damaged}: weights hold NaN or Inf values (clip.visual.proj)")
+    assert not (out / "metrics_eval.json").exists()
 
 
 def test_an_error_while_training_keeps_its_traceback(setup, tmp_path):
@@ -819,3 +838,82 @@ def test_a_bug_in_model_building_keeps_its_traceback(setup, monkeypatch, capsys)
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         root, paths, clip = setup
         mtr.main(msvd_args(paths, clip, root / "bug", "--do_eval"))
+
+
+# ----------------------------------------------------------------------------------------------- runs and resume
+
+
+def _one_line_error(capsys, message):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("main_task_retrieval.py: error:") and message in err, err
+
+
+def test_second_run_into_a_locked_output_dir_is_refused(setup, capsys, tmp_path):
+    from engine.runlock import run_lock
+
+    _, paths, clip = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    with run_lock(str(out)):  # a first run holds the folder
+        assert mtr.main(["--do_train", *msvd_args(paths, clip, out)]) == 2
+        _one_line_error(capsys, f"--output_dir {out}: another run (pid {os.getpid()} on ")
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # not even a log line written
+
+
+def test_resume_pairs_are_checked_before_anything_trains(run_a, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    model0, opt1 = run_a / "pytorch_model.bin.0", run_a / "pytorch_opt.bin.1"
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(model0.read_bytes())
+    negative = tmp_path / "negative.bin"
+    torch.save(dict(weights(opt1), epoch=-2), negative)
+    cases = [
+        (model0, opt1, "3", f"--init_model {model0} is the model of epoch 0, --resume_model {opt1} the optimizer of"),
+        (renamed, opt1, "3", f"--init_model {renamed} is not the model saved with --resume_model {opt1}"),
+        (run_a / "pytorch_model.bin.1", opt1, "2", "ends epoch 2 of the run and --epochs 2 leaves nothing to train"),
+        (model0, negative, "3", f"--resume_model {negative}: its epoch is -2; expected a whole number >= 0"),
+    ]
+    for init, opt, epochs, message in cases:
+        out = tmp_path / f"out{epochs}"
+        args = ["--do_train", "--epochs", epochs, "--init_model", str(init), "--resume_model", str(opt)]
+        assert mtr.main([*args, *msvd_args(paths, clip, out)]) == 2
+        _one_line_error(capsys, message)
+        assert not [p for p in out.iterdir() if p.name.startswith("pytorch_")]
+
+
+def test_an_old_opt_file_without_a_fingerprint_is_resumed_with_a_warning(run_a, tmp_path, caplog):
+    old = tmp_path / "pytorch_opt.bin.0"
+    state = weights(run_a / "pytorch_opt.bin.0")
+    assert len(state.pop("model_sha256")) == 64
+    torch.save(state, old)
+    with caplog.at_level(logging.WARNING, logger="logger"):
+        loaded = engine.checkpoint.load_resume_state(str(old), str(run_a / "pytorch_model.bin.0"), 2)
+    assert loaded["epoch"] == 0 and "records no fingerprint of its model file" in caplog.text
+
+
+def test_data_path_messages_name_what_is_wanted(setup, capsys, tmp_path, monkeypatch):
+    import engine.run
+
+    _, paths, clip = setup
+    monkeypatch.setattr(engine.run, "init_model", lambda *a: pytest.fail("the model was built"))
+    folder = Path(paths["msrvtt_data_path"]).parent
+    args = msrvtt_args(paths, clip, tmp_path / "out")
+    args[args.index("--data_path") + 1] = str(folder)
+    assert mtr.main(["--do_train", *args]) == 2
+    _one_line_error(capsys, f"--data_path {folder}: is a folder; MSR-VTT wants the MSRVTT_data.json file")
+    msvd = tmp_path / "msvd"
+    msvd.mkdir()
+    (msvd / "raw-captions.pkl").write_bytes((Path(paths["msvd_data_path"]) / "raw-captions.pkl").read_bytes())
+    (msvd / "val_list.txt").write_text("a\n")
+    args = msvd_args(paths, clip, tmp_path / "out")
+    args[args.index("--data_path") + 1] = str(msvd)
+    assert mtr.main(["--do_eval", *args]) == 2
+    _one_line_error(capsys, f"--data_path {msvd}: no test_list.txt there (an MSVD folder holds raw-captions.pkl")
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", '{"text_to_video": {}}'])
+def test_a_damaged_earlier_metrics_file_on_resume_is_named(content, tmp_path):
+    (tmp_path / "metrics_epoch0.json").write_text(content)
+    with pytest.raises(util.UsageError, match=rf"{tmp_path}/metrics_epoch0\.json: expected an earlier epoch's metrics"):
+        engine.checkpoint.previous_best(str(tmp_path), 1)
