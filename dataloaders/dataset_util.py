@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.rawvideo_util import RawVideoExtractor, UnreadableVideoError, empty_video, kept_frames_uint8
 from dataloaders.sampling import VideoSampling
-from errors import UsageError
+from errors import RunError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -341,9 +341,9 @@ class VideoTextDataset(Dataset):
                 )
                 break
             if tries == MAX_REPLACEMENTS:
-                raise RuntimeError(
-                    f"{tries} samples in a row had no decodable frame (last: {path}); check the "
-                    f"videos with preprocess/check_dataset.py"
+                raise RunError(
+                    f"{tries} samples in a row had no decodable frame (last: {path}); check the videos "
+                    f"under {self.features_path} with preprocess/check_dataset.py"
                 )
             tries += 1
             # A zero video would give a zero embedding and a NaN loss; train on another sample instead.
