@@ -1,6 +1,9 @@
 """The run when the environment fails it: unreadable data, full disks, read-only folders, damaged files. Each ends
 in one line naming the file or folder, an exit code, and the files written before it intact."""
 
+import errno
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ from conftest import make_clip_state_dict
 from test_main_task_retrieval import msvd_args
 
 import main_task_retrieval as mtr
+import util
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +57,55 @@ def test_every_training_video_undecodable_is_one_line_naming_the_folder(setup, c
     assert mtr.main(args) == 1
     one_line_error(capsys, "samples in a row had no decodable frame", f"the videos under {videos}")
     assert not list((tmp_path / "out").glob("pytorch_*"))
+
+
+def full_disk(error_number: int):
+    return OSError(error_number, os.strerror(error_number))
+
+
+def test_a_full_disk_during_evaluation_is_one_line_and_keeps_the_checkpoint(setup, capsys, caplog, monkeypatch):
+    import engine.run
+
+    root, paths, clip = setup
+    out = root / "full"
+    disk = {"full": False}
+    evaluate = engine.run.eval_epoch
+
+    def evaluate_on_a_full_disk(*args, **kwargs):
+        disk["full"] = True
+        return evaluate(*args, **kwargs)
+
+    def flush(self):
+        if disk["full"]:
+            raise full_disk(errno.ENOSPC)
+        logging.FileHandler.flush(self)
+
+    def atomic_write_text(text, path):
+        raise full_disk(errno.ENOSPC)
+
+    monkeypatch.setattr(engine.run, "eval_epoch", evaluate_on_a_full_disk)
+    monkeypatch.setattr(util.LogFile, "flush", flush)
+    monkeypatch.setattr(util, "atomic_write_text", atomic_write_text)
+    with caplog.at_level(logging.WARNING, logger="logger"):
+        assert mtr.main(msvd_args(paths, clip, out, "--do_train", "--epochs", "1")) == 1
+    one_line_error(capsys, f"cannot write {out}/metrics_epoch0.json (No space left on device)")
+    said = [r.getMessage() for r in caplog.records if "log.txt" in r.getMessage()]
+    assert said == [f"cannot write {out}/log.txt (No space left on device); the log goes on on the console only"]
+    assert "Model saved to" in (out / "log.txt").read_text()  # what was logged before the disk filled
+    saved = torch.load(out / "pytorch_model.bin.0", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+    assert not (out / "metrics_epoch0.json").exists()
+
+
+def test_an_output_folder_made_read_only_during_training_is_one_line(setup, capsys, tmp_path, monkeypatch):
+    _, paths, clip = setup
+    out = tmp_path / "out"
+
+    def append_line(text, path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(util, "append_line", append_line)
+    assert mtr.main(msvd_args(paths, clip, out, "--do_train", "--epochs", "1")) == 1
+    one_line_error(capsys, f"cannot write {out}/metrics.jsonl (Permission denied)")
+    assert "Epoch: 1/1, Step: 1/" in (out / "log.txt").read_text()  # the step it was recording
+    assert not list(out.glob("pytorch_*")) and not (out / "metrics.jsonl").exists()
