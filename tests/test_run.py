@@ -109,3 +109,42 @@ def test_an_output_folder_made_read_only_during_training_is_one_line(setup, caps
     one_line_error(capsys, f"cannot write {out}/metrics.jsonl (Permission denied)")
     assert "Epoch: 1/1, Step: 1/" in (out / "log.txt").read_text()  # the step it was recording
     assert not list(out.glob("pytorch_*")) and not (out / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def epoch0(setup):
+    """A run of one epoch: its pytorch_model.bin.0 and pytorch_opt.bin.0."""
+    root, paths, clip = setup
+    out = root / "epoch0"
+    assert mtr.main(msvd_args(paths, clip, out, "--do_train", "--epochs", "1")) == 0
+    return out
+
+
+def bad_moment(state: dict) -> dict:
+    moments = state["optimizer_state_dict"]["state"]
+    first = next(iter(moments))
+    moments[first]["next_m"] = torch.zeros(3, 5)
+    return state
+
+
+def one_group_less(state: dict) -> dict:
+    state["optimizer_state_dict"]["param_groups"].pop()
+    return state
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (bad_moment, "its optimizer state 'next_m' has shape (3, 5) for a weight of shape"),
+        (one_group_less, "its optimizer state does not fit this model"),
+    ],
+)
+def test_an_optimizer_file_of_another_model_is_named_before_training(damage, message, epoch0, setup, capsys, tmp_path):
+    _, paths, clip = setup
+    opt = tmp_path / "pytorch_opt.bin.0"
+    torch.save(damage(torch.load(epoch0 / "pytorch_opt.bin.0", weights_only=True)), opt)
+    out = tmp_path / "out"
+    resume = ["--init_model", str(epoch0 / "pytorch_model.bin.0"), "--resume_model", str(opt)]
+    assert mtr.main(msvd_args(paths, clip, out, "--do_train", "--epochs", "2", *resume)) == 2
+    one_line_error(capsys, f"--resume_model {opt}: {message}")
+    assert "Epoch: " not in (out / "log.txt").read_text() and not list(out.glob("pytorch_*"))
