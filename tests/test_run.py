@@ -148,3 +148,23 @@ def test_an_optimizer_file_of_another_model_is_named_before_training(damage, mes
     assert mtr.main(msvd_args(paths, clip, out, "--do_train", "--epochs", "2", *resume)) == 2
     one_line_error(capsys, f"--resume_model {opt}: {message}")
     assert "Epoch: " not in (out / "log.txt").read_text() and not list(out.glob("pytorch_*"))
+
+
+def test_a_folder_or_dangling_symlink_for_a_video_is_a_missing_video(setup, capsys, tmp_path):
+    _, paths, clip = setup
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    test = (Path(paths["msvd_data_path"]) / "test_list.txt").read_text().split()
+    for video in Path(paths["msvd_features_path"]).iterdir():
+        (videos / video.name).symlink_to(video)
+    folder, dangling = (next(videos.glob(f"{video_id}.*")) for video_id in test)
+    folder.unlink()
+    folder.mkdir()
+    dangling.unlink()
+    dangling.symlink_to(tmp_path / "gone.avi")
+    args = msvd_args(paths, clip, tmp_path / "out", "--do_eval")
+    args[args.index("--features_path") + 1] = str(videos)
+    assert mtr.main(args) == 2
+    one_line_error(capsys, "2 of 2 videos listed in ", f"have no file under {videos}: {test[0]}, {test[1]}")
+    assert mtr.main([*args, "--skip_missing_videos"]) == 2  # nothing is left to evaluate
+    one_line_error(capsys, "nothing is left to evaluate")
