@@ -264,11 +264,17 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UsageError(f"{flag} {path}: expected a state dict (name → tensor), got {type(state).__name__}")
-    # Damaged weights would be evaluated (or indexed) to the end and give NaN scores: refused before any work.
+    return check_finite(state, f"{flag} {path}")
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``state``, or a :class:`UsageError` naming ``where`` and the weights holding NaN or Inf.
+
+    Damaged weights would be evaluated (or indexed) to the end and give NaN scores: refused before any work."""
     damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if damaged:
         named = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-        raise UsageError(f"{flag} {path}: weights hold NaN or Inf values ({named}); the file is damaged")
+        raise UsageError(f"{where}: weights hold NaN or Inf values ({named}); the file is damaged")
     return state
 
 
