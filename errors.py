@@ -11,6 +11,14 @@ class UsageError(ValueError):
 class RunError(RuntimeError):
     """The run cannot go on (a non-finite loss, a checkpoint that could not be written): one line, exit 1."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error comes back as "Caught RunError in DataLoader worker ..." and the worker's
+        # traceback, whose last line is the error itself: keep that line, the rest is no use to a user.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 # Tokens CLIP's text tower reads, start and end included: its position table has this many rows.
 CLIP_CONTEXT_LENGTH = 77

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import secrets
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,11 +20,35 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UsageError  # noqa: F401  (util.UsageError: the one user-error type)
+from errors import RunError, UsageError  # noqa: F401  (util.UsageError: the one user-error type)
 
 CONSOLE_FORMAT = "%(asctime)s - %(levelname)s -   %(message)s"
 CONSOLE_DATEFMT = "%m/%d/%Y %H:%M:%S"
 FILE_FORMAT = "%(asctime)s:%(levelname)s: %(message)s"
+
+
+class LogFile(logging.FileHandler):
+    """``log.txt``: a write that fails (disk full, folder made read-only) is said once, as a WARNING on the console,
+    and the file is written no more; logging's default would print a traceback block for every later record."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):  # a bad log call is a bug: logging's report with its traceback
+            super().handleError(record)
+            return
+        if self.failed:
+            return
+        self.failed = True
+        reason = getattr(error, "strerror", None) or str(error)
+        logging.getLogger("logger").warning(
+            "cannot write %s (%s); the log goes on on the console only", self.baseFilename, reason
+        )
 
 
 def get_logger(filename: str | Path | None = None) -> logging.Logger:
@@ -42,7 +67,7 @@ def get_logger(filename: str | Path | None = None) -> logging.Logger:
             handler.close()
     if filename is not None:
         # backslashreplace: a file name that is not UTF-8 (bytes Python keeps as surrogates) is logged, not an error
-        handler = logging.FileHandler(filename, errors="backslashreplace")
+        handler = LogFile(filename, errors="backslashreplace")
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter(FILE_FORMAT))
         handler.clip4clip_log_file = True
@@ -239,11 +264,17 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UsageError(f"{flag} {path}: expected a state dict (name → tensor), got {type(state).__name__}")
-    # Damaged weights would be evaluated (or indexed) to the end and give NaN scores: refused before any work.
+    return check_finite(state, f"{flag} {path}")
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``state``, or a :class:`UsageError` naming ``where`` and the weights holding NaN or Inf.
+
+    Damaged weights would be evaluated (or indexed) to the end and give NaN scores: refused before any work."""
     damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if damaged:
         named = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-        raise UsageError(f"{flag} {path}: weights hold NaN or Inf values ({named}); the file is damaged")
+        raise UsageError(f"{where}: weights hold NaN or Inf values ({named}); the file is damaged")
     return state
 
 
@@ -285,6 +316,17 @@ def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def run_output(path: str | Path) -> Iterator[None]:
+    """A write of a run's record ``path``: an OSError (disk full, read-only folder) is a :class:`RunError` naming
+    the file, since the run cannot keep its record; files written before stay as they were."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise RunError(f"cannot write {path} ({reason}); the files written before it are intact") from None
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:

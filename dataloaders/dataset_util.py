@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.rawvideo_util import RawVideoExtractor, UnreadableVideoError, empty_video, kept_frames_uint8
 from dataloaders.sampling import VideoSampling
-from errors import UsageError
+from errors import RunError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ def _require_dir(features_path: str) -> None:
 
 def find_videos(features_path: str, wanted: Collection[str], by_stem: bool = True) -> dict[str, str]:
     """Walk ``features_path`` and map each wanted id to its file; the id is the file name before its last dot, or the
-    whole name when ``by_stem`` is False (DiDeMo). Walked in sorted order, so the pick among duplicates is stable."""
+    whole name when ``by_stem`` is False (DiDeMo). Walked in sorted order, so the pick among duplicates is stable.
+    What is not a regular file (a dangling symlink, a pipe) is no video: its id is missing, reported at build."""
     _require_dir(features_path)
     wanted = set(wanted)
     found: dict[str, str] = {}
@@ -195,20 +196,22 @@ def find_videos(features_path: str, wanted: Collection[str], by_stem: bool = Tru
         dirs.sort()
         for name in sorted(files):
             key = ".".join(name.split(".")[:-1]) if by_stem else name
-            if key in wanted:
-                found[key] = os.path.join(root, name)
+            path = os.path.join(root, name)
+            if key in wanted and os.path.isfile(path):
+                found[key] = path
     return found
 
 
 def find_videos_flat(features_path: str, video_ids: Iterable[str], extensions: Sequence[str]) -> dict[str, str]:
-    """``<features_path>/<id><ext>`` for the first extension that exists (MSR-VTT: .mp4, else .webm)."""
+    """``<features_path>/<id><ext>`` for the first extension that is a regular file (MSR-VTT: .mp4, else .webm)."""
     _require_dir(features_path)
     names = set(os.listdir(features_path))
     found: dict[str, str] = {}
     for video_id in video_ids:
         for ext in extensions:
-            if video_id + ext in names:
-                found[video_id] = os.path.join(features_path, video_id + ext)
+            path = os.path.join(features_path, video_id + ext)
+            if video_id + ext in names and os.path.isfile(path):
+                found[video_id] = path
                 break
     return found
 
@@ -341,9 +344,9 @@ class VideoTextDataset(Dataset):
                 )
                 break
             if tries == MAX_REPLACEMENTS:
-                raise RuntimeError(
-                    f"{tries} samples in a row had no decodable frame (last: {path}); check the "
-                    f"videos with preprocess/check_dataset.py"
+                raise RunError(
+                    f"{tries} samples in a row had no decodable frame (last: {path}); check the videos "
+                    f"under {self.features_path} with preprocess/check_dataset.py"
                 )
             tries += 1
             # A zero video would give a zero embedding and a NaN loss; train on another sample instead.

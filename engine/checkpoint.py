@@ -105,6 +105,26 @@ def _check_pair(resume_model: str, checkpoint: dict, init_model: str) -> None:
         )
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, resume_model: str) -> None:
+    """``state`` into ``optimizer``, refused naming ``resume_model`` when it is not this model's (other parameter
+    groups, or moments of another shape, which would only fail at the first step)."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise UsageError(
+            f"--resume_model {resume_model}: its optimizer state does not fit this model "
+            f"({' '.join(str(error).split())[:120]})"
+        ) from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise UsageError(
+                        f"--resume_model {resume_model}: its optimizer state {name!r} has shape "
+                        f"{tuple(value.shape)} for a weight of shape {tuple(param.shape)}; not this model's file"
+                    )
+
+
 def previous_best(output_dir: str, before_epoch: int) -> tuple[float, str]:
     """Best R@1 and model file among the metrics_epoch<k>.json files of epochs before ``before_epoch``."""
     best_score, best_file = 0.00001, "None"

@@ -221,9 +221,9 @@ def eval_epoch(
         sim_matrix = np.concatenate(blocks, axis=1)
         querybank = None if bank_sim is None else querybank_of(bank_sim, cosine_scale(model), config.run.qb_norm_beta)
         record, tables = score(config, sim_matrix, cut, tag, model_file, querybank, cosine_scale(model))
-        util.atomic_write_text(
-            json.dumps(record, indent=1) + "\n", os.path.join(config.run.output_dir, f"metrics_{tag}.json")
-        )
+        metrics_file = os.path.join(config.run.output_dir, f"metrics_{tag}.json")
+        with util.run_output(metrics_file):
+            util.atomic_write_text(json.dumps(record, indent=1) + "\n", metrics_file)
         if run_log is not None:
             run_log.evaluation(record, global_step)
         if config.run.eval_report:

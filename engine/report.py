@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+import util
 from engine.config import RunConfig
 
 logger = logging.getLogger("logger")
@@ -43,16 +44,17 @@ def write_eval_report(
         "data set": config.data.datatype,
         "head": config.model.sim_header,
     }
-    eval_report.write_report(
-        path,
-        sim_matrix,
-        truth,
-        [p[1] for p in pairs],
-        [str(pairs[i][0]) for i in video_pairs],
-        tables,
-        frames,
-        title=f"CLIP4Clip evaluation report ({tag})",
-        details=details,
-        curves=curves,
-    )
+    with util.run_output(path):
+        eval_report.write_report(
+            path,
+            sim_matrix,
+            truth,
+            [p[1] for p in pairs],
+            [str(pairs[i][0]) for i in video_pairs],
+            tables,
+            frames,
+            title=f"CLIP4Clip evaluation report ({tag})",
+            details=details,
+            curves=curves,
+        )
     logger.info("Evaluation report written to %s", path)

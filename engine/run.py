@@ -12,7 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import util
 from dataloaders.data_dataloaders import DATALOADER_DICT
-from engine.checkpoint import load_resume_state, previous_best, save_model
+from engine.checkpoint import load_optimizer_state, load_resume_state, previous_best, save_model
 from engine.config import RunConfig
 from engine.context import RunContext, start_run, wrap_ddp
 from engine.evaluate import eval_epoch
@@ -168,7 +168,7 @@ def resume(
 ) -> TrainState:
     """Optimizer, scaler and RNG states of the ``--resume_model`` file; the best so far from the earlier metrics."""
     path = config.run.resume_model
-    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    load_optimizer_state(optimizer, checkpoint["optimizer_state_dict"], path)
     state = TrainState(epoch=checkpoint["epoch"] + 1, global_step=checkpoint.get("global_step", 0))
     if "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])

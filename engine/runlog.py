@@ -26,7 +26,8 @@ class RunLog:
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def _write(self, record: dict, scalars: dict[str, float], step: int) -> None:
-        util.append_line(json.dumps({**record, "time": round(time.time(), 3)}), self.path)
+        with util.run_output(self.path):
+            util.append_line(json.dumps({**record, "time": round(time.time(), 3)}), self.path)
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)

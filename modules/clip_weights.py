@@ -18,7 +18,7 @@ from modules.clip_formats import openai_keys, read_checkpoint, read_clip_weights
 from modules.clip_names import OPENAI_FILE_NAMES, OPENAI_MODEL_URLS, TINY_MODELS, available_models
 from modules.module_clip import clip_config_from_state_dict
 from modules.tiny_clip import tiny_state_dict
-from util import UsageError
+from util import UsageError, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +83,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise UsageError(f"CLIP weights {path}: no such file or folder")
     if path.is_dir() or weight_file_format(path) != "torchscript":
-        return read_clip_weights(path)
+        return check_finite(read_clip_weights(path), f"CLIP weights {path}")
     try:
-        return read_torchscript_archive(path)
+        state = read_torchscript_archive(path)
     except Exception as error:  # whatever a damaged file raises, the user needs the same one line
         raise UsageError(
             f"cannot read CLIP weights from {path} ({_first_line(error)}): expected OpenAI's "
             f"TorchScript archive; the file may be truncated or corrupt, download it again (see README, 'CLIP weights')"
         ) from None
+    missing = missing_clip_weights(state)
+    if missing:  # another TorchScript model: its own keys would fail later, without the file's name
+        raise UsageError(
+            f"CLIP weights {path}: a TorchScript archive, but not OpenAI's ViT CLIP (no {_preview(missing)})"
+        )
+    return check_finite(state, f"CLIP weights {path}")
 
 
 def checkpoint_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

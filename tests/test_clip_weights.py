@@ -16,6 +16,7 @@ from conftest import make_clip_state_dict
 from torch import nn
 
 from modules import clip_weights
+from modules.clip_archive import read_torchscript_archive
 from modules.clip_weights import load_clip_state_dict, load_state_dict_file, weight_file_format
 from modules.module_clip import CLIP, build_model
 from util import UsageError
@@ -100,7 +101,9 @@ def test_torchscript_archive_is_read_without_running_its_code(tmp_path, capfd):
         torch.jit.load(str(path))
     assert "HOSTILE-SETSTATE-RAN" in capfd.readouterr().out  # the archive really runs code under torch.jit.load
 
-    loaded = load_state_dict_file(path)
+    loaded = read_torchscript_archive(path)
+    with pytest.raises(UsageError, match="hostile.pt: a TorchScript archive, but not OpenAI's ViT CLIP"):
+        load_state_dict_file(path)
     assert "HOSTILE-SETSTATE-RAN" not in capfd.readouterr().out
     expected = {
         "inner.weight": holder.inner.weight,
@@ -322,3 +325,22 @@ def test_clip_of_another_format_trains_and_indexes(tmp_path, tiny_data, fmt):
     # The converted weights are the tiny CLIP's: the same embeddings as the named model, to fp32 rounding.
     ours, named = (np.load(next((tmp_path / index).glob("embeddings-*.npy"))) for index in ("ours", "named"))
     np.testing.assert_allclose(ours, named, atol=1e-5)
+
+
+def test_a_torchscript_archive_that_is_not_a_clip_names_the_file(tmp_path):
+    path = save_torchscript({"encoder.weight": torch.ones(2, 2), "encoder.bias": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(
+        UsageError, match=rf"CLIP weights {tmp_path}/other\.pt: a TorchScript archive, but not OpenAI's"
+    ):
+        load_state_dict_file(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_clip_weights_holding_nan_or_inf_are_refused_naming_the_file(bad, tmp_path):
+    sd = make_clip_state_dict()
+    sd["visual.proj"] = sd["visual.proj"].clone()
+    sd["visual.proj"][0, 0] = bad
+    for path in (save_torchscript(sd, tmp_path / "jit.pt"), tmp_path / "plain.pt"):
+        torch.save(sd, tmp_path / "plain.pt")
+        with pytest.raises(UsageError, match=rf"CLIP weights {path}: weights hold NaN or Inf values \(visual\.proj\)"):
+            load_state_dict_file(path)

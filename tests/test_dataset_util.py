@@ -273,3 +273,17 @@ def test_read_lines_splits_only_where_the_original_does(tmp_path):
     assert read_lines(str(path)) == [caption + "\tx", "second", "third", "last"]
     path.write_bytes(b"one\n\ntwo\n")
     assert read_lines(str(path)) == ["one", "", "two"]
+
+
+def test_what_is_not_a_regular_file_is_no_video(tmp_path):
+    from dataloaders.dataset_util import find_videos, find_videos_flat
+
+    (tmp_path / "good.mp4").write_bytes(b"x")
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "gone.mp4")
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "linked.mp4").symlink_to(tmp_path / "good.mp4")
+    wanted = ["good", "folder", "dangling", "pipe", "linked"]
+    expected = {"good": str(tmp_path / "good.mp4"), "linked": str(tmp_path / "linked.mp4")}
+    assert find_videos(str(tmp_path), wanted) == expected
+    assert find_videos_flat(str(tmp_path), wanted, [".mp4"]) == expected
