@@ -25,23 +25,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from modules.clip_names import TINY_MODELS  # noqa: E402
+from modules.clip_names import NAMED_ARCHITECTURES, TINY_MODELS  # noqa: E402
 from modules.modeling import CLIP4Clip, CLIP4ClipConfig  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.module_cross import CrossConfig  # noqa: E402
 
-VIT_B_32 = dict(
-    embed_dim=512,
-    image_resolution=224,
-    vision_layers=12,
-    vision_width=768,
-    vision_patch_size=32,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=512,
-    transformer_heads=8,
-    transformer_layers=12,
-)
+VIT_B_32 = NAMED_ARCHITECTURES["ViT-B/32"]
 MAX_WORDS = 32
 
 

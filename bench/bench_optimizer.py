@@ -24,21 +24,11 @@ from torch.nn.utils import clip_grad_norm_
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from modules.clip_names import NAMED_ARCHITECTURES  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.optimization import SCHEDULES, BertAdam  # noqa: E402
 
-VIT_B_32 = dict(
-    embed_dim=512,
-    image_resolution=224,
-    vision_layers=12,
-    vision_width=768,
-    vision_patch_size=32,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=512,
-    transformer_heads=8,
-    transformer_layers=12,
-)
+VIT_B_32 = NAMED_ARCHITECTURES["ViT-B/32"]
 TOY_SHAPES = [(512, 768), (768,), (3, 64, 33), (1,), (2048, 128), (77, 512)]
 BYTES_PER_ELEMENT = 36  # fp32: read g (norm); read p, g, m, v; write p, g (clipped in place), m, v
 HYPER = dict(lr=1e-4, warmup=0.1, t_total=1000, schedule="warmup_cosine", b1=0.9, b2=0.98, e=1e-6)

@@ -51,23 +51,13 @@ from engine.config import OptimConfig, RunConfig, RunOptions, clip_image_resolut
 from engine.context import RunContext, autocast_for  # noqa: E402
 from engine.model import compile_model, init_model, prep_optimizer  # noqa: E402
 from modules import module_clip  # noqa: E402
+from modules.clip_names import NAMED_ARCHITECTURES  # noqa: E402
 from modules.modeling import CLIP4ClipConfig, resolve_precision  # noqa: E402
 from modules.module_clip import CLIP  # noqa: E402
 from modules.optimization import BertAdam  # noqa: E402
 from modules.tokenization_clip import SimpleTokenizer  # noqa: E402
 
-VIT_B_32 = dict(
-    embed_dim=512,
-    image_resolution=224,
-    vision_layers=12,
-    vision_width=768,
-    vision_patch_size=32,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=512,
-    transformer_heads=8,
-    transformer_layers=12,
-)
+VIT_B_32 = NAMED_ARCHITECTURES["ViT-B/32"]
 CAPTIONS_PER_VIDEO = 20
 MAX_WORDS = 32
 

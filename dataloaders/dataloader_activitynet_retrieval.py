@@ -7,7 +7,7 @@ import math
 import os
 
 from dataloaders.dataset_util import (
-    VideoTextDataset,
+    SplitDataset,
     annotation_error,
     clip_window,
     find_videos,
@@ -15,7 +15,6 @@ from dataloaders.dataset_util import (
     require_keys,
     require_str,
 )
-from dataloaders.sampling import VideoSampling, sampling_of
 
 logger = logging.getLogger(__name__)
 
@@ -23,37 +22,13 @@ ID_FILES = {"train": "train_ids.json", "val": "val_ids.json"}
 CAPTION_FILES = {"train": "train.json", "val": "val_1.json"}
 
 
-class ActivityNet_DataLoader(VideoTextDataset):
+class ActivityNet_DataLoader(SplitDataset):
     """One sample per id of ``{subset}_ids.json`` that has captions and a video; ids are ``v_<file stem>``."""
 
-    def __init__(
-        self,
-        subset: str,
-        data_path: str,
-        features_path: str,
-        tokenizer,
-        max_words: int = 30,
-        sampling: VideoSampling | None = None,
-        *,
-        frame_cache: str | None = None,
-        skip_missing: bool = False,
-        uint8_frames: bool = False,
-        **loose_sampling: float,
-    ):
-        if subset not in ID_FILES:
-            raise ValueError(f"ActivityNet subset must be one of {tuple(ID_FILES)}, got {subset!r}")
-        super().__init__(
-            tokenizer,
-            features_path,
-            max_words,
-            sampling_of(type(self).__name__, sampling, loose_sampling),
-            frame_cache,
-            skip_missing,
-            training=subset == "train",
-            uint8_frames=uint8_frames,
-        )
-        self.data_path = data_path
-        self.subset = subset
+    NAME = "ActivityNet"
+    SUBSETS = tuple(ID_FILES)
+
+    def read_annotations(self, subset: str, data_path: str, features_path: str) -> None:
         ids_path = os.path.join(data_path, ID_FILES[subset])
         captions_path = os.path.join(data_path, CAPTION_FILES[subset])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from dataloaders.dataset_util import (
-    VideoTextDataset,
+    SplitDataset,
     annotation_error,
     clip_window,
     find_videos,
@@ -14,46 +14,21 @@ from dataloaders.dataset_util import (
     require_keys,
     require_str,
 )
-from dataloaders.sampling import VideoSampling, sampling_of
 
 SUBSETS = ("train", "val", "test")
 # Annotators saw at most 30 s of each video; the original reads [0, 31] instead of the annotated moments.
 WINDOW = clip_window(0, 31)
 
 
-class DiDeMo_DataLoader(VideoTextDataset):
+class DiDeMo_DataLoader(SplitDataset):
     """One sample per video, in order of first appearance in ``{subset}_data.json``; the id is the file name."""
 
     swallow_read_errors = True  # as the original: a read error leaves zero frames (training replaces the sample)
 
-    def __init__(
-        self,
-        subset: str,
-        data_path: str,
-        features_path: str,
-        tokenizer,
-        max_words: int = 30,
-        sampling: VideoSampling | None = None,
-        *,
-        frame_cache: str | None = None,
-        skip_missing: bool = False,
-        uint8_frames: bool = False,
-        **loose_sampling: float,
-    ):
-        if subset not in SUBSETS:
-            raise ValueError(f"DiDeMo subset must be one of {SUBSETS}, got {subset!r}")
-        super().__init__(
-            tokenizer,
-            features_path,
-            max_words,
-            sampling_of(type(self).__name__, sampling, loose_sampling),
-            frame_cache,
-            skip_missing,
-            training=subset == "train",
-            uint8_frames=uint8_frames,
-        )
-        self.data_path = data_path
-        self.subset = subset
+    NAME = "DiDeMo"
+    SUBSETS = SUBSETS
+
+    def read_annotations(self, subset: str, data_path: str, features_path: str) -> None:
         list_path = os.path.join(data_path, f"{subset}_list.txt")
         json_path = os.path.join(data_path, f"{subset}_data.json")
         listed = {video_id for _line, video_id in read_id_list(list_path)}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dataloaders.dataset_util import VideoTextDataset, annotation_error, find_videos, read_lines
-from dataloaders.sampling import VideoSampling, sampling_of
+from dataloaders.dataset_util import SplitDataset, annotation_error, find_videos, read_lines
 
 ANNOTATION_FILES = {
     "train": "LSMDC16_annos_training.csv",
@@ -15,37 +14,13 @@ ANNOTATION_FILES = {
 FIELDS = "clip_id, start_aligned, end_aligned, start_extracted, end_extracted, sentence"
 
 
-class LSMDC_DataLoader(VideoTextDataset):
+class LSMDC_DataLoader(SplitDataset):
     """One sample per annotation line (a clip id can carry several sentences), in file order."""
 
-    def __init__(
-        self,
-        subset: str,
-        data_path: str,
-        features_path: str,
-        tokenizer,
-        max_words: int = 30,
-        sampling: VideoSampling | None = None,
-        *,
-        frame_cache: str | None = None,
-        skip_missing: bool = False,
-        uint8_frames: bool = False,
-        **loose_sampling: float,
-    ):
-        if subset not in ANNOTATION_FILES:
-            raise ValueError(f"LSMDC subset must be one of {tuple(ANNOTATION_FILES)}, got {subset!r}")
-        super().__init__(
-            tokenizer,
-            features_path,
-            max_words,
-            sampling_of(type(self).__name__, sampling, loose_sampling),
-            frame_cache,
-            skip_missing,
-            training=subset == "train",
-            uint8_frames=uint8_frames,
-        )
-        self.data_path = data_path
-        self.subset = subset
+    NAME = "LSMDC"
+    SUBSETS = tuple(ANNOTATION_FILES)
+
+    def read_annotations(self, subset: str, data_path: str, features_path: str) -> None:
         path = os.path.join(data_path, ANNOTATION_FILES[subset])
         pairs = []
         for line, text in enumerate(read_lines(path), 1):

@@ -17,7 +17,7 @@ from dataloaders.dataset_util import (
     require_str,
     warn_repeated,
 )
-from dataloaders.sampling import VideoSampling, sampling_of
+from dataloaders.sampling import VideoSampling
 
 VIDEO_EXTENSIONS = (".mp4", ".webm")  # <id>.mp4, or <id>.webm when the mp4 is absent
 
@@ -32,22 +32,9 @@ class MSRVTT_DataLoader(VideoTextDataset):
         tokenizer,
         max_words: int = 30,
         sampling: VideoSampling | None = None,
-        *,
-        frame_cache: str | None = None,
-        skip_missing: bool = False,
-        uint8_frames: bool = False,
-        **loose_sampling: float,
+        **options,
     ):
-        super().__init__(
-            tokenizer,
-            features_path,
-            max_words,
-            sampling_of(type(self).__name__, sampling, loose_sampling),
-            frame_cache,
-            skip_missing,
-            training=False,
-            uint8_frames=uint8_frames,
-        )
+        super().__init__(tokenizer, features_path, max_words, sampling, training=False, **options)
         self.data = read_csv(csv_path, ("video_id", "sentence"))
         warn_repeated(
             self.data["video_id"],
@@ -80,21 +67,9 @@ class MSRVTT_TrainDataLoader(VideoTextDataset):
         sampling: VideoSampling | None = None,
         *,
         unfold_sentences: bool = False,
-        frame_cache: str | None = None,
-        skip_missing: bool = False,
-        uint8_frames: bool = False,
-        **loose_sampling: float,
+        **options,
     ):
-        super().__init__(
-            tokenizer,
-            features_path,
-            max_words,
-            sampling_of(type(self).__name__, sampling, loose_sampling),
-            frame_cache,
-            skip_missing,
-            training=True,
-            uint8_frames=uint8_frames,
-        )
+        super().__init__(tokenizer, features_path, max_words, sampling, training=True, **options)
         self.csv = read_csv(csv_path, ("video_id",))
         self.data = read_json(json_path)
         self.unfold_sentences = unfold_sentences

@@ -6,51 +6,26 @@ import logging
 import os
 
 from dataloaders.dataset_util import (
-    VideoTextDataset,
+    SplitDataset,
     annotation_error,
     find_videos,
     load_raw_captions,
     read_id_list,
     warn_repeated,
 )
-from dataloaders.sampling import VideoSampling, sampling_of
 
 logger = logging.getLogger(__name__)
 
 SUBSETS = ("train", "val", "test")
 
 
-class MSVD_DataLoader(VideoTextDataset):
+class MSVD_DataLoader(SplitDataset):
     """Multi-sentence retrieval: ``cut_off_points[i]`` is the number of samples up to and including video i."""
 
-    def __init__(
-        self,
-        subset: str,
-        data_path: str,
-        features_path: str,
-        tokenizer,
-        max_words: int = 30,
-        sampling: VideoSampling | None = None,
-        *,
-        frame_cache: str | None = None,
-        skip_missing: bool = False,
-        uint8_frames: bool = False,
-        **loose_sampling: float,
-    ):
-        if subset not in SUBSETS:
-            raise ValueError(f"MSVD subset must be one of {SUBSETS}, got {subset!r}")
-        super().__init__(
-            tokenizer,
-            features_path,
-            max_words,
-            sampling_of(type(self).__name__, sampling, loose_sampling),
-            frame_cache,
-            skip_missing,
-            training=subset == "train",
-            uint8_frames=uint8_frames,
-        )
-        self.data_path = data_path
-        self.subset = subset
+    NAME = "MSVD"
+    SUBSETS = SUBSETS
+
+    def read_annotations(self, subset: str, data_path: str, features_path: str) -> None:
         list_path = os.path.join(data_path, f"{subset}_list.txt")
         caption_path = os.path.join(data_path, "raw-captions.pkl")
         listed = read_id_list(list_path)

@@ -20,7 +20,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from dataloaders.rawvideo_util import RawVideoExtractor, UnreadableVideoError, empty_video, kept_frames_uint8
-from dataloaders.sampling import VideoSampling
+from dataloaders.sampling import VideoSampling, sampling_of
 from errors import RunError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -233,12 +233,15 @@ class VideoTextDataset(Dataset):
         tokenizer,
         features_path: str,
         max_words: int,
-        sampling: VideoSampling,
-        frame_cache: str | None,
-        skip_missing: bool,
+        sampling: VideoSampling | None = None,
+        *,
         training: bool,
+        frame_cache: str | None = None,
+        skip_missing: bool = False,
         uint8_frames: bool = False,
+        **loose_sampling: float,
     ):
+        sampling = sampling_of(type(self).__name__, sampling, loose_sampling)
         self.tokenizer = tokenizer
         self.features_path = features_path
         self.max_words = max_words
@@ -394,3 +397,32 @@ class VideoTextDataset(Dataset):
         return kept_frames_uint8(
             self.rawVideoExtractor, self.video_dict[video_id], self.max_frames, self.slice_framepos, start, end
         )
+
+
+class SplitDataset(VideoTextDataset):
+    """A data set whose split is named (``subset``) and whose annotations sit in one folder (``data_path``): MSVD,
+    LSMDC, ActivityNet and DiDeMo. A subclass names its ``SUBSETS`` and reads its annotations in
+    ``read_annotations``; ``options`` are :class:`VideoTextDataset`'s (and the original's sampling keywords)."""
+
+    NAME = ""
+    SUBSETS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        subset: str,
+        data_path: str,
+        features_path: str,
+        tokenizer,
+        max_words: int = 30,
+        sampling: VideoSampling | None = None,
+        **options,
+    ):
+        if subset not in self.SUBSETS:
+            raise ValueError(f"{self.NAME} subset must be one of {self.SUBSETS}, got {subset!r}")
+        super().__init__(tokenizer, features_path, max_words, sampling, training=subset == "train", **options)
+        self.subset = subset
+        self.data_path = data_path
+        self.read_annotations(subset, data_path, features_path)
+
+    def read_annotations(self, subset: str, data_path: str, features_path: str) -> None:
+        raise NotImplementedError

@@ -32,6 +32,25 @@ TINY_MODELS: dict[str, dict[str, int]] = {
 }
 
 
+# The architectures of OpenAI's ViT files, known without reading them (as clip_config_from_state_dict gives them).
+_OPENAI_VIT_B = dict(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=12,
+)
+NAMED_ARCHITECTURES: dict[str, dict[str, int]] = {
+    "ViT-B/32": {**_OPENAI_VIT_B, "vision_patch_size": 32},
+    "ViT-B/16": {**_OPENAI_VIT_B, "vision_patch_size": 16},
+    **TINY_MODELS,
+}
+
+
 def available_models() -> list[str]:
     """Names accepted by ``--pretrained_clip_name`` (besides a file path)."""
     return list(OPENAI_MODEL_URLS) + list(TINY_MODELS)

@@ -15,7 +15,7 @@ import torch
 
 from modules.clip_archive import is_torchscript_archive, read_torchscript_archive
 from modules.clip_formats import openai_keys, read_checkpoint, read_clip_weights
-from modules.clip_names import OPENAI_FILE_NAMES, OPENAI_MODEL_URLS, TINY_MODELS, available_models
+from modules.clip_names import NAMED_ARCHITECTURES, OPENAI_FILE_NAMES, OPENAI_MODEL_URLS, TINY_MODELS, available_models
 from modules.module_clip import clip_config_from_state_dict
 from modules.tiny_clip import tiny_state_dict
 from util import UsageError, check_finite
@@ -23,24 +23,6 @@ from util import UsageError, check_finite
 logger = logging.getLogger(__name__)
 
 CLIP_PREFIX = "clip."
-# The architectures of OpenAI's ViT files, known without reading them (as clip_config_from_state_dict gives them).
-_OPENAI_VIT = dict(
-    embed_dim=512,
-    image_resolution=224,
-    vision_layers=12,
-    vision_width=768,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=512,
-    transformer_heads=8,
-    transformer_layers=12,
-)
-NAMED_ARCHITECTURES: dict[str, dict[str, int]] = {
-    "ViT-B/32": {**_OPENAI_VIT, "vision_patch_size": 32},
-    "ViT-B/16": {**_OPENAI_VIT, "vision_patch_size": 16},
-    **TINY_MODELS,
-}
-
 # Where the weight files of the known names are looked for.
 WEIGHTS_DIR = Path(__file__).resolve().parent
 
