@@ -47,14 +47,10 @@ class PerTensorBertAdam(BertAdam):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["next_m"] = torch.zeros_like(p)
-                    state["next_v"] = torch.zeros_like(p)
+                if not state:
+                    state.update(step=0, next_m=torch.zeros_like(p), next_v=torch.zeros_like(p))
                 next_m, next_v = state["next_m"], state["next_v"]
                 if group["max_grad_norm"] > 0:
                     clip_grad_norm_(p, group["max_grad_norm"])

@@ -52,30 +52,18 @@ def _dataset_kwargs(data: DataConfig, sampling: VideoSampling, tokenizer) -> dic
     )
 
 
+def _loader(dataset: Dataset, data: DataConfig, batch_size: int, **order) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers, pin_memory=PIN_MEMORY, **order)
+
+
 def _train_loader(dataset: Dataset, data: DataConfig, batch_size: int) -> tuple[DataLoader, int, DistributedSampler]:
     """Shuffled by a DistributedSampler (seed 0 + epoch; call ``set_epoch``), ``batch_size`` per process."""
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=data.num_workers,
-        pin_memory=PIN_MEMORY,
-        sampler=sampler,
-        drop_last=True,
-    )
-    return loader, len(dataset), sampler
+    return _loader(dataset, data, batch_size, sampler=sampler, drop_last=True), len(dataset), sampler
 
 
 def _eval_loader(dataset: Dataset, data: DataConfig, batch_size: int) -> tuple[DataLoader, int]:
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=data.num_workers,
-        shuffle=False,
-        drop_last=False,
-        pin_memory=PIN_MEMORY,
-    )
-    return loader, len(dataset)
+    return _loader(dataset, data, batch_size, shuffle=False, drop_last=False), len(dataset)
 
 
 def dataloader_msrvtt_train(data: DataConfig, sampling: VideoSampling, tokenizer, batch_size: int):

@@ -61,24 +61,12 @@ _TOWERS = {
 _HF_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 # What a transformers config omits is its class default; CLIP4Clip's CLIP needs exactly these values.
+_HF_BOTH = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
 _HF_DEFAULTS = {
     "text": dict(
-        hidden_size=512,
-        intermediate_size=2048,
-        num_attention_heads=8,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        vocab_size=49408,
-        eos_token_id=49407,
+        _HF_BOTH, hidden_size=512, intermediate_size=2048, num_attention_heads=8, vocab_size=49408, eos_token_id=49407
     ),
-    "vision": dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        num_channels=3,
-    ),
+    "vision": dict(_HF_BOTH, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_channels=3),
 }
 _HF_TYPES = {"clip": "CLIPModel", "clip_text_model": "text", "clip_vision_model": "vision"}
 # A CLIPTextModelWithProjection / CLIPVisionModelWithProjection pair has no logit scale; OpenAI's checkpoints, which
@@ -163,6 +151,19 @@ def to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
+def _hf_tower(state: Mapping[str, torch.Tensor], common: dict, tower: str, width: int) -> dict:
+    """The fields a transformers text or vision config shares, read off the tower's first block and block count."""
+    prefix = _TOWERS[tower][0]
+    return dict(
+        common,
+        model_type=f"clip_{tower}_model",
+        hidden_size=width,
+        intermediate_size=state[f"{prefix}.0.mlp.c_fc.weight"].shape[0],
+        num_attention_heads=width // 64,
+        num_hidden_layers=_block_count(state, prefix),
+    )
+
+
 def hf_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The ``CLIPModel`` config.json of an OpenAI-keyed ViT CLIP state dict, read off its shapes."""
     vision_width = state["visual.conv1.weight"].shape[0]
@@ -172,12 +173,7 @@ def hf_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     embed = state["text_projection"].shape[1]
     common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=embed)
     text = dict(
-        common,
-        model_type="clip_text_model",
-        hidden_size=text_width,
-        intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        num_attention_heads=text_width // 64,
-        num_hidden_layers=_block_count(state, _TOWERS["text"][0]),
+        _hf_tower(state, common, "text", text_width),
         max_position_embeddings=state["positional_embedding"].shape[0],
         vocab_size=vocab,
         # The end token is the highest id, so pooling at its first occurrence is OpenAI's argmax pooling.
@@ -186,12 +182,7 @@ def hf_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         pad_token_id=1,
     )
     vision = dict(
-        common,
-        model_type="clip_vision_model",
-        hidden_size=vision_width,
-        intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        num_attention_heads=vision_width // 64,
-        num_hidden_layers=_block_count(state, _TOWERS["vision"][0]),
+        _hf_tower(state, common, "vision", vision_width),
         image_size=patch * grid,
         patch_size=patch,
         num_channels=3,
