@@ -16,7 +16,13 @@ def test_toy_bench_prints_every_column(capsys):
     assert f"{numel / 1e6:.1f} M fp32 parameters in 6 tensors" in out
     # The limit is 36 bytes per element at the measured bandwidth.
     assert result["copy-bandwidth limit"] == 36 * numel / result["bandwidth"]
-    for name in ("BertAdam (now)", "BertAdam (original per-tensor)", "AdamW fused", "AdamW foreach"):
+    for name in (
+        "BertAdam (now)",
+        "BertAdam (torch update)",
+        "BertAdam (original per-tensor)",
+        "AdamW fused",
+        "AdamW foreach",
+    ):
         assert result[name] > 0
         assert out.count(name) == 1
     assert "copy-bandwidth limit" in out and "this/limit" in out

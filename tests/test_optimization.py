@@ -246,15 +246,30 @@ def _assert_same(params_a, opt_a, params_b, opt_b) -> None:
     assert opt_a.get_lr() == opt_b.get_lr()
 
 
-@pytest.mark.parametrize("slice_elements", [None, 4099])
+def _kernel_or_skip():
+    kernel = optimization._cpu_kernel()
+    if kernel is None:
+        pytest.skip(
+            "the fused CPU update is off on this machine (no C compiler, or torch rounds otherwise): see the log"
+        )
+    return kernel
+
+
+class TorchUpdateBertAdam(BertAdam):
+    use_cpu_kernel = False
+
+
+@pytest.mark.parametrize("update", ["kernel", "torch", "torch odd slices"])
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
 @pytest.mark.parametrize(
     "schedule, t_total", [("warmup_cosine", 20), ("warmup_constant", 20), ("warmup_linear", 20), ("warmup_linear", -1)]
 )
-def test_step_equals_per_tensor_step_bit_for_bit(schedule, t_total, max_grad_norm, slice_elements, monkeypatch):
-    if slice_elements:  # slices that end anywhere, not at vector boundaries: any split must round alike
-        monkeypatch.setattr(optimization, "_chunk_elements", lambda device: slice_elements)
-    ours, params_a = _make(BertAdam, schedule, t_total, max_grad_norm)
+def test_step_equals_per_tensor_step_bit_for_bit(schedule, t_total, max_grad_norm, update, monkeypatch):
+    if update == "kernel":  # fp32 tensors through the C kernel (two threads: the fp32 bucket has > 2^16 elements)
+        _kernel_or_skip()
+    if update == "torch odd slices":  # slices that end anywhere, not at vector boundaries: any split must round alike
+        monkeypatch.setattr(optimization, "_chunk_elements", lambda device: 4099)
+    ours, params_a = _make(BertAdam if update == "kernel" else TorchUpdateBertAdam, schedule, t_total, max_grad_norm)
     ref, params_b = _make(PerTensorBertAdam, schedule, t_total, max_grad_norm)
     clipped = _train(ours, params_a, 12, seed=4)
     assert _train(ref, params_b, 12, seed=4) == clipped
@@ -264,7 +279,8 @@ def test_step_equals_per_tensor_step_bit_for_bit(schedule, t_total, max_grad_nor
     _assert_same(params_a, ours, params_b, ref)
 
 
-def test_resume_from_a_state_file_of_the_per_tensor_step():
+@pytest.mark.parametrize("cls", [BertAdam, TorchUpdateBertAdam])
+def test_resume_from_a_state_file_of_the_per_tensor_step(cls):
     """An optimizer state file written by the original's step loads unchanged and continues bit for bit."""
     ref, params_ref = _make(PerTensorBertAdam, "warmup_cosine", 20, 1.0)
     _train(ref, params_ref, 5, seed=5)
@@ -272,7 +288,7 @@ def test_resume_from_a_state_file_of_the_per_tensor_step():
     torch.save({"params": [p.detach() for p in params_ref], "optimizer": ref.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    ours, params_ours = _make(BertAdam, "warmup_cosine", 20, 1.0)
+    ours, params_ours = _make(cls, "warmup_cosine", 20, 1.0)
     with torch.no_grad():
         for p, q in zip(params_ours, saved["params"]):
             p.copy_(q)
