@@ -52,7 +52,7 @@ def report_model(results: dict[str, dict[str, float]]) -> None:
     print(
         "optimizer share of the step: "
         + ", ".join(f"{v} {share(results[f'model {v}'], 'optimizer'):.0f}%" for v in variants)
-        + " (before: the original's per-tensor BertAdam; now: BertAdam by slices)"
+        + " (before: the original's per-tensor BertAdam; now: BertAdam as it runs today)"
     )
 
 
@@ -64,7 +64,7 @@ def report_whole(results: dict[str, dict[str, float]]) -> None:
         f"\nwhole loop (frame cache, uint8): {whole['clips_s']:.3g} clips/s; loader {cached['clips_s']:.3g}, "
         f"model {model_rate:.3g}; whole/min(loader, model) = {whole['clips_s'] / bound:.2f}"
     )
-    for key, label in (("whole per-tensor", "per-tensor BertAdam"), ("whole", "BertAdam by slices")):
+    for key, label in (("whole per-tensor", "per-tensor BertAdam"), ("whole", "BertAdam now")):
         step = results[key]
         print(
             f"one step, {label}: "

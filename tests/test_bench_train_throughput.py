@@ -44,7 +44,7 @@ def test_bench_runs_and_its_figures_agree(tmp_path, capsys):
     # Phases are timed inside the loop's wall time, so they cannot add up to more than it.
     assert sum(whole[p] for p in bench.PHASES) * whole["clips_s"] <= 2 * 1.001
     # The optimizer's share, before and after, is the optimizer phase over the step's phases.
-    for key, label in (("whole per-tensor", "per-tensor BertAdam"), ("whole", "BertAdam by slices")):
+    for key, label in (("whole per-tensor", "per-tensor BertAdam"), ("whole", "BertAdam now")):
         step = results[key]
         percent = 100 * step["optimizer"] / sum(step[p] for p in bench.PHASES)
         assert f"one step, {label}: " in out
