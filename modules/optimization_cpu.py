@@ -61,6 +61,7 @@ class CpuKernel:
         for t in (t for four in tensors for t in four):
             if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
                 raise RuntimeError("the CPU kernel takes contiguous fp32 CPU parameters, gradients and moments")
+        # ctypes rounds each Python float to float32 to nearest, as torch's float kernels take their scalars.
         hyper = _Hyper(
             group["b1"],
             1 - group["b1"],
@@ -170,7 +171,10 @@ def _build(folder: Path) -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"{compiler} did not run: {exc}"
         if done.returncode == 0:
-            return ctypes.CDLL(str(target)), ""
+            try:
+                return ctypes.CDLL(str(target)), ""
+            except OSError as exc:  # a temporary folder mounted noexec, say
+                return None, f"the compiled kernel does not load from {folder}: {exc}"
         error = (done.stderr.strip().splitlines() or ["no message"])[-1]
     return None, f"{compiler} could not compile {SOURCE.name}: {error}"
 
