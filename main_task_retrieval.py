@@ -23,8 +23,8 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from engine.config import check_extras, check_paths
 
     args = parse_flags(argv)
-    check_extras(args)
-    check_paths(args)
+    check_extras(vars(args))
+    check_paths(vars(args))
     return args
 
 
@@ -35,7 +35,7 @@ def _config_and_context(args: argparse.Namespace, device: Any):
     from engine.context import RunContext
     from modules.modeling import resolve_precision
 
-    config = build_config(args)
+    config = build_config(vars(args))
     dist = util.DistInfo(rank=0, local_rank=0, world_size=1, device=device, initialized=False)
     return config, RunContext(dist, resolve_precision(config.model.precision, device))
 
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.config import build_config
         from engine.run import run
 
-        run(build_config(args))
+        run(build_config(vars(args)))
     except UsageError as error:
         print(f"main_task_retrieval.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import util
@@ -74,30 +75,31 @@ class RunConfig:
     flags: tuple[tuple[str, Any], ...]
 
 
-def _part(cls: type, args: argparse.Namespace, **renamed: Any) -> Any:
+def _part(cls: type, flags: Mapping[str, Any], **renamed: Any) -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.name not in renamed]
-    return cls(**{name: getattr(args, name) for name in names}, **renamed)
+    return cls(**{name: flags[name] for name in names}, **renamed)
 
 
-def build_config(args: argparse.Namespace) -> RunConfig:
-    """The run config of parsed flags, after checking the optional packages and every path."""
-    check_extras(args)
-    check_paths(args)
+def build_config(flags: Mapping[str, Any]) -> RunConfig:
+    """The run config of the parsed flags (name → value: ``vars()`` of the parser's namespace), after checking the
+    optional packages and every path."""
+    check_extras(flags)
+    check_paths(flags)
     sampling = VideoSampling(
-        max_frames=args.max_frames,
-        feature_framerate=args.feature_framerate,
-        slice_framepos=args.slice_framepos,
-        image_resolution=clip_image_resolution(args.pretrained_clip_name, args.init_model),
-        frame_order=args.train_frame_order,
+        max_frames=flags["max_frames"],
+        feature_framerate=flags["feature_framerate"],
+        slice_framepos=flags["slice_framepos"],
+        image_resolution=clip_image_resolution(flags["pretrained_clip_name"], flags["init_model"]),
+        frame_order=flags["train_frame_order"],
     )
     return RunConfig(
-        model=CLIP4ClipConfig.from_args(args),
+        model=CLIP4ClipConfig.from_args(SimpleNamespace(**flags)),
         train_sampling=sampling,
-        eval_sampling=dataclasses.replace(sampling, frame_order=args.eval_frame_order),
-        data=_part(DataConfig, args, num_workers=args.num_thread_reader),
-        optim=_part(OptimConfig, args),
-        run=_part(RunOptions, args),
-        flags=tuple(sorted(vars(args).items())),
+        eval_sampling=dataclasses.replace(sampling, frame_order=flags["eval_frame_order"]),
+        data=_part(DataConfig, flags, num_workers=flags["num_thread_reader"]),
+        optim=_part(OptimConfig, flags),
+        run=_part(RunOptions, flags),
+        flags=tuple(sorted(flags.items())),
     )
 
 
@@ -119,10 +121,10 @@ def clip_image_resolution(pretrained_clip_name: str, init_model: str | None = No
         raise UsageError(f"--pretrained_clip_name {pretrained_clip_name}: {error}") from None
 
 
-def check_extras(args: argparse.Namespace) -> None:
+def check_extras(flags: Mapping[str, Any]) -> None:
     """The optional packages the asked-for outputs need, named before anything is loaded."""
     for flag, package in (("eval_report", "matplotlib"), ("tensorboard", "tensorboard")):
-        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+        if flags[flag] and importlib.util.find_spec(package) is None:
             raise UsageError(f"--{flag} needs the {package} package: pip install -r requirements-report.txt")
 
 
@@ -132,40 +134,46 @@ def _need(path: str | None, flag: str, kind: str = "file") -> None:
         raise UsageError(f"{flag} {path}: no such {kind}")
 
 
-def check_paths(args: argparse.Namespace) -> None:
+def check_paths(flags: Mapping[str, Any]) -> None:
     """Every input path exists, so a typo fails in a second, not after the model is built."""
-    if args.pretrained_clip_name not in available_models() and not os.path.exists(args.pretrained_clip_name):
+    if flags["pretrained_clip_name"] not in available_models() and not os.path.exists(flags["pretrained_clip_name"]):
         raise UsageError(
-            f"--pretrained_clip_name {args.pretrained_clip_name}: neither a known name "
+            f"--pretrained_clip_name {flags['pretrained_clip_name']}: neither a known name "
             f"({', '.join(available_models())}) nor an existing file or folder"
         )
-    if args.init_model is not None and not os.path.isdir(args.init_model):  # a folder: an exported model
-        _need(args.init_model, "--init_model")
-    elif args.do_eval and not args.do_train:
+    if flags["init_model"] is not None and not os.path.isdir(flags["init_model"]):  # a folder: an exported model
+        _need(flags["init_model"], "--init_model")
+    elif flags["do_eval"] and not flags["do_train"]:
         logger.warning("--do_eval without --init_model evaluates the untrained CLIP4Clip initialisation")
-    if args.resume_model is not None:
-        _need(args.resume_model, "--resume_model")
-        if args.init_model is None:
+    if flags["resume_model"] is not None:
+        _need(flags["resume_model"], "--resume_model")
+        if flags["init_model"] is None:
             raise UsageError("--resume_model needs the matching --init_model (pytorch_model.bin.N of the same epoch)")
-    if args.datatype == "msrvtt":
-        _need(args.val_csv, "--val_csv")
-        if args.do_train:
-            _need(args.train_csv, "--train_csv")
-            if os.path.isdir(args.data_path):
-                raise UsageError(f"--data_path {args.data_path}: is a folder; MSR-VTT wants the MSRVTT_data.json file")
-            _need(args.data_path, "--data_path")
+    if flags["datatype"] == "msrvtt":
+        _need(flags["val_csv"], "--val_csv")
+        if flags["do_train"]:
+            _need(flags["train_csv"], "--train_csv")
+            if os.path.isdir(flags["data_path"]):
+                raise UsageError(
+                    f"--data_path {flags['data_path']}: is a folder; MSR-VTT wants the MSRVTT_data.json file"
+                )
+            _need(flags["data_path"], "--data_path")
     else:
-        _need(args.data_path, "--data_path", "folder")
-    if args.datatype == "msvd":
-        _need_msvd_lists(args.data_path, args.do_train)
-    _need(args.features_path, "--features_path", "folder")
-    if args.frame_cache is not None and os.path.exists(args.frame_cache) and not os.path.isdir(args.frame_cache):
-        raise UsageError(f"--frame_cache {args.frame_cache}: exists and is not a folder")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir}: exists and is not a folder")
-    _need_writable(args.output_dir, "--output_dir")
-    if args.frame_cache is not None:
-        _need_writable(args.frame_cache, "--frame_cache")
+        _need(flags["data_path"], "--data_path", "folder")
+    if flags["datatype"] == "msvd":
+        _need_msvd_lists(flags["data_path"], flags["do_train"])
+    _need(flags["features_path"], "--features_path", "folder")
+    if (
+        flags["frame_cache"] is not None
+        and os.path.exists(flags["frame_cache"])
+        and not os.path.isdir(flags["frame_cache"])
+    ):
+        raise UsageError(f"--frame_cache {flags['frame_cache']}: exists and is not a folder")
+    if os.path.exists(flags["output_dir"]) and not os.path.isdir(flags["output_dir"]):
+        raise UsageError(f"--output_dir {flags['output_dir']}: exists and is not a folder")
+    _need_writable(flags["output_dir"], "--output_dir")
+    if flags["frame_cache"] is not None:
+        _need_writable(flags["frame_cache"], "--frame_cache")
 
 
 def _need_msvd_lists(data_path: str, do_train: bool) -> None:

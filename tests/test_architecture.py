@@ -103,3 +103,17 @@ def test_files_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES:
                     long_functions.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
     assert not long_files + long_functions, long_files + long_functions
+
+
+def test_only_the_command_lines_see_argparse():
+    """The libraries take typed configs and plain values: argparse stays in the entry scripts, the preprocess and
+    bench tools, and engine/flags.py (the driver's parser, kept torch-free so --help answers at once)."""
+    libraries = ("engine", "search", "modules", "dataloaders", "util", "metrics", "errors")
+    offenders = [
+        module_name(path)
+        for path in source_files()
+        if module_name(path).split(".")[0] in libraries
+        and module_name(path) != "engine.flags"
+        and "argparse" in all_imports(path)
+    ]
+    assert offenders == []

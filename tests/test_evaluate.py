@@ -84,7 +84,7 @@ def test_qb_norm_line_equals_the_pure_functions(tiny_msvd):
     log = (out / "log.txt").read_text()
     assert "Text-to-Video, QB-Norm (--qb_norm, beta 5, bank of" in log and "QB$R@1:" in log
 
-    config = build_config(parse_flags([*argv, "--output_dir", str(root / "again")]))
+    config = build_config(vars(parse_flags([*argv, "--output_dir", str(root / "again")])))
     model = init_model(config, start_run(config)).eval()
     data, sampling = config.data, config.eval_sampling
     test = DATALOADER_DICT["msvd"]["test"](data, sampling, SimpleTokenizer(), 4)[0].dataset

@@ -550,7 +550,7 @@ def first_step_grads(argv):
     """Loss and averaged gradients of the first training batch, set up exactly as the driver does."""
     from dataloaders.data_dataloaders import DATALOADER_DICT
 
-    config = build_config(parse_flags(argv))
+    config = build_config(vars(parse_flags(argv)))
     context = start_run(config)
     model = init_model(config, context)
     per_process = config.optim.batch_size // context.dist.world_size
