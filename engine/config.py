@@ -15,7 +15,7 @@ import util
 from dataloaders.data_dataloaders import DataConfig
 from dataloaders.sampling import VideoSampling
 from modules.clip_names import TINY_MODELS, available_models
-from modules.clip_weights import checkpoint_image_resolution, load_state_dict_file
+from modules.clip_weights import checkpoint_image_resolution, clip_weight_shapes
 from modules.modeling import CLIP4ClipConfig
 from modules.module_clip import clip_config_from_state_dict
 from util import UsageError
@@ -114,7 +114,7 @@ def clip_image_resolution(pretrained_clip_name: str, init_model: str | None = No
     if pretrained_clip_name in available_models():
         return OPENAI_IMAGE_RESOLUTION
     try:
-        return clip_config_from_state_dict(load_state_dict_file(pretrained_clip_name))["image_resolution"]
+        return clip_config_from_state_dict(clip_weight_shapes(pretrained_clip_name))["image_resolution"]
     except UsageError:
         raise
     except ValueError as error:  # the reader's and the shape check's own messages name the file

@@ -52,9 +52,9 @@ class _ArchiveUnpickler(pickle.Unpickler):
     """Reads a TorchScript archive's ``data.pkl`` the way ``weights_only`` reads a plain file: tensors are rebuilt
     from the storages stored beside it in the zip, module objects become inert :class:`_ScriptObject` s."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, shapes_only: bool = False):
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.shapes_only = archive, prefix, shapes_only
 
     def find_class(self, module: str, name: str):
         if module == "__torch__" or module.startswith("__torch__."):
@@ -71,10 +71,15 @@ class _ArchiveUnpickler(pickle.Unpickler):
         _, dtype, key, _location, numel = pid
         if not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f"storage {key} has no known storage type")
-        raw = self.archive.read(f"{self.prefix}/data/{key}")
-        if len(raw) != numel * torch.empty((), dtype=dtype).element_size():
-            raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, expected {numel} {dtype} values")
-        untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+        name, nbytes = f"{self.prefix}/data/{key}", numel * torch.empty((), dtype=dtype).element_size()
+        if self.shapes_only:  # the size from the zip's directory, the data left unread: a tensor on the meta device
+            size, untyped = self.archive.getinfo(name).file_size, torch.UntypedStorage(nbytes, device="meta")
+        else:
+            raw = self.archive.read(name)
+            size = len(raw)
+            untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+        if size != nbytes:
+            raise pickle.UnpicklingError(f"storage {key} holds {size} bytes, expected {numel} {dtype} values")
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
@@ -95,8 +100,9 @@ def _named_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def read_torchscript_archive(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a TorchScript archive (OpenAI's ``ViT-B-32.pt``) without running any of its code.
+def read_torchscript_archive(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive (OpenAI's ``ViT-B-32.pt``) without running any of its code;
+    ``shapes_only``: meta tensors, their stored sizes checked but their data not read.
 
     Differs from the original, which calls ``torch.jit.load``: that runs the archive's TorchScript (``__setstate__``
     methods) at load time, so a hostile file could act. Here only ``data.pkl`` is unpickled, with the restricted
@@ -110,7 +116,7 @@ def read_torchscript_archive(path: str | Path) -> dict[str, torch.Tensor]:
         prefix = data_pkl[0].split("/")[0]
         if f"{prefix}/byteorder" in names and archive.read(f"{prefix}/byteorder").strip() not in (b"", b"little"):
             raise pickle.UnpicklingError("stored big-endian; only little-endian archives are read")
-        root = _ArchiveUnpickler(archive.read(data_pkl[0]), archive, prefix).load()
+        root = _ArchiveUnpickler(archive.read(data_pkl[0]), archive, prefix, shapes_only).load()
     return _named_tensors(root)
 
 

@@ -66,8 +66,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"CLIP weights {path}: no such file or folder")
     if path.is_dir() or weight_file_format(path) != "torchscript":
         return check_finite(read_clip_weights(path), f"CLIP weights {path}")
+    return check_finite(_read_openai_archive(path), f"CLIP weights {path}")
+
+
+def clip_weight_shapes(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """CLIP weights good for their shapes only, as cheaply as the format allows: OpenAI's archive as meta tensors
+    (its data is not read; the model set-up reads it), anything else as :func:`load_state_dict_file` reads it."""
+    path = Path(path)
+    if path.is_file() and weight_file_format(path) == "torchscript":
+        return _read_openai_archive(path, shapes_only=True)
+    return load_state_dict_file(path)
+
+
+def _read_openai_archive(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     try:
-        state = read_torchscript_archive(path)
+        state = read_torchscript_archive(path, shapes_only)
     except Exception as error:  # whatever a damaged file raises, the user needs the same one line
         raise UsageError(
             f"cannot read CLIP weights from {path} ({_first_line(error)}): expected OpenAI's "
@@ -78,7 +91,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UsageError(
             f"CLIP weights {path}: a TorchScript archive, but not OpenAI's ViT CLIP (no {_preview(missing)})"
         )
-    return check_finite(state, f"CLIP weights {path}")
+    return state
 
 
 def checkpoint_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

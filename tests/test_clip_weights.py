@@ -17,8 +17,8 @@ from torch import nn
 
 from modules import clip_weights
 from modules.clip_archive import read_torchscript_archive
-from modules.clip_weights import load_clip_state_dict, load_state_dict_file, weight_file_format
-from modules.module_clip import CLIP, build_model
+from modules.clip_weights import clip_weight_shapes, load_clip_state_dict, load_state_dict_file, weight_file_format
+from modules.module_clip import CLIP, build_model, clip_config_from_state_dict
 from util import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,3 +344,31 @@ def test_clip_weights_holding_nan_or_inf_are_refused_naming_the_file(bad, tmp_pa
         torch.save(sd, tmp_path / "plain.pt")
         with pytest.raises(UsageError, match=rf"CLIP weights {path}: weights hold NaN or Inf values \(visual\.proj\)"):
             load_state_dict_file(path)
+
+
+def test_shapes_of_an_openai_archive_are_read_without_its_data(tmp_path, monkeypatch):
+    """The frame size is known at start-up from the archive's directory alone; the data is read once, later."""
+    sd = make_clip_state_dict(jit_extras=True, seed=4)
+    path = save_torchscript(sd, tmp_path / "jit.pt")
+    full = load_state_dict_file(path)
+    data_reads = []
+    real_read = zipfile.ZipFile.read
+    monkeypatch.setattr(
+        zipfile.ZipFile, "read", lambda self, name, *a: data_reads.append(name) or real_read(self, name, *a)
+    )
+    shapes = clip_weight_shapes(path)
+    assert not [n for n in data_reads if "/data/" in n]  # only data.pkl (and the byte order) were read
+    assert shapes.keys() == full.keys()
+    assert all(shapes[k].shape == full[k].shape and shapes[k].device.type == "meta" for k in full)
+    assert clip_config_from_state_dict(shapes) == clip_config_from_state_dict(full)
+    # A storage whose stored size is wrong is refused without reading it, with the full read's message.
+    with zipfile.ZipFile(path) as archive:
+        entries = {n: real_read(archive, n) for n in archive.namelist()}
+    key = next(n for n in entries if "/data/" in n and len(entries[n]) > 4)
+    entries[key] = entries[key][:-4]
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(broken, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    with pytest.raises(UsageError, match="broken.pt .*holds .* bytes, expected"):
+        clip_weight_shapes(broken)
