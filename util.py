@@ -169,6 +169,17 @@ def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank. A collective every rank must reach: a failure one process sees then stops
+    them all, where a lone raise would leave the others waiting at their next collective."""
+    if get_world_size() == 1:
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    box = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank."""
     if get_world_size() == 1:

@@ -19,10 +19,10 @@ from engine.evaluate import eval_epoch
 from engine.model import compile_model, init_model, prep_optimizer
 from engine.runlog import RunLog
 from engine.train import train_epoch
+from errors import RunError, UsageError
 from modules.modeling import CLIP4Clip
 from modules.optimization import BertAdam
 from modules.tokenization_clip import SimpleTokenizer as ClipTokenizer
-from util import UsageError
 
 logger = logging.getLogger("logger")
 
@@ -140,12 +140,17 @@ def run_epoch(
         )
     # State of every rank at the start of the next epoch: the evaluation below draws nothing.
     rng_states = util.all_gather_objects(util.get_rng_state())
-    output_model_file = None
+    output_model_file, save_error = None, None
     if context.is_main:
         logger.info("Epoch %d/%s Finished, Train Loss: %f", epoch + 1, config.optim.epochs, tr_loss)
         run_log.epoch(epoch + 1, state.global_step, tr_loss)
         extra = {"rng_states": rng_states, "global_step": state.global_step, "scaler": scaler.state_dict()}
-        output_model_file = save_model(epoch, config.run.output_dir, model, optimizer, tr_loss, extra)
+        try:
+            output_model_file = save_model(epoch, config.run.output_dir, model, optimizer, tr_loss, extra)
+        except RunError as error:
+            save_error = error
+    if util.any_rank(save_error is not None):  # every process stops, not only the one that saves
+        raise save_error or RunError(f"process 0 could not save the checkpoint of epoch {epoch}; stopping with it")
     with logging_redirect_tqdm(loggers=[logger.root]):
         R1 = eval_epoch(
             config,

@@ -57,11 +57,14 @@ def train_epoch(
         if gas > 1:
             loss = loss / gas
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            # Stopped here, before the step and long before a checkpoint of NaN weights could be written.
+        finite = math.isfinite(loss_value)
+        if util.any_rank(not finite):
+            # Stopped here, on every process, before the step and long before a checkpoint of NaN weights is written.
+            where = f"at epoch {epoch + 1}, step {step + 1} (after {global_step} optimizer steps)"
+            if finite:
+                raise RunError(f"another process's training loss is not finite {where}; stopping with it")
             raise RunError(
-                f"the training loss is {loss_value} at epoch {epoch + 1}, step {step + 1} (after "
-                f"{global_step} optimizer steps); stopping. Lower --lr, or check the data with "
+                f"the training loss is {loss_value} {where}; stopping. Lower --lr, or check the data with "
                 f"preprocess/check_dataset.py"
             )
         scaler.scale(loss).backward()

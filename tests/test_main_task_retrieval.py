@@ -117,8 +117,8 @@ def msrvtt_args(paths, clip, out, *extra):
     ]
 
 
-def run_cli(args, nproc=0, timeout=240):
-    """python main_task_retrieval.py ... (nproc 0) or torchrun --nproc_per_node=nproc ..."""
+def run_cli(args, nproc=0, timeout=240, ok=True):
+    """python main_task_retrieval.py ... (nproc 0) or torchrun --nproc_per_node=nproc ...; ``ok``: must succeed."""
     cmd = [sys.executable, SCRIPT, *args]
     if nproc:
         cmd = [
@@ -133,7 +133,7 @@ def run_cli(args, nproc=0, timeout=240):
             *args,
         ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc
 
 
@@ -574,6 +574,18 @@ if util.get_rank() == 0:
     torch.save(result, sys.argv[1])
 util.cleanup_distributed()
 """
+
+
+def test_two_processes_stop_together_when_process_0_cannot_save(setup):
+    """Process 0 alone saves; when it cannot, process 1 stops too instead of waiting at the evaluation's first
+    collective (the timeout below would catch a hang: gloo's own is 30 minutes)."""
+    root, paths, clip = setup
+    out = root / "run_2proc_nosave"
+    (out / "pytorch_model.bin.0").mkdir(parents=True)  # the checkpoint's name taken by a folder: the save fails
+    proc = run_cli(["--do_train", "--epochs", "1", *msvd_args(paths, clip, out)], nproc=2, timeout=180, ok=False)
+    assert "main_task_retrieval.py: error: cannot save the checkpoint of epoch 0 to" in proc.stderr
+    assert "main_task_retrieval.py: error: process 0 could not save the checkpoint of epoch 0; stopping" in proc.stderr
+    assert not (out / "pytorch_opt.bin.0").exists() and (out / "pytorch_model.bin.0").is_dir()
 
 
 def test_two_process_gradients_are_one_over_world_size(setup, tmp_path):

@@ -191,3 +191,7 @@ def test_append_line_adds_whole_lines(tmp_path):
     util.append_line('{"a": 1}', path)
     util.append_line('{"b": "é"}\n', path)  # a trailing newline is not doubled
     assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'
+
+
+def test_any_rank_is_the_flag_itself_in_one_process():
+    assert util.any_rank(True) is True and util.any_rank(False) is False
